@@ -1,0 +1,129 @@
+"""The ``int8-weight`` backend: everything a qplug backend needs, in one file.
+
+Weights are stored as int8 with one float scale per output row (symmetric, absmax / 127);
+activations stay in floating point and the forward pass dequantizes on the fly.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+
+import qplug
+from qplug.config import QuantConfig, dtype_name, instance_of, list_of, one_of, optional, to_list
+
+
+@attrs.define(kw_only=True)
+class Int8WeightConfig(QuantConfig):
+    """``{"quant_method": "int8-weight", "compute_dtype": "float32", "modules_to_not_convert": null}``"""
+
+    quant_method: ClassVar[str] = "int8-weight"
+    skip_field: ClassVar[str | None] = "modules_to_not_convert"
+
+    compute_dtype: str = attrs.field(
+        default="float32", converter=dtype_name, validator=one_of(("float32", "bfloat16", "float16"))
+    )
+    modules_to_not_convert: list[str] | None = attrs.field(
+        default=None, converter=to_list, validator=optional(list_of(str))
+    )
+    bits: int = attrs.field(default=8, validator=[instance_of(int), one_of((8,))])
+
+
+def _int8_linear_class():
+    # torch is imported here, not at module level, so `qplug backends` stays fast.
+    import torch
+    from torch import nn
+
+    class Int8Linear(nn.Module):
+        """A linear layer holding int8 weights and per-output-channel scales."""
+
+        def __init__(self, in_features, out_features, bias, compute_dtype, device=None):
+            super().__init__()
+            self.in_features, self.out_features = in_features, out_features
+            self.compute_dtype = compute_dtype
+            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+        @classmethod
+        def from_linear(cls, linear, compute_dtype, empty=False):
+            device = linear.weight.device
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype, device)
+            if not empty:
+                w = linear.weight.detach().float()
+                scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+                module.weight.copy_(torch.round(w / scale).clamp(-127, 127).to(torch.int8))
+                module.weight_scale.copy_(scale)
+                if linear.bias is not None:
+                    module.bias = nn.Parameter(linear.bias.detach().clone())
+            return module
+
+        def dequantized_weight(self):
+            return (self.weight.float() * self.weight_scale).to(self.compute_dtype)
+
+        def forward(self, x):
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            out = nn.functional.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
+            return out.to(x.dtype)
+
+        def to_linear(self):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            linear.weight = nn.Parameter(self.dequantized_weight())
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias.detach().to(self.compute_dtype))
+            return linear
+
+    return Int8Linear
+
+
+@qplug.hookimpl
+def register_backends():
+    return [
+        qplug.Backend(
+            name="int8-weight",
+            config_class=Int8WeightConfig,
+            aliases=("int8w",),
+            requires=("torch>=2.1",),
+            description="int8 weight-only, per-channel scales (pure PyTorch example)",
+            presets={"int8w": {}},
+        )
+    ]
+
+
+@qplug.backend_hookimpl(Int8WeightConfig)
+def validate(config, model):
+    if model is None:
+        return
+    import torch
+
+    if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
+        raise qplug.IncompatibleModelError(f"int8-weight: {type(model).__name__} has no nn.Linear to quantize")
+
+
+@qplug.backend_hookimpl(Int8WeightConfig)
+def replace_modules(config, model, module_names, prequantized):
+    from qplug.config import torch_dtype
+    from qplug.modules import get_submodule, set_submodule
+
+    int8_linear = _int8_linear_class()
+    dtype = torch_dtype(config.compute_dtype)
+    for name in module_names:
+        linear = get_submodule(model, name)
+        set_submodule(model, name, int8_linear.from_linear(linear, dtype, empty=prequantized))
+    return module_names
+
+
+@qplug.backend_hookimpl(Int8WeightConfig)
+def dequantize(config, model):
+    from qplug.modules import set_submodule
+
+    names = [n for n, m in model.named_modules() if hasattr(m, "to_linear") and hasattr(m, "weight_scale")]
+    for name in names:
+        set_submodule(model, name, model.get_submodule(name).to_linear())
+    return names
+
+
+@qplug.backend_hookimpl(Int8WeightConfig)
+def serialize(config, model):
+    return config.to_dict()

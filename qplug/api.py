@@ -1,0 +1,248 @@
+"""The operations an application calls: pick a backend by config, quantize, save, load, dequantize.
+
+This module imports torch only inside the functions that touch a model, so importing qplug (and
+listing backends) stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qplug.config import QuantConfig, read_quantization_config
+from qplug.errors import CheckpointError, PluginError, QPlugError, QuantConfigError
+from qplug.manager import get_plugin_manager
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "available_backends",
+    "config_from_dict",
+    "dequantize",
+    "get_config_class",
+    "load_config",
+    "load_quantized",
+    "quantize",
+    "quantized_config",
+    "register_plugin",
+    "save_quantized",
+    "unregister_plugin",
+]
+
+# The attribute a quantized model carries: the config it was quantized with.
+_CONFIG_ATTR = "qplug_config"
+
+
+# --------------------------------------------------------------------------------------------
+# Backends and configs
+# --------------------------------------------------------------------------------------------
+
+
+def available_backends() -> list[str]:
+    """Canonical names of the backends usable here (registered, requirements installed), sorted."""
+    return get_plugin_manager().available_backends()
+
+
+def get_config_class(name: str) -> type[QuantConfig]:
+    """The config class of the backend called ``name`` or an alias of it, case-insensitively.
+
+    Works even when the backend's library is missing: configs can always be read and checked.
+
+    :raises UnknownBackendError: listing the registered names.
+    """
+    return get_plugin_manager().get_backend(name).config_class
+
+
+def config_from_dict(data: Mapping[str, Any]) -> QuantConfig:
+    """Build the config a ``quantization_config`` dict describes, dispatching on ``quant_method``.
+
+    Without ``quant_method``, the backend is inferred when exactly one recognises the dict (old
+    AutoGPTQ ``quantize_config.json``, autoawq's native keys, trimmed bitsandbytes configs).
+
+    :raises QuantConfigError: the dict is invalid for its backend (names the field).
+    :raises UnknownBackendError: no backend is named or recognised.
+    """
+    if not isinstance(data, Mapping):
+        raise QuantConfigError(field="quantization_config", value=data, accepted="expected a JSON object")
+    manager = get_plugin_manager()
+    method = data.get("quant_method")
+    if method is None:
+        backend = manager.infer_backend(dict(data))
+    elif not isinstance(method, str):
+        raise QuantConfigError(field="quant_method", value=method,
+                               accepted="expected a backend name: " + ", ".join(manager.backend_names()))
+    else:
+        backend = manager.get_backend(method)
+    return backend.config_class.from_dict(data)
+
+
+def load_config(path: str | os.PathLike[str]) -> QuantConfig:
+    """Read a config from a bare ``quantization_config`` JSON file or a whole ``config.json`` holding one."""
+    return config_from_dict(read_quantization_config(path))
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin (module or object with :data:`qplug.hookimpl` functions) at run time."""
+    return get_plugin_manager().register(plugin, name)
+
+
+def unregister_plugin(plugin: object | None = None, *, name: str | None = None) -> None:
+    """Remove a plugin registered with :func:`register_plugin`, and its backends."""
+    get_plugin_manager().unregister(plugin, name)
+
+
+def quantized_config(model: nn.Module) -> QuantConfig | None:
+    """The config ``model`` was quantized with by qplug, or ``None``."""
+    return getattr(model, _CONFIG_ATTR, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Operations on models
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve(config: QuantConfig | Mapping[str, Any]) -> QuantConfig:
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, Mapping):
+        return config_from_dict(config)
+    raise TypeError(f"config must be a qplug.QuantConfig or a quantization_config dict, got {type(config).__name__}")
+
+
+def _replace(config: QuantConfig, model: nn.Module, calibration: Any, prequantized: bool,
+             skip: Iterable[str] = ()) -> tuple[QuantConfig, list[str]]:
+    from qplug.modules import select_modules
+
+    manager = get_plugin_manager()
+    backend = manager.backend_for_config(config)
+    backend.ensure_available()
+    if quantized_config(model) is not None:
+        raise QPlugError(
+            f"{type(model).__name__} is already quantized with {quantized_config(model).quant_method!r}; "
+            "call qplug.dequantize(model) first"
+        )
+    config = config.with_skips(skip)
+    selection = select_modules(model, config.skip_patterns())
+    manager.hook.validate(config=config, model=model)
+    replaced = manager.hook.replace_modules(
+        config=config, model=model, module_names=list(selection.names),
+        calibration=calibration, prequantized=prequantized,
+    )
+    if replaced is None:
+        raise PluginError(f"backend {backend.name!r} did not answer replace_modules for {type(config).__name__}")
+    setattr(model, _CONFIG_ATTR, config)
+    return config, list(replaced)
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | Mapping[str, Any],
+    *,
+    calibration: Any = None,
+    skip: Iterable[str] = (),
+) -> nn.Module:
+    """Quantize ``model`` in place with the backend that owns ``config``; returns the model.
+
+    Every ``nn.Linear`` is replaced except the output head, the config's own skip list and
+    ``skip`` (which adds to them and is recorded in the config, so it round-trips through a save).
+
+    :param calibration: data for methods that calibrate (GPTQ, AWQ): token tensors or texts.
+    :raises QuantConfigError: the config cannot quantize (e.g. neither 4- nor 8-bit chosen).
+    :raises BackendUnavailableError: the backend's library is not installed.
+    """
+    config = _resolve(config)
+    config.check_quantizable()
+    _replace(config, model, calibration, prequantized=False, skip=skip)
+    return model
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Turn a model quantized by qplug back into plain floating-point modules, in place."""
+    config = quantized_config(model)
+    if config is None:
+        raise QPlugError(f"{type(model).__name__} was not quantized by qplug; nothing to dequantize")
+    result = get_plugin_manager().hook.dequantize(config=config, model=model)
+    if result is None:
+        raise PluginError(f"backend {config.quant_method!r} did not answer dequantize")
+    delattr(model, _CONFIG_ATTR)
+    return model
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Save a quantized model as safetensors plus a ``config.json`` carrying ``quantization_config``.
+
+    The directory is written atomically: on failure an existing checkpoint there stays whole.
+    """
+    from qplug.checkpoint import state_tensors, write_checkpoint
+
+    config = quantized_config(model)
+    if config is None:
+        raise QPlugError(f"{type(model).__name__} was not quantized by qplug; use qplug.quantize first")
+    serialized = get_plugin_manager().hook.serialize(config=config, model=model)
+    if serialized is None:
+        raise PluginError(f"backend {config.quant_method!r} did not answer serialize")
+    model_config: dict[str, Any] = {}
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and callable(getattr(hf_config, "to_dict", None)):
+        model_config = hf_config.to_dict()
+        model_config.pop("quantization_config", None)
+    model_config["quantization_config"] = serialized
+    tensors, tied = state_tensors(model)
+    from qplug import __version__
+
+    return write_checkpoint(directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__})
+
+
+def load_quantized(directory: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Load a quantized checkpoint (saved by qplug or by transformers) and return the model.
+
+    Without ``model``, the skeleton is built from ``config.json`` with transformers, its parameters
+    on the meta device, so no full-precision weights are ever allocated. With ``model``, its
+    modules are replaced and its tensors overwritten.
+
+    :raises CheckpointError: a tensor is missing, unexpected or mis-shaped (named).
+    """
+    from qplug.checkpoint import build_skeleton, read_model_config, read_tensors
+
+    model_config = read_model_config(directory)
+    if "quantization_config" not in model_config:
+        raise CheckpointError(f"{directory}: config.json has no quantization_config; the checkpoint is not quantized")
+    config = config_from_dict(model_config["quantization_config"])
+    if model is None:
+        model = build_skeleton(model_config)
+    _replace(config, model, calibration=None, prequantized=True)
+    tensors, tied = read_tensors(directory)
+    _load_tensors(model, tensors, tied)
+    return model.eval()
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, str]) -> None:
+    from qplug.modules import meta_tensor_names
+
+    for name, kept in tied.items():
+        if name not in tensors and kept in tensors:
+            tensors[name] = tensors[kept]
+    # Parameters the model itself ties (one object under several names): a checkpoint may hold one name.
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    tied_in_model = {n: names for names in aliases.values() if len(names) > 1 for n in names}
+    try:
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: {exc}") from exc
+    if result.unexpected_keys:
+        raise CheckpointError(f"checkpoint has tensors the model does not: {', '.join(result.unexpected_keys)}")
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    missing = [
+        n for n in result.missing_keys
+        if not any(other in tensors for other in tied_in_model.get(n, ()))
+    ]
+    missing += [n for n in meta_tensor_names(model) if n not in missing]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks tensors the model needs: {', '.join(sorted(missing))}")

@@ -1,0 +1,136 @@
+"""The :class:`Backend` record a plugin returns from its ``register_backends`` hook.
+
+A record says what a backend is called, which config class it owns and which packages it needs,
+so the core can list a backend — and say why it is unavailable — without importing its library.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+
+import attrs
+
+from qplug.config import QuantConfig
+from qplug.errors import BackendUnavailableError, PluginError
+
+__all__ = ["Backend", "normalize_name"]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+def normalize_name(name: str) -> str:
+    """Backend names and aliases compare stripped and case-insensitively."""
+    return name.strip().lower() if isinstance(name, str) else name
+
+
+def _check_name(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise PluginError(
+            f"Backend.{attribute.name}: {value!r} is not a valid backend name "
+            "(lower-case letters, digits, '-', '_' or '.', starting with a letter or digit)"
+        )
+
+
+def _check_aliases(inst: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    for alias in value:
+        _check_name(inst, attribute, alias)
+
+
+def _check_config_class(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not (isinstance(value, type) and issubclass(value, QuantConfig)):
+        raise PluginError(f"Backend {inst.name!r}: config_class must be a qplug.QuantConfig subclass, got {value!r}")
+    if value.quant_method != inst.name:
+        raise PluginError(
+            f"Backend {inst.name!r}: its config class {value.__name__} declares quant_method "
+            f"{value.quant_method!r}; the two must agree"
+        )
+
+
+def _check_presets(inst: Any, attribute: attrs.Attribute, value: Mapping[str, Any]) -> None:
+    for preset, settings in value.items():
+        if not isinstance(preset, str) or not isinstance(settings, Mapping):
+            raise PluginError(f"Backend {inst.name!r}: preset {preset!r} must map a name to a dict of config fields")
+
+
+def _normalize_aliases(values: Any) -> tuple[str, ...]:
+    if isinstance(values, str):
+        values = (values,)
+    return tuple(normalize_name(v) for v in values)
+
+
+@attrs.frozen
+class Backend:
+    """One quantization backend, as a plugin declares it.
+
+    :param name: the canonical name, equal to the config class's ``quant_method``.
+    :param config_class: the :class:`~qplug.QuantConfig` subclass this backend owns.
+    :param aliases: other names that select it (``"bnb"``); case-insensitive.
+    :param requires: requirement strings (``"bitsandbytes>=0.48"``) that must be installed for the
+        backend to work. Checked from package metadata, without importing anything.
+    :param optional: requirement strings of packages the backend uses when present (faster kernels,
+        a reference implementation), shown by ``qplug backends``.
+    :param description: one line for listings.
+    :param presets: named settings for common cases, ``{"nf4": {"load_in_4bit": True, ...}}``;
+        the CLI's ``--method`` accepts them.
+    :param devices: the device types it runs on.
+    """
+
+    name: str = attrs.field(converter=normalize_name, validator=_check_name)
+    config_class: type[QuantConfig] = attrs.field(validator=_check_config_class)
+    aliases: tuple[str, ...] = attrs.field(default=(), converter=_normalize_aliases, validator=_check_aliases)
+    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    optional: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    description: str = ""
+    presets: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, validator=_check_presets)
+    devices: tuple[str, ...] = attrs.field(default=("cpu",), converter=tuple)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The canonical name followed by the aliases."""
+        return (self.name, *self.aliases)
+
+    def missing_requirements(self) -> list[str]:
+        """The requirements of :attr:`requires` that are not installed (or installed too old)."""
+        return [req for req in self.requires if not _satisfied(req)]
+
+    def library_versions(self) -> dict[str, str | None]:
+        """Installed version of every package in :attr:`requires` and :attr:`optional` (``None``: absent)."""
+        return {_dist_name(req): _installed_version(_dist_name(req)) for req in (*self.requires, *self.optional)}
+
+    def ensure_available(self) -> None:
+        """:raises BackendUnavailableError: naming the missing packages and the pip command."""
+        missing = self.missing_requirements()
+        if missing:
+            quoted = " ".join(f"'{m}'" for m in missing)
+            raise BackendUnavailableError(
+                f"backend {self.name!r} needs {', '.join(missing)}, which is not installed "
+                f"(or too old): pip install {quoted}",
+                backend=self.name,
+                install=f"pip install {quoted}",
+            )
+
+
+def _dist_name(requirement: str) -> str:
+    from packaging.requirements import Requirement
+
+    return Requirement(requirement).name
+
+
+def _installed_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _satisfied(requirement: str) -> bool:
+    from packaging.requirements import Requirement
+
+    req = Requirement(requirement)
+    version = _installed_version(req.name)
+    if version is None:
+        return False
+    return not req.specifier or req.specifier.contains(version, prereleases=True)

@@ -1,0 +1,416 @@
+"""The config protocol: :class:`QuantConfig`, the attrs base class of every backend's config.
+
+A backend's config is an ``attrs`` class whose fields are exactly the JSON keys of the
+``quantization_config`` a checkpoint carries. This module is deliberately torch-free so that
+listing backends and checking configs never imports torch: dtype fields hold bare names
+(``"bfloat16"``) and :func:`torch_dtype` turns one into a ``torch.dtype`` on demand.
+
+Writing a config class::
+
+    import attrs
+    from typing import ClassVar
+    from qplug.config import QuantConfig, instance_of, one_of
+
+    @attrs.define(kw_only=True)
+    class Int8Config(QuantConfig):
+        quant_method: ClassVar[str] = "int8-weight"
+        skip_field: ClassVar[str | None] = "modules_to_not_convert"
+
+        bits: int = attrs.field(default=8, validator=[instance_of(int), one_of((8,))])
+        modules_to_not_convert: list[str] | None = attrs.field(default=None, ...)
+
+Validation runs on construction, on assignment and on :func:`attrs.evolve`; cross-field rules
+go in :meth:`QuantConfig.check`, rules that only matter when quantizing in
+:meth:`QuantConfig.check_quantizable`. Validators and converters come from this module: the
+validators raise :class:`~qplug.QuantConfigError` naming the field, the value and what is accepted;
+the converters never raise (a value they cannot convert passes through for the validator to reject).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+
+from qplug._io import atomic_write_text
+from qplug.errors import ConfigFileError, QuantConfigError
+
+__all__ = [
+    "DTYPE_NAMES",
+    "QuantConfig",
+    "dtype_name",
+    "instance_of",
+    "list_of",
+    "mapping",
+    "number_in",
+    "one_of",
+    "optional",
+    "read_quantization_config",
+    "to_float",
+    "to_list",
+    "to_lower",
+    "torch_dtype",
+]
+
+logger = logging.getLogger("qplug")
+
+C = TypeVar("C", bound="QuantConfig")
+
+#: The dtype names a dtype field accepts, as ``torch`` spells them.
+DTYPE_NAMES: tuple[str, ...] = (
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "uint8",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "float8_e4m3fn",
+    "float8_e5m2",
+)
+_DTYPE_ALIASES = {"float": "float32", "half": "float16", "double": "float64", "fp32": "float32",
+                  "fp16": "float16", "bf16": "bfloat16"}
+
+# Unknown keys are reported once per (config class, key), not on every load.
+_reported_unknown: set[tuple[str, str]] = set()
+
+
+# --------------------------------------------------------------------------------------------
+# Converters: never raise; return the value unchanged when it is not theirs to convert.
+# --------------------------------------------------------------------------------------------
+
+
+def to_float(value: Any) -> Any:
+    """``6`` → ``6.0``; bools and non-numbers pass through untouched."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def to_lower(value: Any) -> Any:
+    """Strings are stripped and lower-cased."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def to_list(value: Any) -> Any:
+    """Tuples become lists, so configs compare and serialise the same way whatever was passed."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def dtype_name(value: Any) -> Any:
+    """A ``torch.dtype`` or a name (``"torch.bfloat16"``, ``"bf16"``) → the bare name ``"bfloat16"``."""
+    if type(value).__name__ == "dtype" and type(value).__module__ == "torch":
+        value = str(value)
+    if isinstance(value, str):
+        name = value.strip().lower().removeprefix("torch.")
+        return _DTYPE_ALIASES.get(name, name)
+    return value
+
+
+def torch_dtype(name: str):
+    """The ``torch.dtype`` named ``name`` (imports torch)."""
+    import torch
+
+    return getattr(torch, dtype_name(name))
+
+
+# --------------------------------------------------------------------------------------------
+# Validators: attrs validators that raise QuantConfigError naming field, value and what is accepted.
+# --------------------------------------------------------------------------------------------
+
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def _fail(inst: Any, attribute: attrs.Attribute, value: Any, accepted: str) -> None:
+    raise QuantConfigError(field=attribute.name, value=value, accepted=accepted, config=type(inst).__name__)
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a JSON object"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
+    # JSON's true/false are Python bools, which are ints: never let them pass for numbers.
+    if isinstance(value, bool) and bool not in types:
+        return False
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return isinstance(value, types)
+
+
+def instance_of(*types: type) -> Validator:
+    """The value is one of ``types`` (a bool is never accepted as a number)."""
+
+    def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not _is_instance(value, types):
+            _fail(inst, attribute, value, f"expected {_type_names(types)}")
+
+    return validate
+
+
+def one_of(choices: Iterable[Any]) -> Validator:
+    """The value is one of ``choices`` (listed in the error)."""
+    allowed = tuple(choices)
+
+    def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        try:
+            ok = any(value == c and type(value) is type(c) for c in allowed)
+        except Exception:
+            ok = False
+        if not ok:
+            _fail(inst, attribute, value, "expected one of " + ", ".join(repr(c) for c in allowed))
+
+    return validate
+
+
+def number_in(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Validator:
+    """A number (not a bool) in the interval; ``*_open`` excludes the end point."""
+
+    def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        span = f"a number in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        if not _is_instance(value, (int, float)) or value != value:  # NaN compares unequal to itself
+            _fail(inst, attribute, value, "expected " + span)
+        if low is not None and (value < low or (low_open and value == low)):
+            _fail(inst, attribute, value, "expected " + span)
+        if high is not None and (value > high or (high_open and value == high)):
+            _fail(inst, attribute, value, "expected " + span)
+
+    return validate
+
+
+def optional(*validators: Validator) -> Validator:
+    """``None`` or a value that passes every one of ``validators``."""
+
+    def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None:
+            for v in validators:
+                v(inst, attribute, value)
+
+    return validate
+
+
+def list_of(*types: type) -> Validator:
+    """A list whose items are all of ``types``."""
+
+    def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, list) or not all(_is_instance(item, types) for item in value):
+            _fail(inst, attribute, value, f"expected a list of {_type_names(types)} values")
+
+    return validate
+
+
+def mapping(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """A JSON object (dict with string keys)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        _fail(inst, attribute, value, "expected a JSON object")
+
+
+# --------------------------------------------------------------------------------------------
+# The base class
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.define(kw_only=True)
+class QuantConfig:
+    """Base class of every backend's quantization config.
+
+    Subclasses are ``@attrs.define(kw_only=True)`` classes that set :attr:`quant_method` and
+    declare one attrs field per JSON key. Keys a class does not know are kept in
+    :attr:`extra_keys` and written back by :meth:`to_dict`, so nothing in a real checkpoint's
+    config is lost.
+    """
+
+    #: The canonical backend name, as written in ``quantization_config.quant_method``.
+    quant_method: ClassVar[str] = ""
+    #: The field that holds the list of module-name patterns to leave unquantized, if any.
+    #: :func:`qplug.quantize` adds the user's ``skip`` patterns to it so they round-trip.
+    skip_field: ClassVar[str | None] = None
+
+    #: Keys of the source dict this class does not know, kept verbatim.
+    extra_keys: dict[str, Any] = attrs.field(factory=dict, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.check()
+
+    # -- hooks for subclasses ----------------------------------------------------------------
+
+    def check(self) -> None:
+        """Cross-field validation; runs after construction and on :func:`attrs.evolve`."""
+
+    def check_quantizable(self) -> None:
+        """Validation that only matters when quantizing a float model (not when loading a checkpoint)."""
+
+    @classmethod
+    def normalize_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Translate foreign spellings (other libraries' key names) before construction."""
+        return data
+
+    @classmethod
+    def recognizes(cls, data: Mapping[str, Any]) -> bool:
+        """Whether a dict *without* ``quant_method`` looks like this backend's config."""
+        return False
+
+    # -- introspection -----------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The JSON keys this class knows (its attrs fields, without :attr:`extra_keys`)."""
+        return tuple(f.name for f in attrs.fields(cls) if f.init and f.name != "extra_keys")
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each field's default, as JSON values."""
+        out: dict[str, Any] = {}
+        for f in attrs.fields(cls):
+            if f.name == "extra_keys" or not f.init or f.default is attrs.NOTHING:
+                continue
+            default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[union-attr]
+            out[f.name] = _jsonable(f.converter(default) if callable(f.converter) else default)
+        return out
+
+    def skip_patterns(self) -> list[str]:
+        """The module-name patterns this config leaves in floating point."""
+        if self.skip_field is None:
+            return []
+        return list(getattr(self, self.skip_field) or [])
+
+    def with_skips(self: C, patterns: Iterable[str]) -> C:
+        """A copy whose :attr:`skip_field` also holds ``patterns`` (kept in order, no duplicates)."""
+        extra = [p for p in patterns if p not in self.skip_patterns()]
+        if not extra:
+            return self
+        if self.skip_field is None:
+            raise QuantConfigError(
+                f"{type(self).__name__} has no field for modules to skip; cannot record {extra!r}",
+                field="skip", value=extra, config=type(self).__name__,
+            )
+        return attrs.evolve(self, **{self.skip_field: [*self.skip_patterns(), *extra]})
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any], **overrides: Any) -> C:
+        """Build a config from the JSON a checkpoint carries (``quantization_config``).
+
+        ``quant_method`` may be absent; if present it must name this class's backend. Unknown keys
+        are kept in :attr:`extra_keys` and reported once. Any problem raises
+        :class:`~qplug.QuantConfigError`.
+        """
+        if not isinstance(data, Mapping):
+            raise QuantConfigError(field="quantization_config", value=data, accepted="expected a JSON object",
+                                   config=cls.__name__)
+        data = {**data, **overrides}
+        method = data.pop("quant_method", None)
+        if method is not None:
+            cls._check_method(method)
+        try:
+            data = cls.normalize_dict(data)
+            known_names = set(cls.field_names())
+            known = {k: v for k, v in data.items() if k in known_names}
+            unknown = {str(k): v for k, v in data.items() if k not in known_names}
+            _report_unknown(cls, unknown)
+            return cls(**known, extra_keys=copy.deepcopy(unknown))
+        except QuantConfigError:
+            raise
+        except Exception as exc:  # a config dict is untrusted input: nothing but QuantConfigError escapes
+            raise QuantConfigError(f"{cls.__name__}: cannot build from {data!r}: {exc}", config=cls.__name__) from exc
+
+    @classmethod
+    def _check_method(cls, method: Any) -> None:
+        if isinstance(method, str) and method.strip().lower() == cls.quant_method:
+            return
+        if isinstance(method, str):
+            from qplug.manager import get_plugin_manager
+
+            try:
+                if get_plugin_manager().get_backend(method).config_class is cls:
+                    return
+            except LookupError:
+                pass
+        raise QuantConfigError(field="quant_method", value=method, accepted=f"expected {cls.quant_method!r}",
+                               config=cls.__name__)
+
+    @classmethod
+    def from_json_file(cls: type[C], path: str | os.PathLike[str]) -> C:
+        """Read a bare ``quantization_config`` JSON file, or a whole ``config.json`` holding one."""
+        return cls.from_dict(read_quantization_config(path))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON values, the kept unknown keys, and ``quant_method``."""
+        out = {name: _jsonable(getattr(self, name)) for name in self.field_names()}
+        for key, value in self.extra_keys.items():
+            out.setdefault(key, copy.deepcopy(value))
+        out["quant_method"] = self.quant_method
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Only what differs from the class defaults, plus ``quant_method`` and unknown keys."""
+        full = self.to_dict()
+        defaults = self.defaults()
+        out = {k: v for k, v in full.items() if k not in defaults or defaults[k] != v}
+        out["quant_method"] = self.quant_method
+        return out
+
+    def to_json_string(self, *, use_diff: bool = False, indent: int = 2) -> str:
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=indent, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike[str], *, use_diff: bool = False) -> None:
+        """Write the JSON atomically (a failed write leaves an existing file whole)."""
+        atomic_write_text(Path(path), self.to_json_string(use_diff=use_diff))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _report_unknown(cls: type[QuantConfig], unknown: Mapping[str, Any]) -> None:
+    new = [k for k in unknown if (cls.__name__, k) not in _reported_unknown]
+    if new:
+        _reported_unknown.update((cls.__name__, k) for k in new)
+        logger.info("%s: keeping unknown keys %s as they are", cls.__name__, ", ".join(sorted(new)))
+
+
+def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``quantization_config`` dict in a JSON file: a bare one, or a whole ``config.json`` holding one.
+
+    :raises ConfigFileError: the file is missing, unreadable, not JSON, or a ``config.json`` without one.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigFileError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    if "quantization_config" in data:
+        inner = data["quantization_config"]
+        if not isinstance(inner, dict):
+            raise ConfigFileError(f"{path}: quantization_config must be a JSON object, found {type(inner).__name__}")
+        return inner
+    if "model_type" in data or "architectures" in data:
+        raise ConfigFileError(f"{path}: a model config.json without a quantization_config (the model is not quantized)")
+    return data
