@@ -132,7 +132,9 @@ def weight_files(directory: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def read_tensors(directory: str | os.PathLike[str], device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tensors(
+    directory: str | os.PathLike[str], device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a checkpoint, and the tied-name map qplug recorded when saving it."""
     from safetensors import safe_open
 
@@ -143,7 +145,7 @@ def read_tensors(directory: str | os.PathLike[str], device: str = "cpu") -> tupl
             meta = fh.metadata() or {}
             if TIED_KEY in meta:
                 tied.update(json.loads(meta[TIED_KEY]))
-            for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for name in fh.keys():
                 tensors[name] = fh.get_tensor(name)
     return tensors, tied
 
