@@ -1,0 +1,178 @@
+"""Model operations through the public API, with the example int8 backend on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import qplug
+from qplug.modules import SkipPatternWarning
+from qplug.testing import example_tokens, tiny_llama
+
+
+@pytest.fixture
+def model():
+    return tiny_llama(seed=0)
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def test_quantize_save_load_dequantize_round_trip(int8_plugin, model, tmp_path):
+    tokens = example_tokens(model)
+    reference = logits(model, tokens)
+    assert qplug.quantize(model, {"quant_method": "int8w"}) is model
+    quantized = logits(model, tokens)
+    assert 0 < (quantized - reference).abs().max() < 0.1 * reference.abs().max()
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["model_type"] == "llama"
+    assert saved["quantization_config"]["quant_method"] == "int8-weight"
+    loaded = qplug.load_quantized(tmp_path / "ckpt")
+    assert torch.equal(logits(loaded, tokens), quantized)
+    qplug.dequantize(loaded)
+    assert all(type(m) is nn.Linear for n, m in loaded.named_modules() if n.endswith("proj"))
+    assert torch.allclose(logits(loaded, tokens), quantized, atol=1e-4)
+
+
+def test_loading_allocates_no_float_weights_for_quantized_modules(int8_plugin, model, tmp_path):
+    qplug.quantize(model, {"quant_method": "int8-weight"})
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    loaded = qplug.load_quantized(tmp_path / "ckpt")
+    proj = loaded.model.layers[0].mlp.up_proj
+    assert proj.weight.dtype == torch.int8  # the checkpoint tensor itself, no float copy was built
+    assert not [n for n, p in loaded.named_parameters() if p.device.type == "meta"]
+
+
+def test_head_and_tied_embeddings_stay_in_float(int8_plugin, tmp_path):
+    model = tiny_llama(seed=0, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    qplug.quantize(model, qplug.get_config_class("int8-weight")(modules_to_not_convert=["layers.1.mlp.down_proj"]))
+    assert type(model.lm_head) is nn.Linear
+    assert type(model.model.layers[1].mlp.down_proj) is nn.Linear  # user's skip adds to the default
+    assert type(model.model.layers[1].mlp.up_proj) is not nn.Linear
+    qplug.save_quantized(model, tmp_path / "tied")
+    loaded = qplug.load_quantized(tmp_path / "tied")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    tokens = example_tokens(model)
+    assert torch.equal(logits(loaded, tokens), logits(model, tokens))
+
+
+def test_skip_patterns_regex_prefix_and_unmatched(int8_plugin, model):
+    with pytest.warns(SkipPatternWarning, match="no_such_module"):
+        qplug.quantize(model, {"quant_method": "int8-weight"},
+                       skip=["model.layers.0", r"re:.*\.k_proj", "no_such_module"])
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    assert type(model.model.layers[1].self_attn.k_proj) is nn.Linear
+    assert type(model.model.layers[1].self_attn.q_proj) is not nn.Linear
+    assert qplug.quantized_config(model).modules_to_not_convert == [
+        "model.layers.0", r"re:.*\.k_proj", "no_such_module"]
+
+
+def test_quantizing_twice_and_dequantizing_a_float_model_are_errors(int8_plugin, model):
+    with pytest.raises(qplug.QPlugError, match="not quantized by qplug"):
+        qplug.dequantize(model)
+    qplug.quantize(model, {"quant_method": "int8-weight"})
+    with pytest.raises(qplug.QPlugError, match="already quantized"):
+        qplug.quantize(model, {"quant_method": "int8-weight"})
+
+
+def test_failed_save_leaves_the_old_checkpoint_whole(int8_plugin, model, tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    qplug.quantize(model, {"quant_method": "int8-weight"})
+    qplug.save_quantized(model, target)
+    (target / "tokenizer.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        qplug.save_quantized(model, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging directory left behind
+    monkeypatch.undo()
+    qplug.save_quantized(model, target)
+    assert (target / "tokenizer.json").exists()  # other files survive a successful save too
+
+
+def _tamper(directory, change):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    os.remove(path)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.pop("model.layers.0.mlp.up_proj.weight_scale"), "lacks tensors.*up_proj.weight_scale"),
+        (lambda t: t.update({"model.layers.0.extra": torch.zeros(1)}), "tensors the model does not.*layers.0.extra"),
+        (lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3, dtype=torch.int8)}),
+         r"up_proj.weight.*torch.Size\(\[3, 3\]\).*torch.Size\(\[256, 128\]\)"),
+    ],
+    ids=["missing", "unexpected", "mis-shaped"],
+)
+def test_bad_checkpoint_tensors_are_named(int8_plugin, model, tmp_path, change, message):
+    qplug.quantize(model, {"quant_method": "int8-weight"})
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    _tamper(tmp_path / "ckpt", change)
+    with pytest.raises(qplug.CheckpointError, match=message):
+        qplug.load_quantized(tmp_path / "ckpt")
+
+
+def test_load_of_a_float_checkpoint_is_refused(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "float")
+    with pytest.raises(qplug.CheckpointError, match="not quantized"):
+        qplug.load_quantized(tmp_path / "float")
+
+
+def test_hooks_can_be_wrapped_vetoed_and_extended(int8_plugin, model, tmp_path):
+    seen = []
+
+    class Policy:
+        @qplug.hookimpl
+        def validate(self, config, model):
+            if getattr(config, "compute_dtype", None) == "float16":
+                raise qplug.QuantConfigError(field="compute_dtype", value="float16", accepted="policy: no fp16")
+
+        @qplug.hookimpl(wrapper=True)
+        def replace_modules(self, config, module_names):
+            result = yield
+            seen.append((config.quant_method, len(module_names), len(result)))
+            return result
+
+        @qplug.hookimpl(wrapper=True)
+        def dequantize(self, config):
+            names = yield
+            seen.append(("dequantized", len(names)))
+            return names
+
+        @qplug.hookimpl(wrapper=True)
+        def serialize(self):
+            data = yield
+            return {**data, "packaged_by": "policy"}
+
+    qplug.register_plugin(Policy())
+    with pytest.raises(qplug.QuantConfigError, match="policy"):
+        qplug.quantize(model, {"quant_method": "int8-weight", "compute_dtype": "float16"})
+    assert qplug.quantized_config(model) is None
+    qplug.quantize(model, {"quant_method": "int8-weight"})
+    assert seen == [("int8-weight", 14, 14)]
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    data = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert data["packaged_by"] == "policy"
+    assert qplug.load_config(tmp_path / "ckpt" / "config.json").extra_keys == {"packaged_by": "policy"}
+    qplug.dequantize(model)
+    assert seen[-1] == ("dequantized", 14)
