@@ -38,6 +38,8 @@ import torch
 from bitsandbytes.functional import QuantState
 from torch import nn
 
+from qplug.errors import CheckpointError
+
 __all__ = [
     "Linear4bit",
     "Linear8bitLt",
@@ -66,12 +68,11 @@ QUANT_STATE_KEYS_4BIT = (
 _CPU_PACK_BLOCK_N = 32
 
 
-class QuantStateError(ValueError):
+class QuantStateError(CheckpointError):
     """A state dict's quantization tensors for one module are missing or inconsistent.
 
-    The message names the module (its dotted name in the model) and the tensor at fault.
-    When the qplug core defines a checkpoint error type this class also derives from it
-    (see :func:`_error_bases`).
+    A :class:`qplug.CheckpointError` (so a ``ValueError``); the message names the module (its
+    dotted name in the model) and the tensor at fault.
     """
 
 

@@ -1,0 +1,137 @@
+"""The qplug entry point of the bitsandbytes backend.
+
+Light on purpose: only the (torch-free) config is imported here; torch and bitsandbytes are
+imported inside the hooks that touch a model, so ``qplug backends`` stays fast and a missing
+bitsandbytes is reported as :class:`qplug.BackendUnavailableError`, not raised at import.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import qplug
+from qplug_bitsandbytes.config import BitsAndBytesConfig
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from torch import nn
+
+__all__ = ["BACKEND_NAME", "PRESETS", "dequantize", "register_backends", "replace_modules", "serialize", "validate"]
+
+BACKEND_NAME = "bitsandbytes"
+REQUIREMENT = "bitsandbytes>=0.48"
+INSTALL = f"pip install '{REQUIREMENT}'"
+
+#: Named settings for the common cases (the CLI's ``--method`` accepts them).
+PRESETS: dict[str, dict[str, Any]] = {
+    # QLoRA's recipe: NF4, double quantization, bfloat16 compute.
+    "nf4": {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+    },
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "int8": {"load_in_8bit": True},
+}
+
+
+def _modules() -> ModuleType:
+    """:mod:`qplug_bitsandbytes.modules`, or :class:`qplug.BackendUnavailableError` with the pip command."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:  # absent, or present but broken (e.g. no native library)
+        raise qplug.BackendUnavailableError(
+            f"backend {BACKEND_NAME!r} needs bitsandbytes, which cannot be imported ({exc}): {INSTALL}",
+            backend=BACKEND_NAME,
+            install=INSTALL,
+        ) from exc
+    from qplug_bitsandbytes import modules
+
+    return modules
+
+
+@qplug.hookimpl
+def register_backends() -> list[qplug.Backend]:
+    return [
+        qplug.Backend(
+            name=BACKEND_NAME,
+            config_class=BitsAndBytesConfig,
+            aliases=("bnb",),
+            requires=("torch>=2.1", REQUIREMENT),
+            description="bitsandbytes: 4-bit NF4/FP4 (double quant, QLoRA) and 8-bit LLM.int8; HF-compatible",
+            presets=PRESETS,
+            devices=("cpu", "cuda", "xpu"),
+        )
+    ]
+
+
+@qplug.backend_hookimpl(BitsAndBytesConfig)
+def validate(config: BitsAndBytesConfig, model: nn.Module | None) -> None:
+    if model is None:
+        return
+    # Loading a checkpoint does not run check_quantizable, but a model needs one of the two modes.
+    config.check_quantizable()
+
+
+@qplug.backend_hookimpl(BitsAndBytesConfig)
+def replace_modules(
+    config: BitsAndBytesConfig, model: nn.Module, module_names: list[str], prequantized: bool
+) -> list[str]:
+    from qplug.config import torch_dtype
+    from qplug.modules import get_submodule, set_submodule
+
+    modules = _modules()
+    four_bit = config.load_in_4bit
+    kwargs: dict[str, Any]
+    if four_bit:
+        kwargs = dict(
+            quant_type=config.bnb_4bit_quant_type,
+            compute_dtype=torch_dtype(config.bnb_4bit_compute_dtype),
+            double_quant=config.bnb_4bit_use_double_quant,
+            quant_storage=torch_dtype(config.bnb_4bit_quant_storage),
+        )
+    else:
+        kwargs = dict(threshold=config.llm_int8_threshold, has_fp16_weights=config.llm_int8_has_fp16_weight)
+
+    for name in module_names:
+        linear = get_submodule(model, name)
+        if prequantized:
+            shape = (linear.in_features, linear.out_features, linear.bias is not None)
+            new = modules.empty_4bit(*shape, **kwargs) if four_bit else modules.empty_8bit(*shape, **kwargs)
+            new.train(linear.training)
+        else:
+            if linear.weight.device.type == "meta":
+                raise qplug.IncompatibleModelError(
+                    f"module {name!r}: its weight is on the meta device; quantizing needs real weights "
+                    "(load the float model first, or use qplug.load_quantized for a quantized checkpoint)"
+                )
+            new = modules.quantize_4bit(linear, **kwargs) if four_bit else modules.quantize_8bit(linear, **kwargs)
+        set_submodule(model, name, new)
+    # What transformers sets on a bitsandbytes model; peft reads it to pick its bnb LoRA layers.
+    model.is_loaded_in_4bit = four_bit
+    model.is_loaded_in_8bit = not four_bit
+    return list(module_names)
+
+
+@qplug.backend_hookimpl(BitsAndBytesConfig)
+def dequantize(config: BitsAndBytesConfig, model: nn.Module) -> list[str]:
+    import bitsandbytes as bnb
+
+    from qplug.modules import set_submodule
+
+    modules = _modules()
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    names = [name for name, module in model.named_modules() if isinstance(module, kinds)]
+    for name in names:
+        set_submodule(model, name, modules.dequantize_module(model.get_submodule(name)))
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, None) is not None:
+            setattr(model, flag, False)
+    return names
+
+
+@qplug.backend_hookimpl(BitsAndBytesConfig)
+def serialize(config: BitsAndBytesConfig, model: nn.Module | None) -> dict[str, Any]:
+    return config.to_dict()
