@@ -1,0 +1,115 @@
+"""The ``awq`` backend's hook implementations (the ``qplug`` entry point).
+
+Kept light: only the torch-free config module is imported at the top; torch and the
+tensor modules are imported inside the hooks that touch a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import qplug
+from qplug_awq.config import AwqConfig
+
+__all__ = ["dequantize", "register_backends", "replace_modules", "serialize", "validate"]
+
+
+@qplug.hookimpl
+def register_backends():
+    return [
+        qplug.Backend(
+            name="awq",
+            config_class=AwqConfig,
+            aliases=("autoawq",),
+            requires=("torch>=2.1",),
+            optional=("autoawq==0.2.9",),
+            description="AWQ 4-bit (GEMM/GEMV checkpoints); runs without autoawq, uses its kernels where they work",
+            presets={
+                "awq-4bit": {"bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+                "awq-4bit-g64": {"bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"},
+                "awq-4bit-gemv": {"bits": 4, "group_size": 128, "zero_point": True, "version": "gemv"},
+            },
+            devices=("cpu", "cuda"),
+        )
+    ]
+
+
+def _layout(config: AwqConfig) -> str:
+    # exllama, ipex and gemv_fast kernels read (and repack) a GEMM checkpoint; gemv is its own layout
+    return "gemv" if config.version == "gemv" else "gemm"
+
+
+@qplug.backend_hookimpl(AwqConfig)
+def validate(config: AwqConfig, model: Any) -> None:
+    if config.bits != 4:
+        raise qplug.QuantConfigError(
+            field="bits", value=config.bits, accepted="4: AWQ's checkpoint layouts and kernels are 4-bit",
+            config="AwqConfig",
+        )
+    if config.version == "gemv_fast":
+        raise qplug.QuantConfigError(
+            field="version", value=config.version,
+            accepted="gemm, gemv, exllama or ipex: the gemv_fast layout (interleaved for autoawq's "
+                     "GEMVFast CUDA kernel) is not supported by qplug-awq",
+            config="AwqConfig",
+        )
+    if model is None:
+        return
+    from qplug.modules import select_modules
+
+    group = config.group_size
+    for name in select_modules(model, config.skip_patterns(), warn_unmatched=False).names:
+        linear = model.get_submodule(name)
+        in_f, out_f = linear.in_features, linear.out_features
+        if out_f % 8 or in_f % 8 or (group != -1 and in_f % group):
+            raise qplug.IncompatibleModelError(
+                f"awq: {name} ({in_f} -> {out_f}) cannot be quantized with group_size={group}: AWQ needs "
+                f"in_features divisible by group_size and both sizes divisible by 8; skip it with "
+                f"modules_to_not_convert=[{name!r}]"
+            )
+
+
+@qplug.backend_hookimpl(AwqConfig)
+def replace_modules(config: AwqConfig, model: Any, module_names: list[str], calibration: Any, prequantized: bool):
+    from qplug.modules import set_submodule
+
+    from qplug_awq.linear import AwqLinear
+
+    if prequantized:
+        for name in module_names:
+            linear = model.get_submodule(name)
+            device = linear.weight.device
+            layer = AwqLinear(
+                linear.in_features, linear.out_features, bits=config.bits, group_size=config.group_size,
+                version=_layout(config), bias=linear.bias is not None, device=device,
+            )
+            set_submodule(model, name, layer)
+        return list(module_names)
+
+    from qplug_awq.algorithm import AwqSettings, quantize_model
+
+    settings = AwqSettings(
+        bits=config.bits, group_size=config.group_size, zero_point=config.zero_point,
+        version=_layout(config), duo_scaling=config.duo_scaling, apply_clip=config.apply_clip,
+    )
+    return quantize_model(model, module_names, calibration, settings)
+
+
+@qplug.backend_hookimpl(AwqConfig)
+def dequantize(config: AwqConfig, model: Any) -> list[str]:
+    import torch
+    from qplug.modules import set_submodule
+
+    from qplug_awq.linear import AwqLinear
+
+    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
+    dtype = floats[0] if floats else torch.float32
+    names = [name for name, module in model.named_modules() if isinstance(module, AwqLinear)]
+    for name in names:
+        set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
+    return names
+
+
+@qplug.backend_hookimpl(AwqConfig)
+def serialize(config: AwqConfig, model: Any) -> dict[str, Any]:
+    return config.to_dict()
