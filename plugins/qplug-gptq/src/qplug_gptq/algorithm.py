@@ -1,0 +1,451 @@
+"""The GPTQ algorithm (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization
+for Generative Pre-trained Transformers").
+
+For one linear layer with weight ``W [out, in]`` and calibration inputs ``X``:
+
+1. ``H = 2/n * X^T X`` accumulated over batches (:meth:`LayerGPTQ.add_batch`);
+2. dead input channels (``H[i, i] == 0``) get ``H[i, i] = 1`` and a zero weight column;
+3. optionally (act-order, ``desc_act``) columns are processed by decreasing ``H[i, i]``;
+4. ``H += damp_percent * mean(diag(H)) * I``; ``U = chol(H^-1)`` (upper);
+5. columns are quantized in blocks of ``blocksize``; each column's rounding error,
+   scaled by ``1/U[i, i]``, is pushed onto the not-yet-quantized columns of the block
+   (``U[i, i:]``), and a block's errors onto the rest of the matrix at once
+   (lazy batch updates).  Group parameters (scale, zero) are taken when a group's
+   first column is reached, from the columns as updated by the earlier blocks, or
+   once up front from the original weight (``static_groups``).
+
+The floating-point steps follow the reference implementation (the one AutoGPTQ
+ships) step by step, so that on the same layer and calibration data both produce the
+same integers; ``tests/test_against_autogptq.py`` checks that.
+
+:func:`quantize_model` runs it over a model: inputs of the first decoder block are
+captured, then each block is quantized in turn (its linear layers in sequential
+groups when ``true_sequential``), and its outputs, computed with the already
+quantized weights, become the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+# --------------------------------------------------------------------------- grid
+def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min/max grid of ``w [rows, cols]``: returns ``(scale, zero)`` of shape ``[rows]``.
+
+    The range always includes 0; symmetric grids are centred on ``2**(bits-1)``.
+    """
+    maxq = 2**bits - 1
+    zero_t = torch.zeros(w.shape[0], device=w.device, dtype=torch.float32)
+    xmin = torch.minimum(w.min(dim=1).values, zero_t)
+    xmax = torch.maximum(w.max(dim=1).values, zero_t)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        neg = xmin < 0
+        xmin = torch.where(neg, -xmax, xmin)
+    flat = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(flat, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(flat, torch.full_like(xmax, 1.0), xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of ``w`` on the grid (as float tensor holding integers)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+@dataclass
+class QuantizedWeight:
+    """Result for one layer, in the orientation of the checkpoint tensors."""
+
+    intweight: torch.Tensor  # int32 [in, out]
+    zeros: torch.Tensor  # int32 [groups, out]
+    scales: torch.Tensor  # float32 [groups, out]
+    g_idx: torch.Tensor  # int32 [in]
+    weight: torch.Tensor  # float32 [out, in], dequantized (computed with float32 scales)
+    loss: float  # sum of the per-column losses / n_samples
+
+
+# --------------------------------------------------------------------------- one layer
+class LayerGPTQ:
+    """Accumulates the Hessian of one linear layer and quantizes its weight."""
+
+    def __init__(self, weight: torch.Tensor, name: str = "") -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"{name or 'layer'}: GPTQ expects a 2-D weight, got shape {tuple(weight.shape)}")
+        self.name = name
+        self.weight = weight
+        self.rows, self.columns = weight.shape
+        self.H = torch.zeros((self.columns, self.columns), dtype=torch.float32, device=weight.device)
+        self.nsamples = 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Add the inputs of one forward call (``[..., in]``; the leading dim counts samples)."""
+        if inp.shape[-1] != self.columns:
+            raise ValueError(f"{self.name}: calibration input has {inp.shape[-1]} features, expected {self.columns}")
+        if inp.dim() == 2:
+            inp = inp.unsqueeze(0)
+        n = inp.shape[0]
+        x = inp.reshape(-1, self.columns).t()
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        x = math.sqrt(2 / self.nsamples) * x.float()
+        self.H += x.matmul(x.t())
+
+    def quantize(
+        self,
+        *,
+        bits: int = 4,
+        group_size: int = 128,
+        damp_percent: float = 0.1,
+        desc_act: bool = False,
+        static_groups: bool = False,
+        sym: bool = True,
+        blocksize: int = 128,
+    ) -> QuantizedWeight:
+        if self.nsamples == 0:
+            raise RuntimeError(f"{self.name}: no calibration data reached this layer; cannot run GPTQ")
+        maxq = 2**bits - 1
+        W = self.weight.detach().clone().float()
+        H = self.H
+        self.H = None  # free early; a LayerGPTQ quantizes once
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        gs = group_size if group_size != -1 else self.columns
+
+        static: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if static_groups and group_size != -1:
+            for c in range(0, self.columns, gs):
+                static.append(find_params(W[:, c : c + gs], bits, sym))
+
+        perm = None
+        if desc_act:
+            perm = torch.argsort(torch.diag(H), descending=True)
+            W = W[:, perm]
+            H = H[perm][:, perm]
+
+        damp = damp_percent * torch.mean(torch.diag(H))
+        idx = torch.arange(self.columns, device=W.device)
+        H[idx, idx] += damp
+        try:
+            L = torch.linalg.cholesky(H)
+        except RuntimeError as exc:  # torch raises LinAlgError (a RuntimeError)
+            raise RuntimeError(
+                f"{self.name}: the damped Hessian is not positive definite; raise damp_percent "
+                f"(now {damp_percent}) or use more calibration data"
+            ) from exc
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+        Q = torch.zeros_like(W)
+        Qint = torch.zeros_like(W)
+        losses = torch.zeros_like(W)
+        scales: list[torch.Tensor] = []
+        zeros: list[torch.Tensor] = []
+        scale, zero = (None, None)
+        if group_size == -1:
+            scale, zero = find_params(W, bits, sym)
+            scales.append(scale)
+            zeros.append(zero)
+
+        for i1 in range(0, self.columns, blocksize):
+            i2 = min(i1 + blocksize, self.columns)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                if group_size != -1:
+                    if static:
+                        orig = int(perm[col]) if perm is not None else col
+                        scale, zero = static[orig // gs]
+                    elif col % gs == 0:
+                        # From W (earlier blocks' updates applied), as the reference does.
+                        scale, zero = find_params(W[:, col : col + gs], bits, sym)
+                        scales.append(scale)
+                        zeros.append(zero)
+                qi = quantize_column(w, scale, zero, maxq)
+                q = scale * (qi - zero)
+                Qint[:, col] = qi
+                Q[:, col] = q
+                losses[:, col] = (w - q) ** 2 / d**2
+                err = (w - q) / d
+                W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+                Err1[:, i] = err
+            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+
+        if static:
+            scales = [s for s, _ in static]
+            zeros = [z for _, z in static]
+        if perm is not None and static:
+            g_idx = (perm // gs).to(torch.int32)
+        else:
+            g_idx = torch.arange(self.columns, device=W.device, dtype=torch.int32) // gs
+        if perm is not None:
+            invperm = torch.argsort(perm)
+            Q = Q[:, invperm]
+            Qint = Qint[:, invperm]
+            g_idx = g_idx[invperm]
+        return QuantizedWeight(
+            intweight=Qint.t().to(torch.int32).contiguous(),
+            zeros=torch.stack(zeros, dim=0).to(torch.int32),
+            scales=torch.stack(scales, dim=0).float(),
+            g_idx=g_idx.contiguous(),
+            weight=Q,
+            loss=float(losses.sum() / 2 / self.nsamples),
+        )
+
+
+# --------------------------------------------------------------------------- a model
+class _StopForward(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module, module_names: Sequence[str], block_name: str | Sequence[str] | None = None) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` of decoder blocks: ``block_name`` if given, else the list
+    holding most of ``module_names``."""
+    if block_name:
+        names = [block_name] if isinstance(block_name, str) else list(block_name)
+        name = names[0]
+        try:
+            blocks = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"block_name_to_quantize={name!r}: the model has no such module") from exc
+        if not isinstance(blocks, nn.ModuleList):
+            raise ValueError(f"block_name_to_quantize={name!r} is a {type(blocks).__name__}, expected an nn.ModuleList")
+        return name, blocks
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and name:
+            n = sum(1 for m in module_names if m.startswith(name + "."))
+            if n and (best is None or n > best[0]):
+                best = (n, name, mod)
+    return None if best is None else (best[1], best[2])
+
+
+def prepare_calibration(calibration: Any, tokenizer: Any = None, max_length: int | None = None, batch_size: int = 1, pad_token_id: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Normalise calibration data to a list of ``{"input_ids", "attention_mask"}`` batches.
+
+    Accepted: a 2-D LongTensor ``[n, seq]``; a list of 1-D/2-D token tensors or int lists;
+    a list of dicts with ``input_ids`` (and optionally ``attention_mask``); a list of
+    strings (needs ``tokenizer``).
+    """
+    if calibration is None:
+        raise ValueError("GPTQ needs calibration data: pass calibration=... (token tensors, dicts or texts)")
+    if isinstance(calibration, str):
+        calibration = [calibration]
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"calibration tensor must hold token ids (int), got {calibration.dtype}")
+        calibration = list(calibration if calibration.dim() == 2 else calibration.unsqueeze(0))
+    items = list(calibration)
+    if not items:
+        raise ValueError("calibration is empty")
+    samples: list[dict[str, torch.Tensor]] = []
+    for k, item in enumerate(items):
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError("calibration texts need a tokenizer: set GPTQConfig(tokenizer=...) or pass token ids")
+            enc = tokenizer(item, return_tensors="pt")
+            ids, mask = enc["input_ids"], enc.get("attention_mask")
+        elif isinstance(item, dict):
+            if "input_ids" not in item:
+                raise ValueError(f"calibration[{k}] is a dict without 'input_ids'")
+            ids, mask = torch.as_tensor(item["input_ids"]), item.get("attention_mask")
+        else:
+            ids, mask = torch.as_tensor(item), None
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        ids = ids.long()
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape).long()
+        if max_length:
+            ids, mask = ids[:, :max_length], mask[:, :max_length]
+        for r in range(ids.shape[0]):
+            samples.append({"input_ids": ids[r : r + 1], "attention_mask": mask[r : r + 1]})
+    if batch_size <= 1:
+        return samples
+    batches = []
+    pad = 0 if pad_token_id is None else pad_token_id
+    for b in range(0, len(samples), batch_size):
+        chunk = samples[b : b + batch_size]
+        n = max(s["input_ids"].shape[1] for s in chunk)
+        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for r, s in enumerate(chunk):
+            L = s["input_ids"].shape[1]
+            ids[r, :L] = s["input_ids"][0]
+            mask[r, :L] = s["attention_mask"][0]
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The captured call of a block with its hidden-states input replaced."""
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": hidden}
+    raise RuntimeError("GPTQ: cannot find the hidden-states argument of the decoder block call")
+
+
+def _first(out: Any) -> Any:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="block")
+
+
+def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> list[list[str]]:
+    """Split ``names`` (modules of one block) into the groups true-sequential GPTQ
+    quantizes one after another: modules in first-call order, those fed the very same
+    input tensor (q/k/v, gate/up) in one group."""
+    order: list[tuple[str, int]] = []
+    hooks = []
+    for n in names:
+        mod = block.get_submodule(n[len(prefix) + 1 :])
+
+        def hook(_m, args, _n=n):
+            if not any(o[0] == _n for o in order):
+                order.append((_n, args[0].data_ptr()))
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        run(limit=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    last_ptr = None
+    for n, ptr in order:
+        if groups and ptr == last_ptr:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last_ptr = ptr
+    seen = {n for g in groups for n in g}
+    missing = [n for n in names if n not in seen]
+    if missing:
+        groups.append(missing)  # never called on the first sample; quantized last (and fail loudly if never fed)
+    return groups
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    module_names: Sequence[str],
+    calibration: list[dict[str, torch.Tensor]],
+    *,
+    bits: int,
+    group_size: int,
+    damp_percent: float,
+    desc_act: bool,
+    static_groups: bool,
+    sym: bool,
+    true_sequential: bool = True,
+    block_name: str | Sequence[str] | None = None,
+    modules_in_block: Sequence[Sequence[str]] | None = None,
+    settings: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> dict[str, QuantizedWeight]:
+    """Run GPTQ on ``module_names`` of ``model`` (weights are replaced by their
+    dequantized values as it goes, so later layers see quantized inputs).  Returns
+    the per-module results; the caller packs them into modules.  ``settings`` may
+    override ``bits``/``group_size``/``sym``/``desc_act`` per module."""
+    module_names = list(module_names)
+    wanted = set(module_names)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    results: dict[str, QuantizedWeight] = {}
+    kw = dict(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act, static_groups=static_groups, sym=sym)
+
+    def quantize_group(names: list[str], run) -> None:
+        states = {n: LayerGPTQ(model.get_submodule(n).weight.data, n) for n in names}
+        hooks = [
+            model.get_submodule(n).register_forward_hook(lambda m, args, out, _s=states[n]: _s.add_batch(args[0].data))
+            for n in names
+        ]
+        try:
+            run()
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in names:
+            own = {k: v for k, v in (settings or {}).get(n, {}).items() if k in kw}
+            res = states[n].quantize(**{**kw, **own})
+            lin = model.get_submodule(n)
+            lin.weight.data = res.weight.to(lin.weight.dtype)
+            results[n] = res
+
+    def run_model(limit: int | None = None) -> None:
+        for s in calibration[:limit]:
+            model(**{k: v.to(device) for k, v in s.items()}, use_cache=False)
+
+    found = find_blocks(model, module_names, block_name)
+    if found is not None:
+        prefix, blocks = found
+        # 1. capture the inputs of the first block
+        captured: list[tuple[tuple, dict]] = []
+
+        def grab(_m, args, kwargs):
+            captured.append((args, kwargs))
+            raise _StopForward
+
+        h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for s in calibration:
+                try:
+                    model(**{k: v.to(device) for k, v in s.items()}, use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            h.remove()
+        if len(captured) != len(calibration):
+            raise RuntimeError(f"GPTQ: the first block {prefix}.0 was not reached by every calibration sample")
+        # 2. block by block
+        for b, block in _progress(enumerate(blocks), len(blocks), "GPTQ", progress):
+            bprefix = f"{prefix}.{b}"
+            names = [n for n in module_names if n.startswith(bprefix + ".")]
+
+            def run_block(limit: int | None = None, _block=block) -> list:
+                return [_first(_block(*a, **k)) for a, k in captured[:limit]]
+
+            if names:
+                if modules_in_block:
+                    groups = [[f"{bprefix}.{n}" for n in g if f"{bprefix}.{n}" in wanted] for g in modules_in_block]
+                    groups = [g for g in groups if g]
+                elif true_sequential:
+                    groups = _sequential_groups(block, names, bprefix, run_block)
+                else:
+                    groups = [names]
+                for g in groups:
+                    quantize_group(g, run_block)
+            outs = run_block()
+            captured = [_with_hidden(a, k, o) for (a, k), o in zip(captured, outs)]
+        rest = [n for n in module_names if not n.startswith(prefix + ".")]
+    else:
+        rest = module_names
+    if rest:
+        if found is not None:
+            warnings.warn(f"GPTQ: quantizing {len(rest)} module(s) outside {found[0]} with a full forward pass: {rest[:5]}", stacklevel=2)
+        quantize_group(rest, run_model)
+    missing = [n for n in module_names if n not in results]
+    if missing:
+        raise RuntimeError(f"GPTQ: these modules were selected but not quantized: {missing}")
+    return results

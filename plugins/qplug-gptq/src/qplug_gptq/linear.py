@@ -1,0 +1,238 @@
+"""``GPTQLinear``: a linear layer holding GPTQ tensors in the exact checkpoint layout.
+
+Buffers (names, shapes and dtypes as AutoGPTQ / transformers write them):
+
+* ``qweight`` int32 ``[in_features * bits / 32, out_features]``
+* ``qzeros``  int32 ``[n_groups, out_features * bits / 32]``
+* ``scales``  ``[n_groups, out_features]`` (float16 in almost every checkpoint)
+* ``g_idx``   int32 ``[in_features]``
+* ``bias``    ``[out_features]`` or absent
+
+The forward pass unpacks, dequantizes and runs a dense matmul.  On CPU the unpack is
+the expensive part and a dense GEMM is as fast as anything we can write in PyTorch,
+so the dequantized weight is cached per (device, dtype) and rebuilt only when a
+buffer changes (the cache key holds each buffer's storage pointer and version
+counter).  Set ``cache_weight = False`` on a module to trade speed for memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qplug.errors import CheckpointError
+
+from . import packing
+
+
+class GPTQLinear(nn.Module):
+    """Linear layer with GPTQ-packed weights; see the module docstring."""
+
+    kernel = "qplug-torch"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        bias: bool = True,
+        checkpoint_format: str = "gptq",
+        sym: bool = True,
+        dtype: torch.dtype = torch.float16,
+        weight_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        packing.check_bits(bits)
+        if group_size != -1 and group_size <= 0:
+            raise ValueError(f"group_size={group_size!r}: must be -1 or a positive integer")
+        if checkpoint_format not in packing.FORMATS:
+            raise ValueError(
+                f"checkpoint_format={checkpoint_format!r}; accepted values: {list(packing.FORMATS)}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.checkpoint_format = checkpoint_format
+        self.sym = sym
+        # dtype of the float layer this one stands for: what to_linear() gives back
+        self.weight_dtype = weight_dtype or dtype
+        self.cache_weight = True
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+        gs = in_features if group_size == -1 else group_size
+        n_groups = math.ceil(in_features / gs)
+        rows = packing.packed_length(in_features, bits, f"in_features of {type(self).__name__}")
+        cols = packing.packed_length(out_features, bits, f"out_features of {type(self).__name__}")
+        self.register_buffer("qweight", torch.zeros((rows, out_features), dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros((n_groups, cols), dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros((n_groups, out_features), dtype=dtype, device=device))
+        self.register_buffer("g_idx", packing.default_g_idx(in_features, group_size, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_integers(
+        cls,
+        intweight: torch.Tensor,
+        zeros: torch.Tensor,
+        scales: torch.Tensor,
+        g_idx: torch.Tensor,
+        *,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        checkpoint_format: str = "gptq",
+        sym: bool = True,
+        dtype: torch.dtype = torch.float16,
+        weight_dtype: torch.dtype | None = None,
+    ) -> "GPTQLinear":
+        """Build from unpacked integers: ``intweight [in, out]``, ``zeros``/``scales`` ``[groups, out]``."""
+        in_features, out_features = intweight.shape
+        mod = cls(
+            in_features,
+            out_features,
+            bits=bits,
+            group_size=group_size,
+            bias=bias is not None,
+            checkpoint_format=checkpoint_format,
+            sym=sym,
+            dtype=dtype,
+            weight_dtype=weight_dtype,
+            device=intweight.device,
+        )
+        if scales.shape != mod.scales.shape:
+            raise ValueError(f"scales has shape {tuple(scales.shape)}, expected {tuple(mod.scales.shape)}")
+        mod.qweight = packing.pack_qweight(intweight, bits)
+        mod.qzeros = packing.pack_qzeros(zeros, bits, checkpoint_format)
+        mod.scales = scales.to(dtype).contiguous()
+        mod.g_idx = g_idx.to(torch.int32).contiguous()
+        if bias is not None:
+            mod.bias = bias.detach().to(dtype).clone()
+        return mod
+
+    # ------------------------------------------------------------------ loading
+    def _expected(self) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        floats = (torch.float16, torch.bfloat16, torch.float32)
+        exp = {
+            "qweight": (tuple(self.qweight.shape), (torch.int32,)),
+            "qzeros": (tuple(self.qzeros.shape), (torch.int32,)),
+            "scales": (tuple(self.scales.shape), floats),
+            "g_idx": ((self.in_features,), (torch.int32, torch.int64)),
+        }
+        if self.bias is not None:
+            exp["bias"] = ((self.out_features,), floats)
+        return exp
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        where = prefix.rstrip(".") or type(self).__name__
+        for name, (shape, dtypes) in self._expected().items():
+            t = state_dict.get(prefix + name)
+            if t is None:
+                continue
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{where}: tensor {prefix + name} has shape {tuple(t.shape)}, expected {shape} "
+                    f"for a {self.bits}-bit GPTQ layer with in_features={self.in_features}, "
+                    f"out_features={self.out_features}, group_size={self.group_size}"
+                )
+            if t.dtype not in dtypes:
+                raise ValueError(f"{where}: tensor {prefix + name} has dtype {t.dtype}, expected one of {list(dtypes)}")
+        gkey = prefix + "g_idx"
+        had_g_idx = gkey in state_dict
+        n_missing = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if not had_g_idx and gkey in missing_keys[n_missing:]:
+            # Old checkpoints without act-order omit g_idx; it is implied by group_size.
+            missing_keys.remove(gkey)
+            self.g_idx = packing.default_g_idx(self.in_features, self.group_size, device=self.qweight.device)
+        elif had_g_idx and self.g_idx.dtype != torch.int32:
+            self.g_idx = self.g_idx.to(torch.int32)
+        self._cache = None
+        if (prefix + "qzeros") in state_dict:
+            self.check_zero_convention(where)
+
+    def check_zero_convention(self, name: str = "") -> None:
+        """Raise when the zero points contradict ``checkpoint_format`` in a detectable way.
+
+        In a symmetric checkpoint every zero point is ``2**(bits-1)``: v1 stores
+        ``2**(bits-1) - 1`` and v2 stores ``2**(bits-1)``.  If *all* stored values of a
+        symmetric layer equal the other convention's value, the checkpoint is
+        mislabelled and using it would yield garbage, so we refuse.
+        """
+        if not self.sym or self.qzeros.device.type == "meta" or self.qzeros.numel() == 0:
+            return
+        stored = packing.unpack(self.qzeros, self.bits, dim=1)
+        mid = 2 ** (self.bits - 1)
+        v1_value, v2_value = mid - 1, mid
+        fmt = self.checkpoint_format
+        wrong = v2_value if fmt == "gptq" else v1_value
+        if bool((stored == wrong).all()):
+            other = "gptq_v2" if fmt == "gptq" else "gptq"
+            raise CheckpointError(
+                f"{name or 'GPTQ layer'}: qzeros all store {wrong}, the symmetric zero point of "
+                f"checkpoint_format={other!r}, but the config says checkpoint_format={fmt!r} "
+                f"(which stores {v1_value if fmt == 'gptq' else v2_value}); fix checkpoint_format "
+                f"in the quantization_config"
+            )
+
+    # ------------------------------------------------------------------ compute
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The ``[out_features, in_features]`` floating-point weight."""
+        return packing.dequantize_weight(
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            self.bits,
+            self.checkpoint_format,
+            dtype=dtype or self.scales.dtype,
+        )
+
+    def _key(self, dtype: torch.dtype) -> tuple:
+        bufs = (self.qweight, self.qzeros, self.scales, self.g_idx)
+        return (dtype, self.qweight.device) + tuple((b.data_ptr(), b._version) for b in bufs)
+
+    def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
+        with torch.no_grad():
+            if not self.cache_weight:
+                self._cache = None
+                return self.dequantize_weight(dtype)
+            key = self._key(dtype)
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, self.dequantize_weight(dtype))
+            return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, this GPTQLinear expects {self.in_features}")
+        w = self.weight_for(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight, in the dtype of the layer it replaced."""
+        dtype = self.weight_dtype
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=dtype)
+        lin.weight = nn.Parameter(self.dequantize_weight(dtype), requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().to(dtype).clone(), requires_grad=False)
+        return lin
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, format={self.checkpoint_format}"
+        )

@@ -1,0 +1,260 @@
+"""The ``gptq`` backend's qplug hooks (the module the ``qplug`` entry point names).
+
+Kept light: at import time only the torch-free config is loaded; torch, the GPTQ code
+and auto-gptq are imported inside the hooks.
+
+Kernel choice (environment variable ``QPLUG_GPTQ_KERNEL``):
+
+* ``auto`` (default): auto-gptq's modules where auto-gptq imports *and* its compiled
+  kernels load and the layer sits on a GPU; otherwise the backend's own PyTorch modules.
+  On a CPU auto-gptq would only run its own PyTorch fallback: the same arithmetic as
+  ours, slower (it unpacks on every call), and only for float16 activations.
+* ``torch``: always the backend's own modules.
+* ``auto-gptq``: always auto-gptq's modules (fails if it is not importable).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import qplug
+from qplug_gptq.config import NAMED_DATASETS, GPTQConfig
+
+logger = logging.getLogger("qplug.gptq")
+
+KERNELS = ("auto", "torch", "auto-gptq")
+
+
+@qplug.hookimpl
+def register_backends():
+    return [
+        qplug.Backend(
+            name="gptq",
+            config_class=GPTQConfig,
+            requires=("torch>=2.1",),
+            optional=("auto-gptq==0.7.1",),
+            description="GPTQ (calibrated 2/3/4/8-bit weights); runs GPTQ checkpoints on CPU and GPU, auto-gptq optional",
+            presets={
+                "gptq-4bit": {"bits": 4, "group_size": 128},
+                "gptq-4bit-act-order": {"bits": 4, "group_size": 128, "desc_act": True},
+                "gptq-8bit": {"bits": 8, "group_size": 128},
+            },
+            devices=("cpu", "cuda"),
+        )
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def kernel_choice() -> str:
+    value = os.environ.get("QPLUG_GPTQ_KERNEL", "auto").strip().lower().replace("_", "-")
+    if value not in KERNELS:
+        raise qplug.QuantConfigError(field="QPLUG_GPTQ_KERNEL", value=value, accepted="expected one of " + ", ".join(KERNELS))
+    return value
+
+
+def _use_autogptq(config: GPTQConfig, device_type: str) -> bool:
+    from qplug_gptq import autogptq
+
+    choice = kernel_choice()
+    if choice == "torch":
+        return False
+    if choice == "auto-gptq":
+        if not autogptq.available():
+            raise qplug.BackendUnavailableError(
+                f"QPLUG_GPTQ_KERNEL=auto-gptq but auto-gptq does not import here ({autogptq.import_error()}): "
+                "pip install auto-gptq==0.7.1 'transformers<4.50' 'peft<0.11'",
+                backend="gptq", install="pip install auto-gptq==0.7.1",
+            )
+        if config.checkpoint_format != "gptq":
+            raise qplug.QuantConfigError(field="checkpoint_format", value=config.checkpoint_format,
+                                         accepted="auto-gptq's modules read 'gptq' (v1) only", config="GPTQConfig")
+        return True
+    return device_type == "cuda" and config.checkpoint_format == "gptq" and autogptq.compiled_kernels_load()
+
+
+def select_modules(config: GPTQConfig, model, module_names: list[str], *, prequantized: bool) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The modules GPTQ applies to, with each one's settings.
+
+    As in transformers/optimum and AutoGPTQ, only linear layers inside the decoder blocks are
+    quantized (when the model has blocks), narrowed by ``modules_in_block_to_quantize``;
+    GPTQModel's ``dynamic`` may exclude modules or change their settings, and its
+    ``lm_head: true`` adds the output head.
+    """
+    from qplug_gptq.algorithm import find_blocks
+
+    names = list(module_names)
+    found = find_blocks(model, names, config.block_name_to_quantize)
+    if found is not None:
+        prefix = found[0]
+        outside = [n for n in names if not n.startswith(prefix + ".")]
+        if outside:
+            logger.info("gptq: leaving %d linear layer(s) outside %s in floating point: %s", len(outside), prefix, outside[:5])
+        names = [n for n in names if n.startswith(prefix + ".")]
+        if config.modules_in_block_to_quantize:
+            inner = {m for group in config.modules_in_block_to_quantize for m in group}
+            names = [n for n in names if n.split(".", prefix.count(".") + 2)[-1] in inner]
+    if config.quantizes_lm_head and prequantized:
+        from qplug.modules import output_head_names
+
+        names += [h for h in sorted(output_head_names(model)) if h not in names]
+    settings: dict[str, dict[str, Any]] = {}
+    for n in names:
+        s = config.module_settings(n)
+        if s is not None:
+            settings[n] = s
+    return [n for n in names if n in settings], settings
+
+
+def _check_shape(name: str, linear, bits: int) -> None:
+    from qplug_gptq import packing
+
+    run = packing.run_length(bits)
+    for what, size in (("in_features", linear.in_features), ("out_features", linear.out_features)):
+        if size % run:
+            raise qplug.IncompatibleModelError(
+                f"gptq: module {name!r} has {what}={size}, which is not a multiple of {run}: "
+                f"{bits}-bit GPTQ packs {run} values per run; skip it (skip=[{name!r}])"
+            )
+
+
+def calibration_batches(config: GPTQConfig, model, calibration: Any):
+    from qplug_gptq.algorithm import prepare_calibration
+
+    data = calibration
+    if data is None:
+        if config.dataset is None:
+            raise qplug.QuantConfigError(field="dataset", value=None, config="GPTQConfig",
+                                         accepted="GPTQ needs calibration data: pass calibration=... (token ids or texts) or set dataset to a list of texts")
+        if isinstance(config.dataset, str):
+            raise qplug.QuantConfigError(field="dataset", value=config.dataset, config="GPTQConfig",
+                                         accepted=f"named datasets ({', '.join(NAMED_DATASETS)}) are downloaded from the hub, "
+                                                  "which qplug never does; pass calibration=... (token ids or texts)")
+        data = config.dataset
+    tokenizer = config.tokenizer
+    if isinstance(tokenizer, str):
+        try:
+            import transformers
+        except ImportError as exc:
+            raise qplug.BackendUnavailableError("gptq: a tokenizer given by name needs transformers: pip install transformers",
+                                                backend="gptq", install="pip install transformers") from exc
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
+    return prepare_calibration(
+        data,
+        tokenizer=tokenizer,
+        max_length=config.model_seqlen,
+        batch_size=config.batch_size,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# hooks
+# --------------------------------------------------------------------------------------------
+
+
+@qplug.backend_hookimpl(GPTQConfig)
+def validate(config, model):
+    config.check_loadable()
+    kernel_choice()
+    if model is None:
+        return
+    from torch import nn
+
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise qplug.IncompatibleModelError(f"gptq: {type(model).__name__} has no nn.Linear layer to quantize")
+
+
+@qplug.backend_hookimpl(GPTQConfig)
+def replace_modules(config, model, module_names, calibration, prequantized):
+    from qplug.modules import get_submodule, set_submodule
+    from torch import nn
+
+    from qplug_gptq import autogptq
+    from qplug_gptq.linear import GPTQLinear
+
+    names, settings = select_modules(config, model, module_names, prequantized=prequantized)
+    for n in names:
+        lin = get_submodule(model, n)
+        if not isinstance(lin, nn.Linear):
+            raise qplug.IncompatibleModelError(f"gptq: module {n!r} is a {type(lin).__name__}, not an nn.Linear")
+        _check_shape(n, lin, settings[n]["bits"])
+
+    results = {}
+    if not prequantized:
+        import torch
+
+        from qplug_gptq.algorithm import quantize_model
+
+        batches = calibration_batches(config, model, calibration)
+        results = quantize_model(
+            model,
+            names,
+            batches,
+            bits=config.bits,
+            group_size=config.group_size,
+            damp_percent=config.damp_percent,
+            desc_act=config.desc_act,
+            static_groups=config.static_groups,
+            sym=config.sym,
+            true_sequential=config.true_sequential,
+            block_name=config.block_name_to_quantize,
+            modules_in_block=config.modules_in_block_to_quantize,
+            settings=settings,
+        )
+
+    for n in names:
+        lin = get_submodule(model, n)
+        s = settings[n]
+        device = lin.weight.device
+        if prequantized:
+            new = GPTQLinear(
+                lin.in_features, lin.out_features, bits=s["bits"], group_size=s["group_size"],
+                bias=lin.bias is not None, checkpoint_format=config.checkpoint_format, sym=s["sym"],
+                weight_dtype=lin.weight.dtype, device=device,
+            )
+        else:
+            r = results[n]
+            new = GPTQLinear.from_integers(
+                r.intweight, r.zeros, r.scales.to(torch.float16), r.g_idx, bits=s["bits"], group_size=s["group_size"],
+                bias=lin.bias, checkpoint_format=config.checkpoint_format, sym=s["sym"], weight_dtype=lin.weight.dtype,
+            )
+        if _use_autogptq(config, device.type):
+            if prequantized:
+                new = autogptq.empty_module(lin.in_features, lin.out_features, bits=s["bits"], group_size=s["group_size"],
+                                            desc_act=s["desc_act"], bias=lin.bias is not None)
+            else:
+                new = autogptq.from_gptq_linear(new, desc_act=s["desc_act"])
+        set_submodule(model, n, new)
+    return names
+
+
+@qplug.backend_hookimpl(GPTQConfig)
+def dequantize(config, model):
+    from qplug.modules import set_submodule
+
+    from qplug_gptq import autogptq
+    from qplug_gptq.linear import GPTQLinear
+
+    names = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GPTQLinear):
+            set_submodule(model, name, module.to_linear())
+            names.append(name)
+        elif autogptq.is_autogptq_module(module):
+            import torch
+
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
+            set_submodule(model, name, autogptq.to_linear(module, dtype))
+            names.append(name)
+    return names
+
+
+@qplug.backend_hookimpl(GPTQConfig)
+def serialize(config, model):
+    return config.to_dict()
