@@ -1,0 +1,90 @@
+"""Every session a developer or CI runs. `nox -l` lists them; `nox` runs the default set (the tests).
+
+Each environment installs torch==2.13.0 (the CPU wheel) before anything else, so no requirement
+can pull a multi-GB CUDA build; the packages themselves accept newer torch releases.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.sessions = ["tests", "bitsandbytes", "gptq", "gptq_autogptq", "awq", "lint", "docs"]
+
+TORCH = "torch==2.13.0"
+EXAMPLE_PLUGIN = "docs/examples/qplug-int8"
+
+
+def _install_core(session: nox.Session, *extras: str) -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{','.join(extras)}]" if extras else ".")
+
+
+def _pytest(session: nox.Session, *paths: str) -> None:
+    session.run("python", "-m", "pytest", "-q", *paths, *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Core tests: configs, plugin manager, model operations, contract kit, CLI (with the int8 example backend)."""
+    _install_core(session, "test")
+    session.install("--no-deps", EXAMPLE_PLUGIN)
+    _pytest(session, "tests")
+
+
+@nox.session
+def bitsandbytes(session: nox.Session) -> None:
+    """qplug-bitsandbytes against bitsandbytes' real CPU kernels and transformers' own bnb path."""
+    _install_core(session, "test")
+    session.install("-e", "plugins/qplug-bitsandbytes", "peft", "accelerate")
+    _pytest(session, "plugins/qplug-bitsandbytes/tests")
+
+
+@nox.session
+def gptq(session: nox.Session) -> None:
+    """qplug-gptq with current transformers and no auto-gptq: loading, running, quantizing on its own."""
+    _install_core(session, "test")
+    session.install("-e", "plugins/qplug-gptq")
+    _pytest(session, "plugins/qplug-gptq/tests")
+
+
+@nox.session(name="gptq_autogptq")
+def gptq_autogptq(session: nox.Session) -> None:
+    """qplug-gptq against auto-gptq 0.7.1 itself (pins: transformers<4.50, peft<0.11)."""
+    session.install(TORCH)
+    session.install("transformers<4.50", "peft<0.11", "pytest>=8", "hypothesis>=6.100")
+    session.install("-e", ".")
+    session.install("-e", "plugins/qplug-gptq")
+    _pytest(session, "plugins/qplug-gptq/tests")
+
+
+@nox.session
+def awq(session: nox.Session) -> None:
+    """qplug-awq with and against autoawq 0.2.9 (its modules import with current transformers)."""
+    _install_core(session, "test")
+    session.install("-e", "plugins/qplug-awq")
+    _pytest(session, "plugins/qplug-awq/tests")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the core, the plugins, the tests and the docs examples."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the docs (user guide, plugin-author guide, hook reference) with warnings as errors."""
+    session.install(TORCH)
+    session.install("-e", ".", "sphinx>=7", "myst-parser>=2")
+    session.run("sphinx-build", "-W", "--keep-going", "-q", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: quantize a tiny seeded Llama with every installed backend and print what happened."""
+    _install_core(session, "transformers")
+    session.install("-e", "plugins/qplug-bitsandbytes", "-e", "plugins/qplug-gptq", "-e", "plugins/qplug-awq")
+    session.run("qplug", "demo", *session.posargs)
