@@ -7,7 +7,7 @@ listing backends) stays fast.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,13 +112,12 @@ def _resolve(config: QuantConfig | Mapping[str, Any]) -> QuantConfig:
     raise TypeError(f"config must be a qplug.QuantConfig or a quantization_config dict, got {type(config).__name__}")
 
 
-def _replace(config: QuantConfig, model: nn.Module, calibration: Any, prequantized: bool,
-             skip: Iterable[str] = ()) -> tuple[QuantConfig, list[str]]:
+def _prepare(config: QuantConfig, model: nn.Module, skip: Iterable[str] = ()) -> tuple[QuantConfig, list[str]]:
+    """Check the backend and the model, record ``skip`` in the config, choose the modules."""
     from qplug.modules import select_modules
 
     manager = get_plugin_manager()
-    backend = manager.backend_for_config(config)
-    backend.ensure_available()
+    manager.backend_for_config(config).ensure_available()
     if quantized_config(model) is not None:
         raise QPlugError(
             f"{type(model).__name__} is already quantized with {quantized_config(model).quant_method!r}; "
@@ -127,14 +126,17 @@ def _replace(config: QuantConfig, model: nn.Module, calibration: Any, prequantiz
     config = config.with_skips(skip)
     selection = select_modules(model, config.skip_patterns())
     manager.hook.validate(config=config, model=model)
-    replaced = manager.hook.replace_modules(
-        config=config, model=model, module_names=list(selection.names),
-        calibration=calibration, prequantized=prequantized,
+    return config, list(selection.names)
+
+
+def _replace_modules(config: QuantConfig, model: nn.Module, names: list[str], calibration: Any,
+                     prequantized: bool) -> list[str]:
+    replaced = get_plugin_manager().hook.replace_modules(
+        config=config, model=model, module_names=names, calibration=calibration, prequantized=prequantized,
     )
     if replaced is None:
-        raise PluginError(f"backend {backend.name!r} did not answer replace_modules for {type(config).__name__}")
-    setattr(model, _CONFIG_ATTR, config)
-    return config, list(replaced)
+        raise PluginError(f"backend {config.quant_method!r} did not answer replace_modules for {type(config).__name__}")
+    return list(replaced)
 
 
 def quantize(
@@ -155,7 +157,9 @@ def quantize(
     """
     config = _resolve(config)
     config.check_quantizable()
-    _replace(config, model, calibration, prequantized=False, skip=skip)
+    config, names = _prepare(config, model, skip)
+    _replace_modules(config, model, names, calibration, prequantized=False)
+    setattr(model, _CONFIG_ATTR, config)
     return model
 
 
@@ -196,30 +200,64 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     return write_checkpoint(directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__})
 
 
-def load_quantized(directory: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
-    """Load a quantized checkpoint (saved by qplug or by transformers) and return the model.
+def load_quantized(
+    directory: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    *,
+    quantization_config: QuantConfig | Mapping[str, Any] | None = None,
+    skip: Iterable[str] = (),
+    on_module: Callable[[str], None] | None = None,
+) -> nn.Module:
+    """Load a quantized checkpoint, or quantize a floating-point one while loading it.
+
+    A checkpoint whose ``config.json`` carries a ``quantization_config`` (saved by qplug or by
+    transformers) is loaded as it is. A floating-point checkpoint is quantized on load with
+    ``quantization_config``: one layer at a time is read, quantized and dropped, so the float model
+    never sits in memory (data-free methods only; see :mod:`qplug.streaming`).
 
     Without ``model``, the skeleton is built from ``config.json`` with transformers, its parameters
-    on the meta device, so no full-precision weights are ever allocated. With ``model``, its
-    modules are replaced and its tensors overwritten.
+    on the meta device. With ``model``, its modules are replaced and its tensors overwritten.
 
+    :param skip: with ``quantization_config``: more modules to leave in floating point.
+    :param on_module: with ``quantization_config``: called with each module name once quantized.
     :raises CheckpointError: a tensor is missing, unexpected or mis-shaped (named).
     """
     from qplug.checkpoint import build_skeleton, read_model_config, read_tensors
 
     model_config = read_model_config(directory)
-    if "quantization_config" not in model_config:
-        raise CheckpointError(f"{directory}: config.json has no quantization_config; the checkpoint is not quantized")
-    config = config_from_dict(model_config["quantization_config"])
+    saved = model_config.get("quantization_config")
+    if saved is not None and quantization_config is not None:
+        raise QPlugError(f"{directory} is already quantized ({saved.get('quant_method')!r}); "
+                         "load it without quantization_config")
+    if saved is None and quantization_config is None:
+        raise CheckpointError(f"{directory}: config.json has no quantization_config; the checkpoint is not "
+                              "quantized (pass quantization_config=... to quantize it while loading)")
+    config = config_from_dict(saved) if saved is not None else _resolve(quantization_config)
     if model is None:
         model = build_skeleton(model_config)
-    _replace(config, model, calibration=None, prequantized=True)
-    tensors, tied = read_tensors(directory)
-    _load_tensors(model, tensors, tied)
+    if saved is not None:
+        config, names = _prepare(config, model)
+        _replace_modules(config, model, names, calibration=None, prequantized=True)
+        tensors, tied = read_tensors(directory)
+        _load_tensors(model, tensors, tied)
+    else:
+        from qplug.streaming import stream_quantize
+
+        config.check_quantizable()
+        config, names = _prepare(config, model, skip)
+        rest = stream_quantize(
+            model, Path(directory), config, names,
+            lambda one: _replace_modules(config, model, one, calibration=None, prequantized=False),
+            on_module,
+        )
+        _load_tensors(model, rest, {}, filled=names)
+    setattr(model, _CONFIG_ATTR, config)
     return model.eval()
 
 
-def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, str]) -> None:
+def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, str],
+                  filled: Iterable[str] = ()) -> None:
+    """Assign checkpoint tensors; ``filled`` names modules already complete (their keys may be absent)."""
     from qplug.modules import meta_tensor_names
 
     for name, kept in tied.items():
@@ -239,9 +277,10 @@ def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, 
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()
+    done = tuple(f"{name}." for name in filled)
     missing = [
         n for n in result.missing_keys
-        if not any(other in tensors for other in tied_in_model.get(n, ()))
+        if not n.startswith(done) and not any(other in tensors for other in tied_in_model.get(n, ()))
     ]
     missing += [n for n in meta_tensor_names(model) if n not in missing]
     if missing:

@@ -176,3 +176,26 @@ def test_hooks_can_be_wrapped_vetoed_and_extended(int8_plugin, model, tmp_path):
     assert qplug.load_config(tmp_path / "ckpt" / "config.json").extra_keys == {"packaged_by": "policy"}
     qplug.dequantize(model)
     assert seen[-1] == ("dequantized", 14)
+
+
+def test_quantize_on_load_streams_and_equals_in_memory_quantize(int8_plugin, tmp_path):
+    tiny_llama(seed=0).save_pretrained(tmp_path / "float")
+    tokens = example_tokens(tiny_llama())
+    in_memory = qplug.quantize(tiny_llama(seed=0), {"quant_method": "int8-weight"})
+    order = []
+    streamed = qplug.load_quantized(tmp_path / "float", quantization_config={"quant_method": "int8-weight"},
+                                    on_module=order.append)
+    assert order == [n for n, m in in_memory.named_modules() if type(m).__name__ == "Int8Linear"]
+    for (name, a), (_, b) in zip(in_memory.state_dict().items(), streamed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(logits(streamed, tokens), logits(in_memory, tokens))
+    qplug.save_quantized(streamed, tmp_path / "q")
+    with pytest.raises(qplug.QPlugError, match="already quantized"):
+        qplug.load_quantized(tmp_path / "q", quantization_config={"quant_method": "int8-weight"})
+
+
+def test_quantize_on_load_names_a_missing_layer(int8_plugin, tmp_path):
+    tiny_llama(seed=0).save_pretrained(tmp_path / "float")
+    _tamper(tmp_path / "float", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(qplug.CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        qplug.load_quantized(tmp_path / "float", quantization_config={"quant_method": "int8-weight"})

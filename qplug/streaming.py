@@ -1,0 +1,114 @@
+"""Quantize-on-load: stream a floating-point checkpoint into a quantized model, one layer at a time.
+
+The skeleton's parameters live on the meta device. Each selected ``nn.Linear`` gets its weight
+(and bias) read from safetensors, is quantized by the owning backend's ``replace_modules`` hook
+on its own, and the float copy is dropped before the next one is needed; a reader thread fetches
+the next layer's tensors while the current one is quantized. Peak memory is therefore about the
+quantized model plus two layers in floating point, not the whole float model.
+
+This works for data-free methods (bitsandbytes, int8 weight-only). Methods that calibrate on
+whole-model activations (GPTQ, AWQ) need the float model in memory: use :func:`qplug.quantize`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qplug.checkpoint import weight_files
+from qplug.config import QuantConfig
+from qplug.errors import CheckpointError, PluginError
+
+__all__ = ["stream_quantize"]
+
+
+class _TensorSource:
+    """Name → tensor reads across the shards of a checkpoint, one tensor at a time."""
+
+    def __init__(self, directory: Path, stack: contextlib.ExitStack) -> None:
+        from safetensors import safe_open
+
+        self._where: dict[str, Any] = {}
+        for path in weight_files(directory):
+            handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            for name in handle.keys():
+                self._where[name] = handle
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._where[name].get_tensor(name)
+        except KeyError:
+            raise CheckpointError(f"checkpoint lacks tensor {name!r}") from None
+
+
+def stream_quantize(
+    model: nn.Module,
+    directory: Path,
+    config: QuantConfig,
+    module_names: list[str],
+    quantize_one: Callable[[list[str]], Any],
+    on_module: Callable[[str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Fill ``model`` from the float checkpoint in ``directory``, quantizing ``module_names`` as they arrive.
+
+    :param quantize_one: called with ``[name]`` once that module holds its float weights; runs the
+        backend's ``replace_modules`` for that one module.
+    :param on_module: progress callback, called with each module name once it is quantized.
+    :return: the tensors of every other module (embeddings, norms, the head), for the caller to load.
+    """
+    with contextlib.ExitStack() as stack:
+        source = _TensorSource(directory, stack)
+        for name in module_names:
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise PluginError(f"{name} is {type(linear).__name__}, not nn.Linear; cannot quantize it on load")
+            if f"{name}.weight" not in source:
+                raise CheckpointError(f"checkpoint lacks tensor {name + '.weight'!r}")
+
+        def read_layer(name: str) -> dict[str, torch.Tensor]:
+            keys = [f"{name}.weight", *([f"{name}.bias"] if f"{name}.bias" in source else [])]
+            return {key.rsplit(".", 1)[1]: source.get(key) for key in keys}
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-read") as reader:
+            for name, tensors in _prefetched(reader, read_layer, module_names):
+                _materialize(model, name, tensors)
+                quantize_one([name])
+                if on_module is not None:
+                    on_module(name)
+        taken = {f"{n}.{part}" for n in module_names for part in ("weight", "bias")}
+        return {name: source.get(name) for name in source.names() if name not in taken}
+
+
+def _prefetched(reader: ThreadPoolExecutor, read: Callable[[str], Any], names: list[str]) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, read(name))`` while the next read already runs on the reader thread."""
+    pending = reader.submit(read, names[0]) if names else None
+    for index, name in enumerate(names):
+        assert pending is not None
+        tensors = pending.result()
+        pending = reader.submit(read, names[index + 1]) if index + 1 < len(names) else None
+        yield name, tensors
+
+
+def _materialize(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    linear = model.get_submodule(name)
+    weight = tensors["weight"]
+    expected = (linear.out_features, linear.in_features)
+    if tuple(weight.shape) != expected:
+        raise CheckpointError(
+            f"size mismatch for {name}.weight: checkpoint has {tuple(weight.shape)}, the model expects {expected}"
+        )
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if "bias" in tensors:
+        linear.bias = nn.Parameter(tensors["bias"], requires_grad=False)
