@@ -64,12 +64,24 @@ def quant_linear_class(bits: int, group_size: int, desc_act: bool) -> type[nn.Mo
 
 
 def is_autogptq_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("auto_gptq.nn_modules.qlinear")
+    return any(c.__module__.startswith("auto_gptq.nn_modules.qlinear") for c in type(module).__mro__)
+
+
+@functools.lru_cache(maxsize=None)
+def _loadable(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` plus the one thing our loader needs: adopting a checkpoint's optional bias."""
+    from .linear import adopt_optional_bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        adopt_optional_bias(self, state_dict, prefix, self.outfeatures, torch.float16)
+        return cls._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"_load_from_state_dict": _load_from_state_dict, "kernel": f"auto-gptq:{cls.QUANT_TYPE}"})
 
 
 def empty_module(in_features: int, out_features: int, *, bits: int, group_size: int, desc_act: bool, bias: bool) -> nn.Module:
     """An auto-gptq QuantLinear ready for ``load_state_dict`` (its buffers are on the CPU)."""
-    cls = quant_linear_class(bits, group_size, desc_act)
+    cls = _loadable(quant_linear_class(bits, group_size, desc_act))
     return cls(bits, group_size, in_features, out_features, bias, weight_dtype=torch.float16)
 
 

@@ -28,6 +28,22 @@ from qplug.errors import CheckpointError
 from . import packing
 
 
+def adopt_optional_bias(module: nn.Module, state_dict, prefix: str, out_features: int, dtype: torch.dtype) -> None:
+    """Give ``module`` a ``bias`` buffer when the checkpoint has one and the module has none.
+
+    AutoGPTQ (and the tools built on it) write a ``bias`` for every quantized layer, zeros
+    when the float layer had none (Llama's projections), so a checkpoint may hold a bias the
+    model's own ``nn.Linear`` lacked.
+    """
+    if getattr(module, "bias", None) is None and (prefix + "bias") in state_dict:
+        if "bias" in module._parameters:
+            del module._parameters["bias"]
+        elif hasattr(module, "bias"):
+            delattr(module, "bias")
+        device = module.qweight.device
+        module.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+
+
 class GPTQLinear(nn.Module):
     """Linear layer with GPTQ-packed weights; see the module docstring."""
 
@@ -134,6 +150,7 @@ class GPTQLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         where = prefix.rstrip(".") or type(self).__name__
+        adopt_optional_bias(self, state_dict, prefix, self.out_features, self.scales.dtype)
         for name, (shape, dtypes) in self._expected().items():
             t = state_dict.get(prefix + name)
             if t is None:

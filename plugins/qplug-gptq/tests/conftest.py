@@ -1,0 +1,44 @@
+"""Shared fixtures and markers of the qplug-gptq tests.
+
+``@pytest.mark.autogptq`` tests need auto-gptq 0.7.1 (the reference implementation) and run in
+the environment that pins ``transformers<4.50`` and ``peft<0.11``; they are skipped only where
+auto-gptq does not import. ``@pytest.mark.cuda`` tests are skipped only where no GPU is present.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # autogptq_ref.py, shared with the fixture script
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _autogptq_error() -> str | None:
+    from qplug_gptq import autogptq
+
+    return autogptq.import_error()
+
+
+def pytest_collection_modifyitems(config, items):
+    agq = _autogptq_error()
+    for item in items:
+        if "autogptq" in item.keywords and agq is not None:
+            item.add_marker(pytest.mark.skip(reason=f"auto-gptq does not import here: {agq}"))
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernel(monkeypatch):
+    # Tests choose kernels explicitly; a developer's QPLUG_GPTQ_KERNEL must not change them.
+    monkeypatch.delenv("QPLUG_GPTQ_KERNEL", raising=False)
