@@ -156,6 +156,19 @@ def test_transformers_checkpoint_loads_in_qplug(fmt, with_model, hf_quantized, i
     assert torch.equal(logits(model, input_ids), expected)
 
 
+@pytest.mark.parametrize("fmt", ["nf4-dq-bf16", "int8"])
+def test_quantize_on_load_matches_transformers(fmt, float_checkpoint, hf_quantized, input_ids):
+    """Streaming a float checkpoint through the backend gives transformers' quantize-on-load model."""
+    expected = logits(hf_quantized(**HF_ALL[fmt]), input_ids)
+    seen: list[str] = []
+
+    model = qplug.load_quantized(float_checkpoint, quantization_config=qplug_config(HF_ALL[fmt]),
+                                 on_module=seen.append)
+
+    assert seen == linear_names(make_tiny_llama())  # every decoder linear, one at a time
+    assert torch.equal(logits(model, input_ids), expected)
+
+
 @params_all
 def test_save_after_forward_load_gives_same_logits(fmt, fresh_model, input_ids, tmp_path):
     model = qplug.quantize(fresh_model, qplug_config(HF_ALL[fmt]))
