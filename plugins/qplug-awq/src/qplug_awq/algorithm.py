@@ -277,8 +277,13 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, settings: AwqSettings) ->
     g = in_features if settings.group_size in (-1, 0) else settings.group_size
     feats = x.reshape(-1, in_features)
     feats = feats[:: max(1, feats.shape[0] // settings.clip_sample_tokens)]
-    feats = feats.reshape(1, feats.shape[0], -1, g)  # 1, tokens, groups, g
+    feats = feats.reshape(feats.shape[0], -1, g).transpose(0, 1)  # groups, tokens, g
     w_all = weight.reshape(out_features, 1, -1, g)  # out, 1, groups, g
+
+    def group_out(w: torch.Tensor) -> torch.Tensor:
+        # sum_i x[t, G, i] * w[o, G, i] as one batched matmul per group (autoawq sums an
+        # [out, tokens, groups, g] product instead: same numbers up to summation order)
+        return torch.bmm(feats, w.squeeze(1).permute(1, 2, 0)).permute(2, 1, 0)  # out, tokens, groups
     batch = 256 if out_features % 256 == 0 else 64
     if out_features % batch:
         batch = out_features
@@ -288,12 +293,12 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, settings: AwqSettings) ->
         org_max = w.abs().amax(dim=-1, keepdim=True)  # out, 1, groups, 1
         best_max = org_max.clone()
         min_err = torch.ones_like(org_max) * 1e9
-        org_out = (feats * w).sum(dim=-1)  # out, tokens, groups
+        org_out = group_out(w)
         for step in range(int(settings.max_shrink * settings.n_grid)):
             max_val = org_max * (1 - step / settings.n_grid)
             clipped = torch.clamp(w, -max_val, max_val)
             q = pseudo_quantize(clipped.reshape(-1, g), settings.bits, g, settings.zero_point).reshape(w.shape)
-            err = ((feats * q).sum(dim=-1) - org_out).pow(2).mean(dim=1).view(min_err.shape)
+            err = (group_out(q) - org_out).pow(2).mean(dim=1).view(min_err.shape)
             better = err < min_err
             min_err[better] = err[better]
             best_max[better] = max_val[better]

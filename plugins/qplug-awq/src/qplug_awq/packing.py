@@ -154,12 +154,18 @@ def gemv_zeros_width(in_features: int, group_size: int, bits: int = 4) -> int:
     """Width (in int32 words) of the GEMV ``qzeros``; ``scales`` has ``32 // bits`` times as many columns.
 
     The number of groups is rounded up to whole words, then to a multiple of
-    ``128 // group_size`` words for group sizes below 128 (the kernel's alignment).
+    ``128 // group_size`` words for group sizes 32 and 64 (the kernel's alignment);
+    autoawq defines no other group size below 128.
     """
     per_word = _check_bits(bits)
     if group_size <= 0 or in_features % group_size:
         raise PackingError(f"group_size={group_size} must divide in_features={in_features}")
-    multiplier = max(1, 128 // group_size)
+    if group_size >= 128:
+        multiplier = 1
+    elif group_size in (32, 64):
+        multiplier = 128 // group_size
+    else:
+        raise PackingError(f"group_size={group_size}: the GEMV layout is defined for group sizes 32, 64 and >= 128")
     words = -(-(in_features // group_size) // per_word)
     return -(-words // multiplier) * multiplier
 
