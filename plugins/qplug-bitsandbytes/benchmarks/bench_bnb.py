@@ -116,14 +116,14 @@ def _digest(model) -> str:
 
 
 def worker(method: str, fmt: str, device: str, layers: int) -> dict:
-    import torch
-
     # Imports and plugin discovery are one-time start-up costs, kept outside the measurement
     # for both methods alike.
     import bitsandbytes  # noqa: F401
-    import qplug
-    import qplug.modules  # noqa: F401
     import qplug_bitsandbytes.modules  # noqa: F401
+    import torch
+
+    import qplug
+    import qplug.modules
 
     qplug.available_backends()
     settings = FORMATS[fmt]
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             results[method].append(_run_worker(method, args))
 
     digests = {r["digest"] for rs in results.values() for r in rs}
-    linear_params = args.layers * (4 * MODEL["hidden_size"] ** 2 + 3 * MODEL["hidden_size"] * MODEL["intermediate_size"])
+    hidden, inner = MODEL["hidden_size"], MODEL["intermediate_size"]
+    linear_params = args.layers * (4 * hidden**2 + 3 * hidden * inner)
     print(f"bitsandbytes {args.format} on {args.device}: Llama, {args.layers} layers, "
           f"{linear_params / 1e6:.0f}M linear parameters, {args.rounds} rounds per method, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', args.threads)}")

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qplug_bitsandbytes import BitsAndBytesConfig
 
 import qplug
 from qplug.testing import BackendContractTests, relative_error, tiny_llama
-from qplug_bitsandbytes import BitsAndBytesConfig
 
 # The 4-and-8-bit conflict is named after the flag a config does not already have set, so
 # the kit's evolve() check (which applies only the named field) really creates the conflict.
 CONFLICT = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": True}
+BNB = {"quant_method": "bitsandbytes"}
 INVALID = [
     ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "int4"}, "bnb_4bit_quant_type"),
     ({"quant_method": "bnb", "load_in_4bit": True, "bnb_4bit_compute_dtype": "float8"}, "bnb_4bit_compute_dtype"),
     ({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": "6"}, "llm_int8_threshold"),
     ({"quant_method": "bitsandbytes", "load_in_8bit": "yes"}, "load_in_8bit"),
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_storage": "int4"}, "bnb_4bit_quant_storage"),
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "llm_int8_skip_modules": "lm_head"}, "llm_int8_skip_modules"),
+    ({**BNB, "load_in_4bit": True, "bnb_4bit_quant_storage": "int4"}, "bnb_4bit_quant_storage"),
+    ({**BNB, "load_in_4bit": True, "llm_int8_skip_modules": "lm_head"}, "llm_int8_skip_modules"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True, "_load_in_4bit": False}, "_load_in_4bit"),
 ]
 

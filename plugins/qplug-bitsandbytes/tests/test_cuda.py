@@ -7,10 +7,10 @@ import pytest
 import torch
 import transformers
 from bnb_testlib import HF_ALL, linear_names, state_dicts_equal
+from qplug_bitsandbytes import BitsAndBytesConfig, modules
 
 import qplug
 from qplug.testing import relative_error
-from qplug_bitsandbytes import BitsAndBytesConfig, modules
 
 pytestmark = pytest.mark.cuda
 

@@ -18,10 +18,9 @@ from bnb_testlib import (
     quantize_with_modules,
     state_dicts_equal,
 )
-from safetensors.torch import load_file, save_file
-
 from qplug_bitsandbytes import modules
 from qplug_bitsandbytes.modules import QuantStateError
+from safetensors.torch import load_file, save_file
 
 params_all = pytest.mark.parametrize("fmt", list(HF_ALL), ids=list(HF_ALL))
 params_4bit = pytest.mark.parametrize("fmt", list(HF_4BIT), ids=list(HF_4BIT))

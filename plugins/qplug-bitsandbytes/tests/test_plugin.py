@@ -10,10 +10,10 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from bnb_testlib import HF_4BIT, HF_ALL, linear_names, logits, make_tiny_llama, state_dicts_equal
+from bnb_testlib import HF_ALL, linear_names, logits, make_tiny_llama, state_dicts_equal
+from qplug_bitsandbytes import BitsAndBytesConfig, modules
 
 import qplug
-from qplug_bitsandbytes import BitsAndBytesConfig, modules
 
 params_all = pytest.mark.parametrize("fmt", list(HF_ALL), ids=list(HF_ALL))
 
