@@ -808,16 +808,12 @@ def _weight_errors(model: Any, source: Path, kinds: Mapping[str, str]) -> dict[s
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from qplug.checkpoint import read_model_config
-
     directory = Path(args.dir)
     if not directory.is_dir():
         raise CLIError(f"{directory}: no such directory")
-    model_config = read_model_config(directory)
-    qconfig = model_config.get("quantization_config")
-    if not isinstance(qconfig, dict):
-        raise CLIError(f"{directory}: config.json has no quantization_config; the model is not quantized")
-    config = qplug.config_from_dict(qconfig)
+    if not (directory / "config.json").is_file():
+        raise CLIError(f"{directory}: no config.json (is this a checkpoint directory?)")
+    config = qplug.config_from_dict(read_quantization_config(directory / "config.json"))
     entry = get_plugin_manager().get_entry(config.quant_method)
     tensors = _checkpoint_tensors(directory)
     model = None
