@@ -17,6 +17,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # autogptq_ref.py, shared with t
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# The models here are tiny: one thread does their matmuls fastest, and on a shared machine
+# OpenMP threads waiting on busy cores made single quantizations swing from 0.2 s to 15 s.
+torch.set_num_threads(1)
+
 
 def _autogptq_error() -> str | None:
     from qplug_gptq import autogptq

@@ -179,8 +179,12 @@ class GPTQConfig(QuantConfig):
 
     @classmethod
     def recognizes(cls, data: Mapping[str, Any]) -> bool:
-        """An AutoGPTQ ``quantize_config.json`` (no ``quant_method``)."""
-        has_bits = "bits" in data or "w_bit" in data
+        """An AutoGPTQ ``quantize_config.json`` (no ``quant_method``).
+
+        ``w_bit``/``q_group_size`` are autoawq's native keys: such a dict is AWQ's to claim,
+        even though AutoGPTQ accepts the spelling when given one explicitly.
+        """
+        has_bits = "bits" in data and "w_bit" not in data
         gptq_keys = {"desc_act", "damp_percent", "static_groups", "true_sequential", "model_file_base_name", "checkpoint_format"}
         awq_keys = {"zero_point", "version", "load_in_4bit", "load_in_8bit"}
         return has_bits and bool(gptq_keys & set(data)) and not (awq_keys & set(data))
