@@ -50,6 +50,17 @@ HF_4BIT = {
 }
 HF_8BIT = {"int8": dict(load_in_8bit=True)}
 HF_ALL = {**HF_4BIT, **HF_8BIT}
+# Checked by the checkpoint and parity tests only (to keep the suite fast): the packed 4-bit
+# data stored as bfloat16, as FSDP setups do.
+HF_STORAGE = {
+    "nf4-dq-bf16-storage": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+}
+HF_WIDE = {**HF_ALL, **HF_STORAGE}
 
 
 def module_kwargs(hf_kwargs: dict) -> tuple[str, dict]:
@@ -60,6 +71,7 @@ def module_kwargs(hf_kwargs: dict) -> tuple[str, dict]:
         quant_type=hf_kwargs.get("bnb_4bit_quant_type", "fp4"),
         double_quant=hf_kwargs.get("bnb_4bit_use_double_quant", False),
         compute_dtype=hf_kwargs.get("bnb_4bit_compute_dtype", torch.float32),
+        quant_storage=hf_kwargs.get("bnb_4bit_quant_storage", torch.uint8),
     )
 
 
@@ -101,14 +113,13 @@ def empty_skeleton(hf_kwargs: dict, **overrides):
     return model
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    # Bitwise: 4-bit data stored as bfloat16 (bnb_4bit_quant_storage) holds NaN bit patterns.
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
 def state_dicts_equal(a: dict, b: dict) -> list[str]:
-    """Keys whose tensors differ (in presence, dtype, shape or value)."""
-    return sorted(
-        key
-        for key in set(a) | set(b)
-        if key not in a
-        or key not in b
-        or a[key].dtype != b[key].dtype
-        or a[key].shape != b[key].shape
-        or not torch.equal(a[key], b[key])
-    )
+    """Keys whose tensors differ (in presence, dtype, shape or bits)."""
+    return sorted(key for key in set(a) | set(b) if key not in a or key not in b or not _same_bits(a[key], b[key]))

@@ -11,6 +11,7 @@ from bitsandbytes.functional import has_avx512bf16
 from bnb_testlib import (
     HF_4BIT,
     HF_ALL,
+    HF_WIDE,
     empty_skeleton,
     linear_names,
     logits,
@@ -23,6 +24,7 @@ from qplug_bitsandbytes.modules import QuantStateError
 from safetensors.torch import load_file, save_file
 
 params_all = pytest.mark.parametrize("fmt", list(HF_ALL), ids=list(HF_ALL))
+params_wide = pytest.mark.parametrize("fmt", list(HF_WIDE), ids=list(HF_WIDE))
 params_4bit = pytest.mark.parametrize("fmt", list(HF_4BIT), ids=list(HF_4BIT))
 
 
@@ -34,18 +36,18 @@ def _is_packed(model) -> bool:
     )
 
 
-@params_all
+@params_wide
 def test_same_state_and_logits_as_transformers(fmt, fresh_model, hf_quantized, input_ids):
-    hf = hf_quantized(**HF_ALL[fmt])
-    ours = quantize_with_modules(fresh_model, HF_ALL[fmt])
+    hf = hf_quantized(**HF_WIDE[fmt])
+    ours = quantize_with_modules(fresh_model, HF_WIDE[fmt])
 
     assert state_dicts_equal(hf.state_dict(), ours.state_dict()) == []
     assert torch.equal(logits(ours, input_ids), logits(hf, input_ids))
 
 
-@params_all
+@params_wide
 def test_export_after_forward_is_exact(fmt, fresh_model, input_ids):
-    model = quantize_with_modules(fresh_model, HF_ALL[fmt])
+    model = quantize_with_modules(fresh_model, HF_WIDE[fmt])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     first = logits(model, input_ids)
     if fmt in HF_4BIT and has_avx512bf16():
@@ -71,11 +73,11 @@ def test_transformers_own_export_after_forward_is_corrupt_here(hf_quantized, inp
 
 @params_all
 def test_save_after_forward_then_load_gives_same_logits(fmt, fresh_model, input_ids, tmp_path):
-    model = quantize_with_modules(fresh_model, HF_ALL[fmt])
+    model = quantize_with_modules(fresh_model, HF_WIDE[fmt])
     expected = logits(model, input_ids)
     save_file(model.state_dict(), tmp_path / "model.safetensors")
 
-    loaded = empty_skeleton(HF_ALL[fmt])
+    loaded = empty_skeleton(HF_WIDE[fmt])
     result = loaded.load_state_dict(load_file(tmp_path / "model.safetensors"), assign=True, strict=True)
 
     assert not result.missing_keys and not result.unexpected_keys
@@ -84,11 +86,11 @@ def test_save_after_forward_then_load_gives_same_logits(fmt, fresh_model, input_
 
 @params_all
 def test_transformers_checkpoint_loads_into_empty_modules(fmt, hf_quantized, input_ids, tmp_path):
-    hf = hf_quantized(**HF_ALL[fmt])
+    hf = hf_quantized(**HF_WIDE[fmt])
     hf.save_pretrained(tmp_path)  # before any forward: transformers' export is right then
     expected = logits(hf, input_ids)
 
-    model = empty_skeleton(HF_ALL[fmt])
+    model = empty_skeleton(HF_WIDE[fmt])
     assert all(model.get_submodule(n).weight.device.type == "meta" for n in linear_names(model))
     model.load_state_dict(load_file(tmp_path / "model.safetensors"), assign=True, strict=True)
 
@@ -99,9 +101,9 @@ def test_transformers_checkpoint_loads_into_empty_modules(fmt, hf_quantized, inp
 def test_checkpoint_written_here_loads_in_transformers(fmt, fresh_model, hf_quantized, input_ids, tmp_path):
     import transformers
 
-    model = quantize_with_modules(fresh_model, HF_ALL[fmt])
+    model = quantize_with_modules(fresh_model, HF_WIDE[fmt])
     expected = logits(model, input_ids)  # forward first: the case transformers gets wrong
-    model.config.quantization_config = transformers.BitsAndBytesConfig(**HF_ALL[fmt])
+    model.config.quantization_config = transformers.BitsAndBytesConfig(**HF_WIDE[fmt])
     model.save_pretrained(tmp_path)
 
     reloaded = hf_quantized(tmp_path)
@@ -205,7 +207,7 @@ def int8_tensors():
 
 
 def _load(tensors, fmt):
-    empty_skeleton(HF_ALL[fmt]).load_state_dict(tensors, assign=True, strict=True)
+    empty_skeleton(HF_WIDE[fmt]).load_state_dict(tensors, assign=True, strict=True)
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,13 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from bnb_testlib import HF_ALL, linear_names, logits, make_tiny_llama, state_dicts_equal
+from bnb_testlib import HF_ALL, HF_WIDE, linear_names, logits, make_tiny_llama, state_dicts_equal
 from qplug_bitsandbytes import BitsAndBytesConfig, modules
 
 import qplug
 
 params_all = pytest.mark.parametrize("fmt", list(HF_ALL), ids=list(HF_ALL))
+params_wide = pytest.mark.parametrize("fmt", list(HF_WIDE), ids=list(HF_WIDE))
 
 
 def qplug_config(hf_kwargs: dict) -> BitsAndBytesConfig:
@@ -72,10 +73,10 @@ def test_unimportable_bitsandbytes_is_reported_with_pip_command(monkeypatch, fre
 # --- quantize: same as transformers ----------------------------------------------------------
 
 
-@params_all
+@params_wide
 def test_quantize_gives_transformers_modules_state_and_logits(fmt, fresh_model, hf_quantized, input_ids):
-    hf = hf_quantized(**HF_ALL[fmt])
-    model = qplug.quantize(fresh_model, qplug_config(HF_ALL[fmt]))
+    hf = hf_quantized(**HF_WIDE[fmt])
+    model = qplug.quantize(fresh_model, qplug_config(HF_WIDE[fmt]))
 
     for name in linear_names(hf):
         ours, theirs = model.get_submodule(name), hf.get_submodule(name)
@@ -131,38 +132,38 @@ def _tiny():
 # --- checkpoints both ways --------------------------------------------------------------------
 
 
-@params_all
+@params_wide
 def test_qplug_checkpoint_after_forward_loads_in_transformers(fmt, fresh_model, hf_quantized, input_ids, tmp_path):
-    model = qplug.quantize(fresh_model, qplug_config(HF_ALL[fmt]))
+    model = qplug.quantize(fresh_model, qplug_config(HF_WIDE[fmt]))
     expected = logits(model, input_ids)  # a forward first: bitsandbytes' own export breaks here
     qplug.save_quantized(model, tmp_path)
 
     written = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert written == transformers.BitsAndBytesConfig(**HF_ALL[fmt]).to_dict()
+    assert written == transformers.BitsAndBytesConfig(**HF_WIDE[fmt]).to_dict()
     reloaded = hf_quantized(tmp_path)
     assert torch.equal(logits(reloaded, input_ids), expected)
 
 
-@params_all
+@params_wide
 @pytest.mark.parametrize("with_model", [True, False], ids=["into-model", "from-config"])
 def test_transformers_checkpoint_loads_in_qplug(fmt, with_model, hf_quantized, input_ids, tmp_path):
-    hf = hf_quantized(**HF_ALL[fmt])
+    hf = hf_quantized(**HF_WIDE[fmt])
     hf.save_pretrained(tmp_path)  # before any forward, when transformers' export is right
     expected = logits(hf, input_ids)
 
     model = qplug.load_quantized(tmp_path, model=make_tiny_llama(seed=7) if with_model else None)
 
-    assert qplug.quantized_config(model) == qplug_config(HF_ALL[fmt])
+    assert qplug.quantized_config(model) == qplug_config(HF_WIDE[fmt])
     assert torch.equal(logits(model, input_ids), expected)
 
 
 @pytest.mark.parametrize("fmt", ["nf4-dq-bf16", "int8"])
 def test_quantize_on_load_matches_transformers(fmt, float_checkpoint, hf_quantized, input_ids):
     """Streaming a float checkpoint through the backend gives transformers' quantize-on-load model."""
-    expected = logits(hf_quantized(**HF_ALL[fmt]), input_ids)
+    expected = logits(hf_quantized(**HF_WIDE[fmt]), input_ids)
     seen: list[str] = []
 
-    model = qplug.load_quantized(float_checkpoint, quantization_config=qplug_config(HF_ALL[fmt]),
+    model = qplug.load_quantized(float_checkpoint, quantization_config=qplug_config(HF_WIDE[fmt]),
                                  on_module=seen.append)
 
     assert seen == linear_names(make_tiny_llama())  # every decoder linear, one at a time
@@ -171,7 +172,7 @@ def test_quantize_on_load_matches_transformers(fmt, float_checkpoint, hf_quantiz
 
 @params_all
 def test_save_after_forward_load_gives_same_logits(fmt, fresh_model, input_ids, tmp_path):
-    model = qplug.quantize(fresh_model, qplug_config(HF_ALL[fmt]))
+    model = qplug.quantize(fresh_model, qplug_config(HF_WIDE[fmt]))
     expected = logits(model, input_ids)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     qplug.save_quantized(model, tmp_path)
@@ -211,12 +212,12 @@ def test_checkpoint_config_without_4_or_8_bit_is_refused(fresh_model, tmp_path):
 def test_dequantize_equals_bitsandbytes_dequantization(fmt, fresh_model, hf_quantized, input_ids):
     from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
-    hf = hf_quantized(**HF_ALL[fmt])
+    hf = hf_quantized(**HF_WIDE[fmt])
     expected = {
         name: dequantize_bnb_weight(hf.get_submodule(name).weight, getattr(hf.get_submodule(name), "state", None))
         for name in linear_names(hf)
     }
-    model = qplug.quantize(fresh_model, qplug_config(HF_ALL[fmt]))
+    model = qplug.quantize(fresh_model, qplug_config(HF_WIDE[fmt]))
     logits(model, input_ids)  # after a forward (4-bit repacked on AVX512-BF16 CPUs)
 
     qplug.dequantize(model)
