@@ -241,18 +241,33 @@ def dequantize(config, model):
     from qplug_gptq import autogptq
     from qplug_gptq.linear import GPTQLinear
 
+    dtype = _model_float_dtype(model)
     names = []
     for name, module in list(model.named_modules()):
         if isinstance(module, GPTQLinear):
+            if dtype is not None:
+                module.weight_dtype = dtype
             set_submodule(model, name, module.to_linear())
             names.append(name)
         elif autogptq.is_autogptq_module(module):
             import torch
 
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
-            set_submodule(model, name, autogptq.to_linear(module, dtype))
+            set_submodule(model, name, autogptq.to_linear(module, dtype or torch.float16))
             names.append(name)
     return names
+
+
+def _model_float_dtype(model):
+    """The dtype holding most of the model's floating-point parameters (what its activations are).
+
+    A skeleton built from a config.json without a dtype has float32 linears, while the tensors
+    loaded over it (embeddings, norms) are float16: the dequantized layers must match the latter.
+    """
+    counts: dict = {}
+    for p in model.parameters():
+        if p.is_floating_point() and p.device.type != "meta":
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else None
 
 
 @qplug.backend_hookimpl(GPTQConfig)

@@ -1,0 +1,158 @@
+"""The gptq backend through qplug's public API: registration, quantizing, saving, loading."""
+
+import json
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+import torch
+from torch import nn
+
+import qplug
+from qplug.testing import example_tokens, relative_error, tiny_llama
+from qplug_gptq import GPTQConfig, packing
+from qplug_gptq.linear import GPTQLinear
+
+
+def _cal(model, n=4, length=32):
+    return torch.randint(0, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(5))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def test_entry_point_and_registration():
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group="qplug")}
+    assert eps["gptq"] == "qplug_gptq.plugin"
+    assert "gptq" in qplug.available_backends()
+    assert qplug.get_config_class("GPTQ") is GPTQConfig
+
+
+def test_plugin_module_imports_neither_torch_nor_autogptq():
+    code = "import sys, qplug_gptq.plugin; print(sorted(m for m in ('torch', 'auto_gptq', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_true_sequential_groups_follow_the_block():
+    from qplug_gptq.algorithm import _sequential_groups
+
+    model = tiny_llama(seed=0)
+    captured = []
+    h = model.model.layers[0].register_forward_pre_hook(lambda m, a, k: captured.append((a, k)), with_kwargs=True)
+    model(example_tokens(model))
+    h.remove()
+    block = model.model.layers[0]
+    names = [f"model.layers.0.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    groups = _sequential_groups(block, names, "model.layers.0", lambda limit=None: [block(*a, **k) for a, k in captured[:limit]])
+    short = [sorted(n.rsplit(".", 1)[-1] for n in g) for g in groups]
+    assert short == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_save_load_round_trip_in_both_zero_conventions(fmt, tmp_path):
+    model = tiny_llama(seed=0)
+    ids = example_tokens(model)
+    qplug.quantize(model, GPTQConfig(bits=4, group_size=64, checkpoint_format=fmt), calibration=_cal(model))
+    expected = _logits(model, ids)
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    data = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert data["checkpoint_format"] == data["format"] == fmt
+    from safetensors.torch import load_file
+
+    qzeros = load_file(str(tmp_path / "ckpt" / "model.safetensors"))["model.layers.0.self_attn.q_proj.qzeros"]
+    assert (packing.unpack(qzeros, 4, dim=1) == (8 if fmt == "gptq_v2" else 7)).all()
+    assert torch.equal(_logits(qplug.load_quantized(tmp_path / "ckpt"), ids), expected)
+
+
+def test_calibration_texts_with_a_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the quick brown fox jumps over a lazy dog while GPTQ quantizes every layer of this model".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    texts = [" ".join(words[i:] + words[:i]) for i in range(6)]
+    model = tiny_llama(seed=0)
+    qplug.quantize(model, GPTQConfig(bits=8, group_size=64, dataset=texts, tokenizer=tokenizer))
+    assert isinstance(model.model.layers[1].mlp.down_proj, GPTQLinear)
+    other = tiny_llama(seed=0)
+    qplug.quantize(other, GPTQConfig(bits=8, group_size=64, tokenizer=tokenizer), calibration=texts)
+    ids = example_tokens(model)
+    assert torch.equal(_logits(model, ids), _logits(other, ids))
+
+
+def test_gptqmodel_dynamic_per_module_bits_and_exclusions(tmp_path):
+    cfg = qplug.config_from_dict({"quant_method": "gptq", "bits": 4, "group_size": 64,
+                                  "dynamic": {"-:.*\\.o_proj$": {}, "+:.*down_proj": {"bits": 8}}})
+    model = tiny_llama(seed=0)
+    ids = example_tokens(model)
+    qplug.quantize(model, cfg, calibration=_cal(model))
+    assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
+    assert model.model.layers[0].mlp.down_proj.bits == 8 and model.model.layers[0].mlp.up_proj.bits == 4
+    expected = _logits(model, ids)
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    assert torch.equal(_logits(qplug.load_quantized(tmp_path / "ckpt"), ids), expected)
+
+
+def test_bfloat16_model():
+    model = tiny_llama(seed=0, dtype=torch.bfloat16)
+    ids = example_tokens(model)
+    expected = _logits(model, ids)
+    qplug.quantize(model, GPTQConfig(bits=8, group_size=64), calibration=_cal(model))
+    assert model.model.layers[0].mlp.up_proj.weight_dtype == torch.bfloat16
+    assert relative_error(_logits(model, ids), expected) < 0.05
+
+
+def test_unpackable_shapes_name_the_module_and_can_be_skipped():
+    model = tiny_llama(seed=0, intermediate_size=200)  # 200 is not a multiple of 32 (3-bit runs)
+    with pytest.raises(qplug.IncompatibleModelError, match=r"model\.layers\.0\.mlp\.gate_proj.*out_features=200"):
+        qplug.quantize(model, GPTQConfig(bits=3, group_size=64), calibration=_cal(model))
+    model = tiny_llama(seed=0, intermediate_size=200)
+    qplug.quantize(model, GPTQConfig(bits=3, group_size=64), calibration=_cal(model), skip=["mlp"])
+    assert isinstance(model.model.layers[0].self_attn.q_proj, GPTQLinear)
+
+
+def test_calibration_is_required_and_never_downloaded():
+    model = tiny_llama(seed=0)
+    with pytest.raises(qplug.QuantConfigError, match="calibration"):
+        qplug.quantize(model, GPTQConfig())
+    with pytest.raises(qplug.QuantConfigError, match="dataset.*hub"):
+        qplug.quantize(model, GPTQConfig(dataset="c4"))
+    assert all(type(m) is not GPTQLinear for m in model.modules())
+
+
+def test_kernel_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("QPLUG_GPTQ_KERNEL", "cutlass")
+    model = tiny_llama(seed=0)
+    with pytest.raises(qplug.QuantConfigError, match="QPLUG_GPTQ_KERNEL.*auto, torch, auto-gptq"):
+        qplug.quantize(model, GPTQConfig(), calibration=_cal(model))
+
+
+def test_forcing_the_autogptq_kernel(monkeypatch):
+    """With auto-gptq: its modules are used. Without: the error says what to install."""
+    from qplug_gptq import autogptq
+
+    monkeypatch.setenv("QPLUG_GPTQ_KERNEL", "auto-gptq")
+    model = tiny_llama(seed=0, dtype=torch.float16)
+    if autogptq.available():
+        qplug.quantize(model, GPTQConfig(group_size=64), calibration=_cal(model))
+        assert autogptq.is_autogptq_module(model.model.layers[0].mlp.up_proj)
+    else:
+        with pytest.raises(qplug.BackendUnavailableError, match="pip install auto-gptq==0.7.1"):
+            qplug.quantize(model, GPTQConfig(group_size=64), calibration=_cal(model))
+
+
+def test_dequantize_restores_plain_linear_in_the_model_dtype():
+    model = tiny_llama(seed=0)
+    ids = example_tokens(model)
+    qplug.quantize(model, GPTQConfig(bits=4, group_size=64, desc_act=True), calibration=_cal(model))
+    before = _logits(model, ids)
+    qplug.dequantize(model)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 15 and all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in linears)
+    assert relative_error(_logits(model, ids), before) < 1e-3
