@@ -261,6 +261,7 @@ def backend_rows() -> list[dict[str, Any]]:
             "version": e.plugin.version,
             "status": status,
             "libraries": b.library_versions(),
+            "optional_libraries": sorted({_requirement_name(r) for r in b.optional}),
             "devices": list(b.devices),
             "presets": {name: dict(settings) for name, settings in b.presets.items()},
         })
@@ -270,15 +271,24 @@ def backend_rows() -> list[dict[str, Any]]:
                 "name": p.name, "aliases": [], "description": "", "plugin": p.name,
                 "distribution": p.distribution, "version": p.version,
                 "status": "blocked" if p.status == "blocked" else f"failed to load: {p.error}",
-                "libraries": {}, "devices": [], "presets": {},
+                "libraries": {}, "optional_libraries": [], "devices": [], "presets": {},
             })
     return rows
 
 
-def _name_cell(name: str, aliases: Sequence[str]):
+def _requirement_name(requirement: str) -> str:
+    from packaging.requirements import Requirement
+
+    return Requirement(requirement).name
+
+
+def _name_cell(name: str, aliases: Sequence[str], provider: str, devices: Sequence[str]):
     text = _text(name, "bold")
-    for alias in aliases:
-        text.append(f"\n alias {alias}", style="dim")
+    if aliases:
+        text.append(f"\n  alias {', '.join(aliases)}", style="dim")
+    text.append(f"\n  from {provider}", style="dim")
+    if devices:
+        text.append(f"\n  runs on {', '.join(devices)}", style="dim")
     return text
 
 
@@ -297,19 +307,22 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("backend", no_wrap=True)
-    table.add_column("provided by", no_wrap=True)
-    for column in ("status", "libraries", "devices", "presets"):
-        table.add_column(column, overflow="fold")
+    table.add_column("status", min_width=9)
+    table.add_column("libraries", no_wrap=True)
+    table.add_column("presets", overflow="fold")
     for row in rows:
         status = row["status"]
         style = "green" if status == "available" else ("yellow" if status.startswith(("unavailable", "blocked"))
                                                        else "red")
         provider = f"{row['distribution']} {row['version'] or ''}".strip() if row["distribution"] else row["plugin"]
-        libraries = ", ".join(f"{k} {v or '(missing)'}" for k, v in row["libraries"].items())
+        libraries = "\n".join(
+            f"{name} {version}" if version else
+            f"{name} ({'optional, ' if name in row['optional_libraries'] else ''}not installed)"
+            for name, version in row["libraries"].items()
+        )
         table.add_row(
-            _name_cell(row["name"], row["aliases"]), _text(provider),
-            _text(status, style),
-            _text(libraries), _text(", ".join(row["devices"])), _text(", ".join(row["presets"])),
+            _name_cell(row["name"], row["aliases"], provider, row["devices"]), _text(status, style),
+            _text(libraries), _text("\n".join(row["presets"])),
         )
     console.print(table)
     others = [p for p in get_plugin_manager().plugins() if p.status == "loaded" and not p.backends]
@@ -863,7 +876,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, show_footer=True)
-    table.add_column("module", footer=f"{len(rows)} modules")
+    longest = max((len(r["module"]) for r in rows), default=6)
+    table.add_column("module", footer=f"{len(rows)} modules", no_wrap=True, min_width=min(longest, 64))
     table.add_column("kind")
     table.add_column("shape", justify="right", footer=f"{total_params:,} params")
     bits_total = report["totals"]["bits_per_param"]

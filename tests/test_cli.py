@@ -143,11 +143,11 @@ def inspected(quantized, float_dir):
 def test_backends_table():
     proc = qplug("backends")
     assert proc.returncode == 0, proc.stderr
-    row = next(line for line in proc.stdout.splitlines() if line.startswith(BACKEND))
-    assert "qplug-int8 1.0.0" in row
-    assert "available" in row
-    assert "torch" in row and "cpu" in row
-    assert "int8w" in proc.stdout  # alias and preset
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["backend", "status", "libraries", "presets"]
+    at = next(i for i, line in enumerate(lines) if line.startswith(BACKEND))
+    assert lines[at].split()[1:] == ["available", "torch", metadata.version("torch"), "int8w"]
+    assert [line.strip() for line in lines[at + 1:at + 4]] == ["alias int8w", "from qplug-int8 1.0.0", "runs on cpu"]
     assert proc.stderr == ""
 
 
