@@ -132,19 +132,19 @@ def weight_files(directory: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def read_tensors(
-    directory: str | os.PathLike[str], device: str = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a checkpoint, and the tied-name map qplug recorded when saving it."""
-    from safetensors import safe_open
+def read_tensors(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a checkpoint, and the tied-name map qplug recorded when saving it.
+
+    Tensors are read with plain reads (no memory map), so resident memory is what they take.
+    """
+    from qplug.safetensors_io import SafetensorsFile
 
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     for path in weight_files(directory):
-        with safe_open(str(path), framework="pt", device=device) as fh:
-            meta = fh.metadata() or {}
-            if TIED_KEY in meta:
-                tied.update(json.loads(meta[TIED_KEY]))
+        with SafetensorsFile(path) as fh:
+            if TIED_KEY in fh.metadata:
+                tied.update(json.loads(fh.metadata[TIED_KEY]))
             for name in fh.keys():
                 tensors[name] = fh.get_tensor(name)
     return tensors, tied

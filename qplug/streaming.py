@@ -24,6 +24,7 @@ from torch import nn
 from qplug.checkpoint import weight_files
 from qplug.config import QuantConfig
 from qplug.errors import CheckpointError, PluginError
+from qplug.safetensors_io import SafetensorsFile
 
 __all__ = ["stream_quantize"]
 
@@ -32,11 +33,9 @@ class _TensorSource:
     """Name → tensor reads across the shards of a checkpoint, one tensor at a time."""
 
     def __init__(self, directory: Path, stack: contextlib.ExitStack) -> None:
-        from safetensors import safe_open
-
-        self._where: dict[str, Any] = {}
+        self._where: dict[str, SafetensorsFile] = {}
         for path in weight_files(directory):
-            handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            handle = stack.enter_context(SafetensorsFile(path))
             for name in handle.keys():
                 self._where[name] = handle
 
@@ -47,10 +46,9 @@ class _TensorSource:
         return name in self._where
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._where[name].get_tensor(name)
-        except KeyError:
-            raise CheckpointError(f"checkpoint lacks tensor {name!r}") from None
+        if name not in self._where:
+            raise CheckpointError(f"checkpoint lacks tensor {name!r}")
+        return self._where[name].get_tensor(name)
 
 
 def stream_quantize(
