@@ -71,13 +71,13 @@ def eval_ids(vocab: int, seed: int = 11) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
 
 
-def make_checkpoint(out: Path, *, bits: int, group_size: int, desc_act: bool, sym: bool, damp_percent: float = 0.1, seed: int = 0, static_groups: bool = False) -> Path:
+def make_checkpoint(out: Path, *, bits: int, group_size: int, desc_act: bool, sym: bool, damp_percent: float = 0.1, seed: int = 0, static_groups: bool = False, shape: dict | None = None) -> Path:
     """Quantize the seeded tiny Llama with auto-gptq and save it with auto-gptq (safetensors)."""
     from auto_gptq import BaseQuantizeConfig
     from auto_gptq.modeling.llama import LlamaGPTQForCausalLM
 
     cpu_shims()
-    model = seeded_llama(seed)
+    model = seeded_llama(seed, **(shape or {}))
     model.seqlen = model.config.max_position_embeddings  # what from_pretrained sets
     qcfg = BaseQuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent, static_groups=static_groups)
     # from_pretrained refuses without CUDA (and only loads from disk); the wrapper itself does not care.

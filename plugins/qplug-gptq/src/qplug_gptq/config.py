@@ -18,8 +18,10 @@ only matter when quantizing (a usable calibration dataset, its tokenizer) live i
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
@@ -27,7 +29,7 @@ import attrs
 from qplug.config import QuantConfig, instance_of, list_of, mapping, number_in, one_of, optional, to_float, to_list, to_lower
 from qplug.errors import QuantConfigError
 
-__all__ = ["GPTQConfig", "NAMED_DATASETS", "SUPPORTED_FORMATS"]
+__all__ = ["GPTQConfig", "NAMED_DATASETS", "SUPPORTED_FORMATS", "write_autogptq_quantize_config"]
 
 #: Calibration datasets transformers/optimum know by name (downloaded from the hub by them).
 NAMED_DATASETS = ("wikitext2", "c4", "c4-new")
@@ -203,6 +205,18 @@ class GPTQConfig(QuantConfig):
         out.pop("format", None)
         return out
 
+    def to_autogptq_dict(self, model_file_base_name: str = "model") -> dict[str, Any]:
+        """The ``quantize_config.json`` auto-gptq 0.7.1 reads (its fields only)."""
+        if self.checkpoint_format != "gptq":
+            raise QuantConfigError(field="checkpoint_format", value=self.checkpoint_format,
+                                   accepted="auto-gptq reads 'gptq' (v1) checkpoints only", config=type(self).__name__)
+        return {
+            "bits": self.bits, "group_size": self.group_size, "damp_percent": self.damp_percent,
+            "desc_act": self.desc_act, "static_groups": self.static_groups, "sym": self.sym,
+            "true_sequential": self.true_sequential, "model_name_or_path": self.extra_keys.get("model_name_or_path"),
+            "model_file_base_name": model_file_base_name, "is_marlin_format": False, "quant_method": "gptq",
+        }
+
     # -- per-module settings (GPTQModel's "dynamic", "lm_head") -------------------------------
     def module_settings(self, name: str) -> dict[str, Any] | None:
         """Settings for module ``name``: ``None`` if GPTQModel's ``dynamic`` excludes it
@@ -235,3 +249,19 @@ class GPTQConfig(QuantConfig):
 
 def _norm(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
+
+
+def write_autogptq_quantize_config(directory) -> Path:
+    """Add the ``quantize_config.json`` auto-gptq needs to a checkpoint qplug saved.
+
+    auto-gptq 0.7.1 loads a local directory only through that file (it never falls back to
+    ``config.json``), and looks for ``<model_file_base_name>.safetensors``: qplug writes
+    ``model.safetensors``. A later :func:`qplug.save_quantized` into the same directory keeps it.
+    """
+    from qplug.config import read_quantization_config
+
+    directory = Path(directory)
+    cfg = GPTQConfig.from_dict(read_quantization_config(directory / "config.json"))
+    path = directory / "quantize_config.json"
+    path.write_text(json.dumps(cfg.to_autogptq_dict(), indent=2) + "\n", encoding="utf-8")
+    return path
