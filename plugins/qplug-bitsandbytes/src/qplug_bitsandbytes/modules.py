@@ -177,8 +177,9 @@ class Linear4bit(bnb.nn.Linear4bit):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        repacked = _is_cpu_packed(getattr(self.weight, "quant_state", None))
         data, state = self.canonical_weight()
-        if data is not self.weight.data:
+        if repacked:  # the parameter holds the CPU layout; export the canonical bytes instead
             destination[prefix + "weight"] = data
         if state is not None:
             for key, value in state.as_dict(packed=True).items():
