@@ -71,7 +71,18 @@ def eval_ids(vocab: int, seed: int = 11) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
 
 
-def make_checkpoint(out: Path, *, bits: int, group_size: int, desc_act: bool, sym: bool, damp_percent: float = 0.1, seed: int = 0, static_groups: bool = False, shape: dict | None = None) -> Path:
+def make_checkpoint(
+    out: Path,
+    *,
+    bits: int,
+    group_size: int,
+    desc_act: bool,
+    sym: bool,
+    damp_percent: float = 0.1,
+    seed: int = 0,
+    static_groups: bool = False,
+    shape: dict | None = None,
+) -> Path:
     """Quantize the seeded tiny Llama with auto-gptq and save it with auto-gptq (safetensors)."""
     from auto_gptq import BaseQuantizeConfig
     from auto_gptq.modeling.llama import LlamaGPTQForCausalLM
@@ -79,11 +90,20 @@ def make_checkpoint(out: Path, *, bits: int, group_size: int, desc_act: bool, sy
     cpu_shims()
     model = seeded_llama(seed, **(shape or {}))
     model.seqlen = model.config.max_position_embeddings  # what from_pretrained sets
-    qcfg = BaseQuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent, static_groups=static_groups)
+    qcfg = BaseQuantizeConfig(
+        bits=bits,
+        group_size=group_size,
+        desc_act=desc_act,
+        sym=sym,
+        damp_percent=damp_percent,
+        static_groups=static_groups,
+    )
     # from_pretrained refuses without CUDA (and only loads from disk); the wrapper itself does not care.
     agm = LlamaGPTQForCausalLM(model, False, qcfg)
     ids = calibration_ids(model.config.vocab_size)
-    agm.quantize([{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones(1, r.numel(), dtype=torch.long)} for r in ids])
+    agm.quantize(
+        [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones(1, r.numel(), dtype=torch.long)} for r in ids]
+    )
     out.mkdir(parents=True, exist_ok=True)
     agm.save_quantized(str(out), use_safetensors=True)
     return out
@@ -94,8 +114,15 @@ def autogptq_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
     from auto_gptq import AutoGPTQForCausalLM
 
     cpu_shims()
-    agm = AutoGPTQForCausalLM.from_quantized(str(directory), device="cpu", use_safetensors=True, use_triton=False,
-                                             disable_exllama=True, disable_exllamav2=True, torch_dtype=torch.float16)
+    agm = AutoGPTQForCausalLM.from_quantized(
+        str(directory),
+        device="cpu",
+        use_safetensors=True,
+        use_triton=False,
+        disable_exllama=True,
+        disable_exllamav2=True,
+        torch_dtype=torch.float16,
+    )
     with torch.no_grad():
         return agm.model(ids).logits.float()
 
@@ -113,12 +140,20 @@ def write_fixtures() -> None:
         import auto_gptq
         import transformers
 
-        (FIXTURES / f"{name}.provenance.json").write_text(json.dumps({
-            "made_by": f"auto-gptq {auto_gptq.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
-            "script": "plugins/qplug-gptq/tests/autogptq_ref.py",
-            "quantize_config": kw,
-            "reference_logits": "auto-gptq's own QuantLinear modules (PyTorch path), float16 activations, logits as float32",
-        }, indent=2) + "\n")
+        (FIXTURES / f"{name}.provenance.json").write_text(
+            json.dumps(
+                {
+                    "made_by": f"auto-gptq {auto_gptq.__version__}, transformers {transformers.__version__}, "
+                    f"torch {torch.__version__}",
+                    "script": "plugins/qplug-gptq/tests/autogptq_ref.py",
+                    "quantize_config": kw,
+                    "reference_logits": "auto-gptq's own QuantLinear modules (PyTorch path), "
+                    "float16 activations, logits as float32",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(name, sorted(p.name for p in d.iterdir()), sum(p.stat().st_size for p in d.iterdir()), "bytes")
 
 

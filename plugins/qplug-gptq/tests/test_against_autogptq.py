@@ -6,21 +6,20 @@ auto-gptq needs two CPU shims (see ``autogptq_ref.py``): its ``quantize`` calls
 when no GPU exists. Its arithmetic is untouched.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from qplug_gptq import GPTQConfig, packing
+from qplug_gptq.algorithm import LayerGPTQ
+from qplug_gptq.config import write_autogptq_quantize_config
+from qplug_gptq.linear import GPTQLinear
 from torch import nn
 
 import qplug
 from qplug.testing import relative_error
-from qplug_gptq import GPTQConfig, packing
-from qplug_gptq.config import write_autogptq_quantize_config
-from qplug_gptq.algorithm import LayerGPTQ
-from qplug_gptq.linear import GPTQLinear
 
 pytestmark = pytest.mark.autogptq
 
@@ -68,15 +67,21 @@ def test_same_layer_same_calibration_gives_the_same_packed_tensors(bits, group_s
     ref.quantizer.configure(bits, perchannel=True, sym=sym, mse=False)
     for x in xs:
         ref.add_batch(x, None)
-    scale, zero, g_idx = ref.fasterquant(blocksize=128, percdamp=0.1, group_size=group_size, actorder=desc_act, static_groups=static_groups)
+    scale, zero, g_idx = ref.fasterquant(
+        blocksize=128, percdamp=0.1, group_size=group_size, actorder=desc_act, static_groups=static_groups
+    )
     packed = QuantLinear(bits, group_size, inf, outf, bias=True, weight_dtype=torch.float16)
     packed.pack(lin, scale, zero, g_idx)
 
     ours = LayerGPTQ(w0, "layer")
     for x in xs:
         ours.add_batch(x)
-    res = ours.quantize(bits=bits, group_size=group_size, damp_percent=0.1, desc_act=desc_act, static_groups=static_groups, sym=sym)
-    mine = GPTQLinear.from_integers(res.intweight, res.zeros, res.scales.half(), res.g_idx, bits=bits, group_size=group_size, bias=lin.bias, sym=sym)
+    res = ours.quantize(
+        bits=bits, group_size=group_size, damp_percent=0.1, desc_act=desc_act, static_groups=static_groups, sym=sym
+    )
+    mine = GPTQLinear.from_integers(
+        res.intweight, res.zeros, res.scales.half(), res.g_idx, bits=bits, group_size=group_size, bias=lin.bias, sym=sym
+    )
 
     for name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
         assert torch.equal(getattr(mine, name), getattr(packed, name)), name
@@ -98,7 +103,9 @@ def test_autogptq_modules_and_ours_compute_the_same(bits, desc_act):
     # identity input, no bias: auto-gptq's output is its dequantized weight, exactly
     plain = GPTQLinear.from_integers(q, z, s, g_idx, bits=bits, group_size=gs, sym=False)
     eye = torch.eye(inf, dtype=torch.float16)
-    assert torch.equal(autogptq.from_gptq_linear(plain, desc_act=desc_act)(eye), plain.dequantize_weight(torch.float16).t())
+    assert torch.equal(
+        autogptq.from_gptq_linear(plain, desc_act=desc_act)(eye), plain.dequantize_weight(torch.float16).t()
+    )
     mine = GPTQLinear.from_integers(q, z, s, g_idx, bits=bits, group_size=gs, bias=bias, sym=False)
     theirs = autogptq.from_gptq_linear(mine, desc_act=desc_act)
     assert autogptq.is_autogptq_module(theirs)
@@ -144,9 +151,8 @@ MODEL_TOLERANCE = 5e-3
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
 def test_autogptq_checkpoint_loads_in_qplug_with_the_same_logits(case, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     from autogptq_ref import eval_ids, make_checkpoint
+    from safetensors.torch import load_file, save_file
 
     ckpt = make_checkpoint(tmp_path / "ckpt", **MODEL_CASES[case], **{"shape": MODEL_SHAPE})
     ids_file = tmp_path / "ids.safetensors"
@@ -160,9 +166,8 @@ def test_autogptq_checkpoint_loads_in_qplug_with_the_same_logits(case, tmp_path)
 
 @pytest.mark.parametrize("case", ["4bit-actorder", "4bit-asym"])
 def test_qplug_checkpoint_loads_in_autogptq_with_the_same_outputs(case, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     from autogptq_ref import calibration_ids, eval_ids, seeded_llama
+    from safetensors.torch import load_file, save_file
 
     model = seeded_llama(seed=0, **MODEL_SHAPE)
     settings = MODEL_CASES[case]
@@ -173,16 +178,19 @@ def test_qplug_checkpoint_loads_in_autogptq_with_the_same_outputs(case, tmp_path
     with torch.no_grad():
         ours = model(ids).logits.float()
     save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
-    _run_fresh(AUTOGPTQ_LOGITS.format(ids=str(tmp_path / "ids.safetensors"), ckpt=str(tmp_path / "ckpt"), out=str(tmp_path / "theirs.safetensors")))
+    _run_fresh(
+        AUTOGPTQ_LOGITS.format(
+            ids=str(tmp_path / "ids.safetensors"), ckpt=str(tmp_path / "ckpt"), out=str(tmp_path / "theirs.safetensors")
+        )
+    )
     theirs = load_file(str(tmp_path / "theirs.safetensors"))["logits"]
     assert relative_error(ours, theirs) < MODEL_TOLERANCE
 
 
 def test_whole_model_quantization_matches_autogptq(tmp_path):
     """Same model, same calibration, true-sequential over decoder blocks: same packed tensors."""
-    from safetensors.torch import load_file
-
     from autogptq_ref import calibration_ids, make_checkpoint, seeded_llama
+    from safetensors.torch import load_file
 
     settings = {"bits": 4, "group_size": 64, "desc_act": True, "sym": True}
     ckpt = make_checkpoint(tmp_path / "ref", **settings, shape=MODEL_SHAPE)

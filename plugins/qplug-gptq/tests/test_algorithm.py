@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from qplug_gptq.algorithm import LayerGPTQ, find_params, prepare_calibration, quantize_column
 
 
@@ -19,7 +18,9 @@ def _rtn(w, bits, gs):
     q = torch.empty_like(w)
     for c in range(0, w.shape[1], gs):
         s, z = find_params(w[:, c : c + gs], bits, True)
-        q[:, c : c + gs] = s[:, None] * (quantize_column(w[:, c : c + gs], s[:, None], z[:, None], 2**bits - 1) - z[:, None])
+        q[:, c : c + gs] = s[:, None] * (
+            quantize_column(w[:, c : c + gs], s[:, None], z[:, None], 2**bits - 1) - z[:, None]
+        )
     return q
 
 
@@ -82,9 +83,9 @@ def test_dead_input_channels_get_zero_weight():
 
 
 def test_errors_name_the_layer():
-    w, x = _layer_and_inputs()
+    w, _ = _layer_and_inputs()
     layer = LayerGPTQ(w, "model.layers.0.mlp.up_proj")
-    with pytest.raises(RuntimeError, match="model.layers.0.mlp.up_proj: no calibration data"):
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.mlp\.up_proj: no calibration data"):
         layer.quantize()
     with pytest.raises(ValueError, match="up_proj: calibration input has 7 features"):
         layer.add_batch(torch.randn(1, 3, 7))
@@ -92,7 +93,11 @@ def test_errors_name_the_layer():
 
 def test_prepare_calibration_accepts_tensors_lists_dicts_and_batches():
     ids = torch.arange(12).reshape(3, 4)
-    assert [b["input_ids"].tolist() for b in prepare_calibration(ids)] == [[[0, 1, 2, 3]], [[4, 5, 6, 7]], [[8, 9, 10, 11]]]
+    assert [b["input_ids"].tolist() for b in prepare_calibration(ids)] == [
+        [[0, 1, 2, 3]],
+        [[4, 5, 6, 7]],
+        [[8, 9, 10, 11]],
+    ]
     mixed = prepare_calibration([[1, 2, 3], {"input_ids": [4, 5], "attention_mask": [1, 0]}], max_length=2)
     assert mixed[0]["input_ids"].tolist() == [[1, 2]] and mixed[1]["attention_mask"].tolist() == [[1, 0]]
     batched = prepare_calibration([[1, 2, 3], [4]], batch_size=2, pad_token_id=9)

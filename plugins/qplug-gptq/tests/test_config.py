@@ -5,11 +5,10 @@ import json
 import attrs
 import pytest
 import transformers
-
-import qplug
+from conftest import FIXTURES
 from qplug_gptq import GPTQConfig
 
-from conftest import FIXTURES
+import qplug
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -20,32 +19,88 @@ DERIVED_BY_TRANSFORMERS = {"use_exllama", "exllama_config", "backend", "act_grou
 
 # Real configs, as the tools wrote them (trimmed of nothing).
 AUTOGPTQ_QUANTIZE_CONFIG_OLD = {
-    "bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": False, "sym": True,
-    "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model",
+    "bits": 4,
+    "group_size": 128,
+    "damp_percent": 0.01,
+    "desc_act": False,
+    "sym": True,
+    "true_sequential": True,
+    "model_name_or_path": None,
+    "model_file_base_name": "model",
 }
 OPTIMUM = {
-    "bits": 4, "dataset": "c4", "group_size": 128, "damp_percent": 0.1, "desc_act": False, "sym": True,
-    "true_sequential": True, "use_cuda_fp16": False, "model_seqlen": 2048, "block_name_to_quantize": "model.layers",
-    "module_name_preceding_first_block": ["model.embed_tokens"], "batch_size": 1, "pad_token_id": None,
-    "disable_exllama": True, "max_input_length": None, "quant_method": "gptq",
+    "bits": 4,
+    "dataset": "c4",
+    "group_size": 128,
+    "damp_percent": 0.1,
+    "desc_act": False,
+    "sym": True,
+    "true_sequential": True,
+    "use_cuda_fp16": False,
+    "model_seqlen": 2048,
+    "block_name_to_quantize": "model.layers",
+    "module_name_preceding_first_block": ["model.embed_tokens"],
+    "batch_size": 1,
+    "pad_token_id": None,
+    "disable_exllama": True,
+    "max_input_length": None,
+    "quant_method": "gptq",
 }
 THEBLOKE_V4 = {
-    "bits": 4, "group_size": 128, "damp_percent": 0.1, "desc_act": True, "sym": True, "true_sequential": True,
-    "model_name_or_path": None, "model_file_base_name": "model", "quant_method": "gptq", "dataset": "alpaca-zh,alpaca-en",
+    "bits": 4,
+    "group_size": 128,
+    "damp_percent": 0.1,
+    "desc_act": True,
+    "sym": True,
+    "true_sequential": True,
+    "model_name_or_path": None,
+    "model_file_base_name": "model",
+    "quant_method": "gptq",
+    "dataset": "alpaca-zh,alpaca-en",
 }
 GPTQMODEL = {
-    "bits": 4, "dynamic": {"-:model\\.layers\\.0\\.mlp\\..*": {}, "+:.*down_proj": {"bits": 8, "group_size": 32}},
-    "group_size": 128, "desc_act": True, "sym": True, "lm_head": False, "quant_method": "gptq",
-    "checkpoint_format": "gptq", "pack_dtype": "int32",
-    "meta": {"quantizer": ["gptqmodel:2.2.0"], "uri": "https://github.com/modelcloud/gptqmodel", "damp_percent": 0.05,
-             "damp_auto_increment": 0.01, "static_groups": False, "true_sequential": True, "mse": 0.0},
+    "bits": 4,
+    "dynamic": {"-:model\\.layers\\.0\\.mlp\\..*": {}, "+:.*down_proj": {"bits": 8, "group_size": 32}},
+    "group_size": 128,
+    "desc_act": True,
+    "sym": True,
+    "lm_head": False,
+    "quant_method": "gptq",
+    "checkpoint_format": "gptq",
+    "pack_dtype": "int32",
+    "meta": {
+        "quantizer": ["gptqmodel:2.2.0"],
+        "uri": "https://github.com/modelcloud/gptqmodel",
+        "damp_percent": 0.05,
+        "damp_auto_increment": 0.01,
+        "static_groups": False,
+        "true_sequential": True,
+        "mse": 0.0,
+    },
 }
 TRANSFORMERS_V5 = {
-    "bits": 4, "tokenizer": None, "dataset": None, "group_size": 128, "damp_percent": 0.1, "desc_act": False,
-    "act_group_aware": True, "sym": True, "true_sequential": True, "format": "gptq_v2", "checkpoint_format": "gptq_v2",
-    "meta": None, "backend": "auto", "model_seqlen": None, "block_name_to_quantize": None,
-    "module_name_preceding_first_block": None, "batch_size": 1, "pad_token_id": None, "max_input_length": None,
-    "cache_block_outputs": True, "modules_in_block_to_quantize": None, "quant_method": "gptq",
+    "bits": 4,
+    "tokenizer": None,
+    "dataset": None,
+    "group_size": 128,
+    "damp_percent": 0.1,
+    "desc_act": False,
+    "act_group_aware": True,
+    "sym": True,
+    "true_sequential": True,
+    "format": "gptq_v2",
+    "checkpoint_format": "gptq_v2",
+    "meta": None,
+    "backend": "auto",
+    "model_seqlen": None,
+    "block_name_to_quantize": None,
+    "module_name_preceding_first_block": None,
+    "batch_size": 1,
+    "pad_token_id": None,
+    "max_input_length": None,
+    "cache_block_outputs": True,
+    "modules_in_block_to_quantize": None,
+    "quant_method": "gptq",
 }
 
 
@@ -53,9 +108,25 @@ def test_defaults_and_field_names_follow_transformers():
     hf = transformers.GPTQConfig(bits=4).to_dict()
     ours = GPTQConfig().to_dict()
     shared = set(hf) & set(ours)
-    assert {"bits", "group_size", "damp_percent", "desc_act", "sym", "true_sequential", "dataset", "tokenizer",
-            "model_seqlen", "block_name_to_quantize", "batch_size", "pad_token_id", "max_input_length",
-            "cache_block_outputs", "modules_in_block_to_quantize", "checkpoint_format", "meta"} <= shared
+    assert {
+        "bits",
+        "group_size",
+        "damp_percent",
+        "desc_act",
+        "sym",
+        "true_sequential",
+        "dataset",
+        "tokenizer",
+        "model_seqlen",
+        "block_name_to_quantize",
+        "batch_size",
+        "pad_token_id",
+        "max_input_length",
+        "cache_block_outputs",
+        "modules_in_block_to_quantize",
+        "checkpoint_format",
+        "meta",
+    } <= shared
     for key in shared - DERIVED_BY_TRANSFORMERS:
         assert ours[key] == hf[key], key
     assert set(hf) - set(ours) <= DERIVED_BY_TRANSFORMERS | {"format", "use_cuda_fp16"}
@@ -111,7 +182,12 @@ def test_gptqmodel_dynamic_lm_head_and_meta():
     assert cfg.meta["quantizer"] == ["gptqmodel:2.2.0"]
     assert cfg.to_dict()["pack_dtype"] == "int32" and cfg.to_dict()["dynamic"] == GPTQMODEL["dynamic"]
     assert cfg.module_settings("model.layers.0.mlp.up_proj") is None
-    assert cfg.module_settings("model.layers.1.mlp.down_proj") == {"bits": 8, "group_size": 32, "sym": True, "desc_act": True}
+    assert cfg.module_settings("model.layers.1.mlp.down_proj") == {
+        "bits": 8,
+        "group_size": 32,
+        "sym": True,
+        "desc_act": True,
+    }
     assert cfg.module_settings("model.layers.1.self_attn.q_proj")["bits"] == 4
     assert not cfg.quantizes_lm_head
 
@@ -122,7 +198,9 @@ def test_transformers_v5_format_keys():
     out = cfg.to_dict()
     assert out["format"] == out["checkpoint_format"] == "gptq_v2"
     assert out["act_group_aware"] is True  # kept, written back
-    assert qplug.config_from_dict({"quant_method": "gptq", "bits": 4, "format": "GPTQ_V2"}).checkpoint_format == "gptq_v2"
+    assert (
+        qplug.config_from_dict({"quant_method": "gptq", "bits": 4, "format": "GPTQ_V2"}).checkpoint_format == "gptq_v2"
+    )
     with pytest.raises(qplug.QuantConfigError, match="checkpoint_format"):
         qplug.config_from_dict({"quant_method": "gptq", "format": "gptq", "checkpoint_format": "gptq_v2"})
 
@@ -130,7 +208,7 @@ def test_transformers_v5_format_keys():
 def test_marlin_configs_load_but_are_refused_for_loading_tensors():
     cfg = qplug.config_from_dict({**AUTOGPTQ_QUANTIZE_CONFIG_OLD, "is_marlin_format": True})
     assert cfg.checkpoint_format == "marlin"
-    with pytest.raises(qplug.QuantConfigError, match="checkpoint_format.*'gptq', 'gptq_v2'"):
+    with pytest.raises(qplug.QuantConfigError, match=r"checkpoint_format.*'gptq', 'gptq_v2'"):
         cfg.check_loadable()
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from qplug_gptq import GPTQConfig
 
 from qplug.testing import BackendContractTests
-from qplug_gptq import GPTQConfig
 
 
 class _GPTQContract(BackendContractTests):

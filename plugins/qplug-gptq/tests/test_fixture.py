@@ -9,13 +9,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import FIXTURES
+from qplug_gptq.linear import GPTQLinear
 from safetensors.torch import load_file
 
 import qplug
 from qplug.testing import relative_error
-from qplug_gptq.linear import GPTQLinear
-
-from conftest import FIXTURES
 
 NAMES = ["llama-4bit-g32-actorder", "llama-3bit-g32-asym"]
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from qplug_gptq import packing
+from qplug_gptq.linear import GPTQLinear
 from torch import nn
 from torch.nn import functional as F
 
 import qplug
-from qplug_gptq import packing
-from qplug_gptq.linear import GPTQLinear
 
 
 def _random_layer(bits=4, inf=64, outf=32, gs=16, bias=True, fmt="gptq", seed=0, act_order=False):
@@ -19,7 +19,9 @@ def _random_layer(bits=4, inf=64, outf=32, gs=16, bias=True, fmt="gptq", seed=0,
     if act_order:
         g_idx = g_idx[torch.randperm(inf, generator=g)]
     b = torch.randn(outf, generator=g) if bias else None
-    return GPTQLinear.from_integers(q, z, s, g_idx, bits=bits, group_size=gs, bias=b, checkpoint_format=fmt, sym=False), (q, z, s, g_idx, b)
+    return GPTQLinear.from_integers(
+        q, z, s, g_idx, bits=bits, group_size=gs, bias=b, checkpoint_format=fmt, sym=False
+    ), (q, z, s, g_idx, b)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -85,7 +87,15 @@ def test_wrong_shape_names_tensor_and_module():
 def test_mislabelled_zero_convention_is_refused(labelled, written):
     q = torch.randint(0, 16, (64, 32))
     zeros = torch.full((4, 32), 8)  # symmetric 4-bit zero point
-    src = GPTQLinear.from_integers(q, zeros, torch.ones(4, 32).half(), packing.default_g_idx(64, 16), bits=4, group_size=16, checkpoint_format=written)
+    src = GPTQLinear.from_integers(
+        q,
+        zeros,
+        torch.ones(4, 32).half(),
+        packing.default_g_idx(64, 16),
+        bits=4,
+        group_size=16,
+        checkpoint_format=written,
+    )
     dst = GPTQLinear(64, 32, bits=4, group_size=16, bias=False, checkpoint_format=labelled, sym=True)
     with pytest.raises(qplug.CheckpointError, match=f"checkpoint_format={labelled!r}"):
         dst.load_state_dict(src.state_dict())

@@ -4,7 +4,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qplug_gptq import packing
 
 
@@ -35,7 +34,13 @@ def test_3bit_values_straddle_word_boundaries():
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), runs=st.integers(1, 4), cols=st.integers(1, 5), dim=st.sampled_from([0, 1]), seed=st.integers(0, 2**16))
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    runs=st.integers(1, 4),
+    cols=st.integers(1, 5),
+    dim=st.sampled_from([0, 1]),
+    seed=st.integers(0, 2**16),
+)
 def test_pack_unpack_round_trip(bits, runs, cols, dim, seed):
     n = runs * packing.run_length(bits)
     g = torch.Generator().manual_seed(seed)

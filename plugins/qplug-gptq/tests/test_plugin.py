@@ -7,12 +7,12 @@ from importlib import metadata
 
 import pytest
 import torch
+from qplug_gptq import GPTQConfig, packing
+from qplug_gptq.linear import GPTQLinear
 from torch import nn
 
 import qplug
 from qplug.testing import example_tokens, relative_error, tiny_llama
-from qplug_gptq import GPTQConfig, packing
-from qplug_gptq.linear import GPTQLinear
 
 
 def _cal(model, n=4, length=32):
@@ -32,7 +32,8 @@ def test_entry_point_and_registration():
 
 
 def test_plugin_module_imports_neither_torch_nor_autogptq():
-    code = "import sys, qplug_gptq.plugin; print(sorted(m for m in ('torch', 'auto_gptq', 'transformers') if m in sys.modules))"
+    heavy = "('torch', 'auto_gptq', 'transformers')"
+    code = f"import sys, qplug_gptq.plugin; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -47,7 +48,9 @@ def test_true_sequential_groups_follow_the_block():
     h.remove()
     block = model.model.layers[0]
     names = [f"model.layers.0.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    groups = _sequential_groups(block, names, "model.layers.0", lambda limit=None: [block(*a, **k) for a, k in captured[:limit]])
+    groups = _sequential_groups(
+        block, names, "model.layers.0", lambda limit=None: [block(*a, **k) for a, k in captured[:limit]]
+    )
     short = [sorted(n.rsplit(".", 1)[-1] for n in g) for g in groups]
     assert short == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
@@ -87,8 +90,14 @@ def test_calibration_texts_with_a_tokenizer():
 
 
 def test_gptqmodel_dynamic_per_module_bits_and_exclusions(tmp_path):
-    cfg = qplug.config_from_dict({"quant_method": "gptq", "bits": 4, "group_size": 64,
-                                  "dynamic": {"-:.*\\.o_proj$": {}, "+:.*down_proj": {"bits": 8}}})
+    cfg = qplug.config_from_dict(
+        {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": 64,
+            "dynamic": {"-:.*\\.o_proj$": {}, "+:.*down_proj": {"bits": 8}},
+        }
+    )
     model = tiny_llama(seed=0)
     ids = example_tokens(model)
     qplug.quantize(model, cfg, calibration=_cal(model))
@@ -121,7 +130,7 @@ def test_calibration_is_required_and_never_downloaded():
     model = tiny_llama(seed=0)
     with pytest.raises(qplug.QuantConfigError, match="calibration"):
         qplug.quantize(model, GPTQConfig())
-    with pytest.raises(qplug.QuantConfigError, match="dataset.*hub"):
+    with pytest.raises(qplug.QuantConfigError, match=r"dataset.*hub"):
         qplug.quantize(model, GPTQConfig(dataset="c4"))
     assert all(type(m) is not GPTQLinear for m in model.modules())
 
@@ -129,7 +138,7 @@ def test_calibration_is_required_and_never_downloaded():
 def test_kernel_variable_is_checked(monkeypatch):
     monkeypatch.setenv("QPLUG_GPTQ_KERNEL", "cutlass")
     model = tiny_llama(seed=0)
-    with pytest.raises(qplug.QuantConfigError, match="QPLUG_GPTQ_KERNEL.*auto, torch, auto-gptq"):
+    with pytest.raises(qplug.QuantConfigError, match=r"QPLUG_GPTQ_KERNEL.*auto, torch, auto-gptq"):
         qplug.quantize(model, GPTQConfig(), calibration=_cal(model))
 
 
@@ -143,7 +152,7 @@ def test_forcing_the_autogptq_kernel(monkeypatch):
         qplug.quantize(model, GPTQConfig(group_size=64), calibration=_cal(model))
         assert autogptq.is_autogptq_module(model.model.layers[0].mlp.up_proj)
     else:
-        with pytest.raises(qplug.BackendUnavailableError, match="pip install auto-gptq==0.7.1"):
+        with pytest.raises(qplug.BackendUnavailableError, match=r"pip install auto-gptq==0\.7\.1"):
             qplug.quantize(model, GPTQConfig(group_size=64), calibration=_cal(model))
 
 

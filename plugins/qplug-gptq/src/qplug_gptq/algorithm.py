@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -214,7 +215,9 @@ class _StopForward(Exception):
     pass
 
 
-def find_blocks(model: nn.Module, module_names: Sequence[str], block_name: str | Sequence[str] | None = None) -> tuple[str, nn.ModuleList] | None:
+def find_blocks(
+    model: nn.Module, module_names: Sequence[str], block_name: str | Sequence[str] | None = None
+) -> tuple[str, nn.ModuleList] | None:
     """The ``nn.ModuleList`` of decoder blocks: ``block_name`` if given, else the list
     holding most of ``module_names``."""
     if block_name:
@@ -236,7 +239,13 @@ def find_blocks(model: nn.Module, module_names: Sequence[str], block_name: str |
     return None if best is None else (best[1], best[2])
 
 
-def prepare_calibration(calibration: Any, tokenizer: Any = None, max_length: int | None = None, batch_size: int = 1, pad_token_id: int | None = None) -> list[dict[str, torch.Tensor]]:
+def prepare_calibration(
+    calibration: Any,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    batch_size: int = 1,
+    pad_token_id: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
     """Normalise calibration data to a list of ``{"input_ids", "attention_mask"}`` batches.
 
     Accepted: a 2-D LongTensor ``[n, seq]``; a list of 1-D/2-D token tensors or int lists;
@@ -295,7 +304,7 @@ def prepare_calibration(calibration: Any, tokenizer: Any = None, max_length: int
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     """The captured call of a block with its hidden-states input replaced."""
     if args:
-        return (hidden,) + tuple(args[1:]), kwargs
+        return (hidden, *args[1:]), kwargs
     if "hidden_states" in kwargs:
         return args, {**kwargs, "hidden_states": hidden}
     raise RuntimeError("GPTQ: cannot find the hidden-states argument of the decoder block call")
@@ -373,7 +382,14 @@ def quantize_model(
     wanted = set(module_names)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     results: dict[str, QuantizedWeight] = {}
-    kw = dict(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act, static_groups=static_groups, sym=sym)
+    kw = dict(
+        bits=bits,
+        group_size=group_size,
+        damp_percent=damp_percent,
+        desc_act=desc_act,
+        static_groups=static_groups,
+        sym=sym,
+    )
 
     def quantize_group(names: list[str], run) -> None:
         states = {n: LayerGPTQ(model.get_submodule(n).weight.data, n) for n in names}
@@ -423,8 +439,8 @@ def quantize_model(
             bprefix = f"{prefix}.{b}"
             names = [n for n in module_names if n.startswith(bprefix + ".")]
 
-            def run_block(limit: int | None = None, _block=block) -> list:
-                return [_first(_block(*a, **k)) for a, k in captured[:limit]]
+            def run_block(limit: int | None = None, _block=block, _calls=captured) -> list:
+                return [_first(_block(*a, **k)) for a, k in _calls[:limit]]
 
             if names:
                 if modules_in_block:
@@ -437,13 +453,16 @@ def quantize_model(
                 for g in groups:
                     quantize_group(g, run_block)
             outs = run_block()
-            captured = [_with_hidden(a, k, o) for (a, k), o in zip(captured, outs)]
+            captured = [_with_hidden(a, k, o) for (a, k), o in zip(captured, outs, strict=True)]
         rest = [n for n in module_names if not n.startswith(prefix + ".")]
     else:
         rest = module_names
     if rest:
         if found is not None:
-            warnings.warn(f"GPTQ: quantizing {len(rest)} module(s) outside {found[0]} with a full forward pass: {rest[:5]}", stacklevel=2)
+            warnings.warn(
+                f"GPTQ: quantizing {len(rest)} module(s) outside {found[0]} with a full forward pass: {rest[:5]}",
+                stacklevel=2,
+            )
         quantize_group(rest, run_model)
     missing = [n for n in module_names if n not in results]
     if missing:

@@ -67,7 +67,7 @@ def is_autogptq_module(module: nn.Module) -> bool:
     return any(c.__module__.startswith("auto_gptq.nn_modules.qlinear") for c in type(module).__mro__)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loadable(cls: type[nn.Module]) -> type[nn.Module]:
     """``cls`` plus the one thing our loader needs: adopting a checkpoint's optional bias."""
     from .linear import adopt_optional_bias
@@ -76,10 +76,14 @@ def _loadable(cls: type[nn.Module]) -> type[nn.Module]:
         adopt_optional_bias(self, state_dict, prefix, self.outfeatures, torch.float16)
         return cls._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
-    return type(cls.__name__, (cls,), {"_load_from_state_dict": _load_from_state_dict, "kernel": f"auto-gptq:{cls.QUANT_TYPE}"})
+    return type(
+        cls.__name__, (cls,), {"_load_from_state_dict": _load_from_state_dict, "kernel": f"auto-gptq:{cls.QUANT_TYPE}"}
+    )
 
 
-def empty_module(in_features: int, out_features: int, *, bits: int, group_size: int, desc_act: bool, bias: bool) -> nn.Module:
+def empty_module(
+    in_features: int, out_features: int, *, bits: int, group_size: int, desc_act: bool, bias: bool
+) -> nn.Module:
     """An auto-gptq QuantLinear ready for ``load_state_dict`` (its buffers are on the CPU)."""
     cls = _loadable(quant_linear_class(bits, group_size, desc_act))
     return cls(bits, group_size, in_features, out_features, bias, weight_dtype=torch.float16)
@@ -89,7 +93,14 @@ def from_gptq_linear(module, desc_act: bool) -> nn.Module:
     """Copy a v1 :class:`GPTQLinear`'s tensors into an auto-gptq QuantLinear."""
     if module.checkpoint_format != "gptq":
         raise ValueError(f"auto-gptq reads checkpoint_format 'gptq' only, this layer is {module.checkpoint_format!r}")
-    out = empty_module(module.in_features, module.out_features, bits=module.bits, group_size=module.group_size, desc_act=desc_act, bias=module.bias is not None)
+    out = empty_module(
+        module.in_features,
+        module.out_features,
+        bits=module.bits,
+        group_size=module.group_size,
+        desc_act=desc_act,
+        bias=module.bias is not None,
+    )
     out.qweight = module.qweight.clone()
     out.qzeros = module.qzeros.clone()
     out.scales = module.scales.to(torch.float16).clone()
@@ -101,7 +112,9 @@ def from_gptq_linear(module, desc_act: bool) -> nn.Module:
 
 def to_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
     """Dequantize an auto-gptq QuantLinear to a plain ``nn.Linear``."""
-    w = packing.dequantize_weight(module.qweight, module.qzeros, module.scales, module.g_idx, module.bits, "gptq", dtype=dtype)
+    w = packing.dequantize_weight(
+        module.qweight, module.qzeros, module.scales, module.g_idx, module.bits, "gptq", dtype=dtype
+    )
     lin = nn.Linear(module.infeatures, module.outfeatures, bias=module.bias is not None, device="meta", dtype=dtype)
     lin.weight = nn.Parameter(w, requires_grad=False)
     if module.bias is not None:

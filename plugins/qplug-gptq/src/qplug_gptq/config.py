@@ -26,10 +26,21 @@ from typing import Any, ClassVar
 
 import attrs
 
-from qplug.config import QuantConfig, instance_of, list_of, mapping, number_in, one_of, optional, to_float, to_list, to_lower
+from qplug.config import (
+    QuantConfig,
+    instance_of,
+    list_of,
+    mapping,
+    number_in,
+    one_of,
+    optional,
+    to_float,
+    to_list,
+    to_lower,
+)
 from qplug.errors import QuantConfigError
 
-__all__ = ["GPTQConfig", "NAMED_DATASETS", "SUPPORTED_FORMATS", "write_autogptq_quantize_config"]
+__all__ = ["NAMED_DATASETS", "SUPPORTED_FORMATS", "GPTQConfig", "write_autogptq_quantize_config"]
 
 #: Calibration datasets transformers/optimum know by name (downloaded from the hub by them).
 NAMED_DATASETS = ("wikitext2", "c4", "c4-new")
@@ -43,13 +54,20 @@ _SYNONYMS = {"w_bit": "bits", "q_group_size": "group_size", "format": "checkpoin
 def _group_size(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     instance_of(int)(inst, attribute, value)
     if value != -1 and value <= 0:
-        raise QuantConfigError(field=attribute.name, value=value, accepted="expected -1 (one group per row) or a positive integer", config=type(inst).__name__)
+        raise QuantConfigError(
+            field=attribute.name,
+            value=value,
+            accepted="expected -1 (one group per row) or a positive integer",
+            config=type(inst).__name__,
+        )
 
 
 def _positive_int(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     instance_of(int)(inst, attribute, value)
     if value <= 0:
-        raise QuantConfigError(field=attribute.name, value=value, accepted="expected a positive integer", config=type(inst).__name__)
+        raise QuantConfigError(
+            field=attribute.name, value=value, accepted="expected a positive integer", config=type(inst).__name__
+        )
 
 
 def _str_or_str_list(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -64,24 +82,46 @@ def _dataset(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, str):
         return
     if not isinstance(value, list):
-        raise QuantConfigError(field=attribute.name, value=value, accepted="expected a dataset name or a list of texts", config=type(inst).__name__)
+        raise QuantConfigError(
+            field=attribute.name,
+            value=value,
+            accepted="expected a dataset name or a list of texts",
+            config=type(inst).__name__,
+        )
 
 
 def _nested_str_lists(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, list) or not all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in value):
-        raise QuantConfigError(field=attribute.name, value=value, accepted="expected a list of lists of module names", config=type(inst).__name__)
+    if not isinstance(value, list) or not all(
+        isinstance(g, list) and all(isinstance(n, str) for n in g) for g in value
+    ):
+        raise QuantConfigError(
+            field=attribute.name,
+            value=value,
+            accepted="expected a list of lists of module names",
+            config=type(inst).__name__,
+        )
 
 
 def _exllama_config(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     mapping(inst, attribute, value)
     if "version" not in value or value["version"] not in (1, 2) or isinstance(value["version"], bool):
-        raise QuantConfigError(field=attribute.name, value=value, accepted='expected {"version": 1} or {"version": 2}', config=type(inst).__name__)
+        raise QuantConfigError(
+            field=attribute.name,
+            value=value,
+            accepted='expected {"version": 1} or {"version": 2}',
+            config=type(inst).__name__,
+        )
 
 
 def _tokenizer(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     # A name/path, or a tokenizer object (as transformers allows); objects are written as their name.
     if value is not None and not isinstance(value, str) and not callable(value):
-        raise QuantConfigError(field=attribute.name, value=value, accepted="expected a tokenizer, its name or a local path", config=type(inst).__name__)
+        raise QuantConfigError(
+            field=attribute.name,
+            value=value,
+            accepted="expected a tokenizer, its name or a local path",
+            config=type(inst).__name__,
+        )
 
 
 def _bool():
@@ -103,7 +143,9 @@ class GPTQConfig(QuantConfig):
     tokenizer: Any = attrs.field(default=None, validator=_tokenizer, eq=False)
     dataset: Any = attrs.field(default=None, converter=to_list, validator=optional(_dataset))
     group_size: int = attrs.field(default=128, validator=_group_size)
-    damp_percent: float = attrs.field(default=0.1, converter=to_float, validator=number_in(0, 1, low_open=True, high_open=True))
+    damp_percent: float = attrs.field(
+        default=0.1, converter=to_float, validator=number_in(0, 1, low_open=True, high_open=True)
+    )
     desc_act: bool = attrs.field(default=False, validator=_bool())
     sym: bool = attrs.field(default=True, validator=_bool())
     true_sequential: bool = attrs.field(default=True, validator=_bool())
@@ -113,21 +155,34 @@ class GPTQConfig(QuantConfig):
     backend: str | None = attrs.field(default=None, converter=to_lower, validator=optional(instance_of(str)))
     use_cuda_fp16: bool = attrs.field(default=False, validator=_bool())
     model_seqlen: int | None = attrs.field(default=None, validator=optional(_positive_int))
-    block_name_to_quantize: str | list[str] | None = attrs.field(default=None, converter=to_list, validator=optional(_str_or_str_list))
-    module_name_preceding_first_block: list[str] | None = attrs.field(default=None, converter=to_list, validator=optional(list_of(str)))
+    block_name_to_quantize: str | list[str] | None = attrs.field(
+        default=None, converter=to_list, validator=optional(_str_or_str_list)
+    )
+    module_name_preceding_first_block: list[str] | None = attrs.field(
+        default=None, converter=to_list, validator=optional(list_of(str))
+    )
     batch_size: int = attrs.field(default=1, validator=_positive_int)
     pad_token_id: int | None = attrs.field(default=None, validator=optional(instance_of(int)))
     use_exllama: bool | None = attrs.field(default=None, validator=optional(_bool()))
     max_input_length: int | None = attrs.field(default=None, validator=optional(_positive_int))
     exllama_config: dict[str, Any] | None = attrs.field(default=None, validator=optional(_exllama_config))
     cache_block_outputs: bool = attrs.field(default=True, validator=_bool())
-    modules_in_block_to_quantize: list[list[str]] | None = attrs.field(default=None, converter=to_list, validator=optional(_nested_str_lists))
-    modules_to_not_convert: list[str] | None = attrs.field(default=None, converter=to_list, validator=optional(list_of(str)))
+    modules_in_block_to_quantize: list[list[str]] | None = attrs.field(
+        default=None, converter=to_list, validator=optional(_nested_str_lists)
+    )
+    modules_to_not_convert: list[str] | None = attrs.field(
+        default=None, converter=to_list, validator=optional(list_of(str))
+    )
 
     # -- checks ------------------------------------------------------------------------------
     def check(self) -> None:
         if self.static_groups and self.group_size == -1:
-            raise QuantConfigError(field="static_groups", value=True, accepted="static_groups needs group_size > 0 (group_size is -1)", config=type(self).__name__)
+            raise QuantConfigError(
+                field="static_groups",
+                value=True,
+                accepted="static_groups needs group_size > 0 (group_size is -1)",
+                config=type(self).__name__,
+            )
 
     def check_loadable(self) -> None:
         """The checkpoint tensors are in a layout this backend reads."""
@@ -147,13 +202,21 @@ class GPTQConfig(QuantConfig):
             raise QuantConfigError(
                 field="dataset",
                 value=ds,
-                accepted="to quantize, expected a list of texts or one of " + ", ".join(repr(n) for n in NAMED_DATASETS),
+                accepted="to quantize, expected a list of texts or one of "
+                + ", ".join(repr(n) for n in NAMED_DATASETS),
                 config=type(self).__name__,
             )
         if isinstance(ds, list) and not all(isinstance(t, str) for t in ds):
-            raise QuantConfigError(field="dataset", value=ds, accepted="to quantize, expected a list of texts", config=type(self).__name__)
+            raise QuantConfigError(
+                field="dataset", value=ds, accepted="to quantize, expected a list of texts", config=type(self).__name__
+            )
         if isinstance(ds, list) and self.tokenizer is None:
-            raise QuantConfigError(field="tokenizer", value=None, accepted="a dataset of texts needs a tokenizer (an object or a local path)", config=type(self).__name__)
+            raise QuantConfigError(
+                field="tokenizer",
+                value=None,
+                accepted="a dataset of texts needs a tokenizer (an object or a local path)",
+                config=type(self).__name__,
+            )
 
     # -- other tools' configs ----------------------------------------------------------------
     @classmethod
@@ -164,7 +227,8 @@ class GPTQConfig(QuantConfig):
                 value = data.pop(foreign)
                 if ours in data and _norm(data[ours]) != _norm(value):
                     raise QuantConfigError(
-                        field=ours, value=data[ours],
+                        field=ours,
+                        value=data[ours],
                         accepted=f"{foreign}={value!r} says otherwise; a config must not contradict itself",
                         config=cls.__name__,
                     )
@@ -174,7 +238,9 @@ class GPTQConfig(QuantConfig):
             if isinstance(value, bool) and data.get("use_exllama") is None:
                 data["use_exllama"] = not value
             elif value is not None and not isinstance(value, bool):
-                raise QuantConfigError(field="disable_exllama", value=value, accepted="expected true or false", config=cls.__name__)
+                raise QuantConfigError(
+                    field="disable_exllama", value=value, accepted="expected true or false", config=cls.__name__
+                )
         if data.pop("is_marlin_format", False) is True:  # AutoGPTQ's marlin repacking
             data.setdefault("checkpoint_format", "marlin")
         return data
@@ -187,7 +253,14 @@ class GPTQConfig(QuantConfig):
         even though AutoGPTQ accepts the spelling when given one explicitly.
         """
         has_bits = "bits" in data and "w_bit" not in data
-        gptq_keys = {"desc_act", "damp_percent", "static_groups", "true_sequential", "model_file_base_name", "checkpoint_format"}
+        gptq_keys = {
+            "desc_act",
+            "damp_percent",
+            "static_groups",
+            "true_sequential",
+            "model_file_base_name",
+            "checkpoint_format",
+        }
         awq_keys = {"zero_point", "version", "load_in_4bit", "load_in_8bit"}
         return has_bits and bool(gptq_keys & set(data)) and not (awq_keys & set(data))
 
@@ -208,13 +281,24 @@ class GPTQConfig(QuantConfig):
     def to_autogptq_dict(self, model_file_base_name: str = "model") -> dict[str, Any]:
         """The ``quantize_config.json`` auto-gptq 0.7.1 reads (its fields only)."""
         if self.checkpoint_format != "gptq":
-            raise QuantConfigError(field="checkpoint_format", value=self.checkpoint_format,
-                                   accepted="auto-gptq reads 'gptq' (v1) checkpoints only", config=type(self).__name__)
+            raise QuantConfigError(
+                field="checkpoint_format",
+                value=self.checkpoint_format,
+                accepted="auto-gptq reads 'gptq' (v1) checkpoints only",
+                config=type(self).__name__,
+            )
         return {
-            "bits": self.bits, "group_size": self.group_size, "damp_percent": self.damp_percent,
-            "desc_act": self.desc_act, "static_groups": self.static_groups, "sym": self.sym,
-            "true_sequential": self.true_sequential, "model_name_or_path": self.extra_keys.get("model_name_or_path"),
-            "model_file_base_name": model_file_base_name, "is_marlin_format": False, "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "damp_percent": self.damp_percent,
+            "desc_act": self.desc_act,
+            "static_groups": self.static_groups,
+            "sym": self.sym,
+            "true_sequential": self.true_sequential,
+            "model_name_or_path": self.extra_keys.get("model_name_or_path"),
+            "model_file_base_name": model_file_base_name,
+            "is_marlin_format": False,
+            "quant_method": "gptq",
         }
 
     # -- per-module settings (GPTQModel's "dynamic", "lm_head") -------------------------------
@@ -225,14 +309,24 @@ class GPTQConfig(QuantConfig):
         base = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "desc_act": self.desc_act}
         dynamic = self.extra_keys.get("dynamic") or {}
         if not isinstance(dynamic, Mapping):
-            raise QuantConfigError(field="dynamic", value=dynamic, accepted="expected a JSON object of regex: overrides", config=type(self).__name__)
+            raise QuantConfigError(
+                field="dynamic",
+                value=dynamic,
+                accepted="expected a JSON object of regex: overrides",
+                config=type(self).__name__,
+            )
         for pattern, overrides in dynamic.items():
             negative = pattern.startswith("-:")
             regex = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
             try:
                 hit = re.match(regex, name) is not None
             except re.error as exc:
-                raise QuantConfigError(field="dynamic", value=pattern, accepted=f"a valid regular expression ({exc})", config=type(self).__name__) from exc
+                raise QuantConfigError(
+                    field="dynamic",
+                    value=pattern,
+                    accepted=f"a valid regular expression ({exc})",
+                    config=type(self).__name__,
+                ) from exc
             if hit:
                 if negative:
                     return None

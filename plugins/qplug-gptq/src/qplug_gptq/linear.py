@@ -68,9 +68,7 @@ class GPTQLinear(nn.Module):
         if group_size != -1 and group_size <= 0:
             raise ValueError(f"group_size={group_size!r}: must be -1 or a positive integer")
         if checkpoint_format not in packing.FORMATS:
-            raise ValueError(
-                f"checkpoint_format={checkpoint_format!r}; accepted values: {list(packing.FORMATS)}"
-            )
+            raise ValueError(f"checkpoint_format={checkpoint_format!r}; accepted values: {list(packing.FORMATS)}")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -110,7 +108,7 @@ class GPTQLinear(nn.Module):
         sym: bool = True,
         dtype: torch.dtype = torch.float16,
         weight_dtype: torch.dtype | None = None,
-    ) -> "GPTQLinear":
+    ) -> GPTQLinear:
         """Build from unpacked integers: ``intweight [in, out]``, ``zeros``/``scales`` ``[groups, out]``."""
         in_features, out_features = intweight.shape
         mod = cls(
@@ -148,7 +146,9 @@ class GPTQLinear(nn.Module):
             exp["bias"] = ((self.out_features,), floats)
         return exp
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         where = prefix.rstrip(".") or type(self).__name__
         adopt_optional_bias(self, state_dict, prefix, self.out_features, self.scales.dtype)
         for name, (shape, dtypes) in self._expected().items():
@@ -166,7 +166,9 @@ class GPTQLinear(nn.Module):
         gkey = prefix + "g_idx"
         had_g_idx = gkey in state_dict
         n_missing = len(missing_keys)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if not had_g_idx and gkey in missing_keys[n_missing:]:
             # Old checkpoints without act-order omit g_idx; it is implied by group_size.
             missing_keys.remove(gkey)
@@ -216,7 +218,7 @@ class GPTQLinear(nn.Module):
 
     def _key(self, dtype: torch.dtype) -> tuple:
         bufs = (self.qweight, self.qzeros, self.scales, self.g_idx)
-        return (dtype, self.qweight.device) + tuple((b.data_ptr(), b._version) for b in bufs)
+        return (dtype, self.qweight.device, *((b.data_ptr(), b._version) for b in bufs))
 
     def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         with torch.no_grad():

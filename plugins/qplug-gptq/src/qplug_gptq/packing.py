@@ -49,9 +49,7 @@ def packed_length(n: int, bits: int, what: str = "dimension") -> int:
     """Packed size of a dimension of ``n`` values; raises when ``n`` does not pack evenly."""
     run = run_length(bits)
     if n % run:
-        raise ValueError(
-            f"{what} of size {n} cannot be packed at {bits} bits: it must be a multiple of {run}"
-        )
+        raise ValueError(f"{what} of size {n} cannot be packed at {bits} bits: it must be a multiple of {run}")
     return n * bits // 32
 
 
@@ -79,8 +77,7 @@ def pack(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     v = values.movedim(dim, 0).to(torch.int64)
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
         raise ValueError(
-            f"values to pack at {bits} bits must lie in [0, {2**bits - 1}], "
-            f"got range [{int(v.min())}, {int(v.max())}]"
+            f"values to pack at {bits} bits must lie in [0, {2**bits - 1}], got range [{int(v.min())}, {int(v.max())}]"
         )
     n = v.shape[0]
     n_words = packed_length(n, bits)
@@ -91,7 +88,7 @@ def pack(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     view = (1, run) + (1,) * len(rest)
     low = v << shift.view(view)  # bits that land in `word` (upper ones cut by the mask)
     spill = shift + bits > 32  # values straddling into the next word (3-bit only)
-    out = torch.zeros((n // run, run * bits // 32) + tuple(rest), dtype=torch.int64, device=v.device)
+    out = torch.zeros((n // run, run * bits // 32, *rest), dtype=torch.int64, device=v.device)
     out.index_add_(1, word, low & 0xFFFFFFFF)
     if bool(spill.any()):
         idx = spill.nonzero().flatten()

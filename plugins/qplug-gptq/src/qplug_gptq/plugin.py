@@ -35,7 +35,7 @@ def register_backends():
             config_class=GPTQConfig,
             requires=("torch>=2.1",),
             optional=("auto-gptq==0.7.1",),
-            description="GPTQ (calibrated 2/3/4/8-bit weights); runs GPTQ checkpoints on CPU and GPU, auto-gptq optional",
+            description="GPTQ: calibrated 2/3/4/8-bit weights; GPTQ checkpoints on CPU and GPU; auto-gptq optional",
             presets={
                 "gptq-4bit": {"bits": 4, "group_size": 128},
                 "gptq-4bit-act-order": {"bits": 4, "group_size": 128, "desc_act": True},
@@ -54,7 +54,9 @@ def register_backends():
 def kernel_choice() -> str:
     value = os.environ.get("QPLUG_GPTQ_KERNEL", "auto").strip().lower().replace("_", "-")
     if value not in KERNELS:
-        raise qplug.QuantConfigError(field="QPLUG_GPTQ_KERNEL", value=value, accepted="expected one of " + ", ".join(KERNELS))
+        raise qplug.QuantConfigError(
+            field="QPLUG_GPTQ_KERNEL", value=value, accepted="expected one of " + ", ".join(KERNELS)
+        )
     return value
 
 
@@ -69,16 +71,23 @@ def _use_autogptq(config: GPTQConfig, device_type: str) -> bool:
             raise qplug.BackendUnavailableError(
                 f"QPLUG_GPTQ_KERNEL=auto-gptq but auto-gptq does not import here ({autogptq.import_error()}): "
                 "pip install auto-gptq==0.7.1 'transformers<4.50' 'peft<0.11'",
-                backend="gptq", install="pip install auto-gptq==0.7.1",
+                backend="gptq",
+                install="pip install auto-gptq==0.7.1",
             )
         if config.checkpoint_format != "gptq":
-            raise qplug.QuantConfigError(field="checkpoint_format", value=config.checkpoint_format,
-                                         accepted="auto-gptq's modules read 'gptq' (v1) only", config="GPTQConfig")
+            raise qplug.QuantConfigError(
+                field="checkpoint_format",
+                value=config.checkpoint_format,
+                accepted="auto-gptq's modules read 'gptq' (v1) only",
+                config="GPTQConfig",
+            )
         return True
     return device_type == "cuda" and config.checkpoint_format == "gptq" and autogptq.compiled_kernels_load()
 
 
-def select_modules(config: GPTQConfig, model, module_names: list[str], *, prequantized: bool) -> tuple[list[str], dict[str, dict[str, Any]]]:
+def select_modules(
+    config: GPTQConfig, model, module_names: list[str], *, prequantized: bool
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """The modules GPTQ applies to, with each one's settings.
 
     As in transformers/optimum and AutoGPTQ, only linear layers inside the decoder blocks are
@@ -94,7 +103,9 @@ def select_modules(config: GPTQConfig, model, module_names: list[str], *, prequa
         prefix = found[0]
         outside = [n for n in names if not n.startswith(prefix + ".")]
         if outside:
-            logger.info("gptq: leaving %d linear layer(s) outside %s in floating point: %s", len(outside), prefix, outside[:5])
+            logger.info(
+                "gptq: leaving %d linear layer(s) outside %s in floating point: %s", len(outside), prefix, outside[:5]
+            )
         names = [n for n in names if n.startswith(prefix + ".")]
         if config.modules_in_block_to_quantize:
             inner = {m for group in config.modules_in_block_to_quantize for m in group}
@@ -129,20 +140,32 @@ def calibration_batches(config: GPTQConfig, model, calibration: Any):
     data = calibration
     if data is None:
         if config.dataset is None:
-            raise qplug.QuantConfigError(field="dataset", value=None, config="GPTQConfig",
-                                         accepted="GPTQ needs calibration data: pass calibration=... (token ids or texts) or set dataset to a list of texts")
+            raise qplug.QuantConfigError(
+                field="dataset",
+                value=None,
+                config="GPTQConfig",
+                accepted="GPTQ needs calibration data: pass calibration=... (token ids or texts) "
+                "or set dataset to a list of texts",
+            )
         if isinstance(config.dataset, str):
-            raise qplug.QuantConfigError(field="dataset", value=config.dataset, config="GPTQConfig",
-                                         accepted=f"named datasets ({', '.join(NAMED_DATASETS)}) are downloaded from the hub, "
-                                                  "which qplug never does; pass calibration=... (token ids or texts)")
+            raise qplug.QuantConfigError(
+                field="dataset",
+                value=config.dataset,
+                config="GPTQConfig",
+                accepted=f"named datasets ({', '.join(NAMED_DATASETS)}) are downloaded from the hub, "
+                "which qplug never does; pass calibration=... (token ids or texts)",
+            )
         data = config.dataset
     tokenizer = config.tokenizer
     if isinstance(tokenizer, str):
         try:
             import transformers
         except ImportError as exc:
-            raise qplug.BackendUnavailableError("gptq: a tokenizer given by name needs transformers: pip install transformers",
-                                                backend="gptq", install="pip install transformers") from exc
+            raise qplug.BackendUnavailableError(
+                "gptq: a tokenizer given by name needs transformers: pip install transformers",
+                backend="gptq",
+                install="pip install transformers",
+            ) from exc
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
     return prepare_calibration(
         data,
@@ -172,9 +195,9 @@ def validate(config, model):
 
 @qplug.backend_hookimpl(GPTQConfig)
 def replace_modules(config, model, module_names, calibration, prequantized):
-    from qplug.modules import get_submodule, set_submodule
     from torch import nn
 
+    from qplug.modules import get_submodule, set_submodule
     from qplug_gptq import autogptq
     from qplug_gptq.linear import GPTQLinear
 
@@ -214,20 +237,40 @@ def replace_modules(config, model, module_names, calibration, prequantized):
         device = lin.weight.device
         if prequantized:
             new = GPTQLinear(
-                lin.in_features, lin.out_features, bits=s["bits"], group_size=s["group_size"],
-                bias=lin.bias is not None, checkpoint_format=config.checkpoint_format, sym=s["sym"],
-                weight_dtype=lin.weight.dtype, device=device,
+                lin.in_features,
+                lin.out_features,
+                bits=s["bits"],
+                group_size=s["group_size"],
+                bias=lin.bias is not None,
+                checkpoint_format=config.checkpoint_format,
+                sym=s["sym"],
+                weight_dtype=lin.weight.dtype,
+                device=device,
             )
         else:
             r = results[n]
             new = GPTQLinear.from_integers(
-                r.intweight, r.zeros, r.scales.to(torch.float16), r.g_idx, bits=s["bits"], group_size=s["group_size"],
-                bias=lin.bias, checkpoint_format=config.checkpoint_format, sym=s["sym"], weight_dtype=lin.weight.dtype,
+                r.intweight,
+                r.zeros,
+                r.scales.to(torch.float16),
+                r.g_idx,
+                bits=s["bits"],
+                group_size=s["group_size"],
+                bias=lin.bias,
+                checkpoint_format=config.checkpoint_format,
+                sym=s["sym"],
+                weight_dtype=lin.weight.dtype,
             )
         if _use_autogptq(config, device.type):
             if prequantized:
-                new = autogptq.empty_module(lin.in_features, lin.out_features, bits=s["bits"], group_size=s["group_size"],
-                                            desc_act=s["desc_act"], bias=lin.bias is not None)
+                new = autogptq.empty_module(
+                    lin.in_features,
+                    lin.out_features,
+                    bits=s["bits"],
+                    group_size=s["group_size"],
+                    desc_act=s["desc_act"],
+                    bias=lin.bias is not None,
+                )
             else:
                 new = autogptq.from_gptq_linear(new, desc_act=s["desc_act"])
         set_submodule(model, n, new)
@@ -237,7 +280,6 @@ def replace_modules(config, model, module_names, calibration, prequantized):
 @qplug.backend_hookimpl(GPTQConfig)
 def dequantize(config, model):
     from qplug.modules import set_submodule
-
     from qplug_gptq import autogptq
     from qplug_gptq.linear import GPTQLinear
 
