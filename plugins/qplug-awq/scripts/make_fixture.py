@@ -36,14 +36,16 @@ def test_tokens() -> torch.Tensor:
     return torch.randint(0, 256, TOKENS_SHAPE, generator=torch.Generator().manual_seed(TOKENS_SEED))
 
 
-def autoawq_quantize(float_dir: Path, out_dir: Path, group_size: int, version: str = "GEMM") -> None:
+def autoawq_quantize(
+    float_dir: Path, out_dir: Path, group_size: int, version: str = "GEMM", calib: torch.Tensor | None = None
+) -> None:
     """Quantize the float checkpoint in ``float_dir`` with autoawq and save it to ``out_dir``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from awq import AutoAWQForCausalLM
 
     model = AutoAWQForCausalLM.from_pretrained(str(float_dir), torch_dtype=torch.float16)
-    calib = calibration_tokens()
+    calib = calibration_tokens() if calib is None else calib
     model.quantize(
         None,
         quant_config={"zero_point": True, "q_group_size": group_size, "w_bit": 4, "version": version},

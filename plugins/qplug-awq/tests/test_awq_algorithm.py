@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-import qplug
 from awq_testlib import calibration, logits, tokens
-from qplug.modules import select_modules, set_submodule
-from qplug.testing import relative_error, tiny_llama
 from qplug_awq.algorithm import (
     AwqSettings,
     calibration_tokens,
@@ -21,6 +16,11 @@ from qplug_awq.algorithm import (
 from qplug_awq.config import AwqConfig
 from qplug_awq.linear import AwqLinear
 from qplug_awq.quant import pseudo_quantize
+from torch import nn
+
+import qplug
+from qplug.modules import select_modules, set_submodule
+from qplug.testing import relative_error, tiny_llama
 
 
 def outlier_llama(seed: int = 0) -> nn.Module:

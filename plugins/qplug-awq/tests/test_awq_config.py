@@ -6,9 +6,9 @@ import json
 
 import attrs
 import pytest
+from qplug_awq.config import AwqConfig
 
 import qplug
-from qplug_awq.config import AwqConfig
 
 # What transformers 4.57 writes for AwqConfig() and for a GEMV, symmetric, g64 config (verbatim).
 V4_DEFAULT = json.loads(

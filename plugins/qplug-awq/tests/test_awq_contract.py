@@ -9,11 +9,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+from awq_testlib import calibration as make_calibration
+from qplug_awq.config import AwqConfig
 
 import qplug
-from awq_testlib import calibration as make_calibration
 from qplug.testing import BackendContractTests, tiny_llama
-from qplug_awq.config import AwqConfig
 
 _INVALID = [
     ({"quant_method": "awq", "bits": 5}, "bits"),

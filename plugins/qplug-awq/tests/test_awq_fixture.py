@@ -10,14 +10,14 @@ import json
 
 import pytest
 import torch
+from awq_testlib import FIXTURE, logits
+from qplug_awq.config import AwqConfig
+from qplug_awq.linear import AwqLinear
 from safetensors.torch import load_file
 from torch import nn
 
 import qplug
-from awq_testlib import FIXTURE, logits
 from qplug.testing import relative_error
-from qplug_awq.config import AwqConfig
-from qplug_awq.linear import AwqLinear
 
 # autoawq runs this float16 model with float16 matmuls (dequantize, then fp16 @ fp16); qplug
 # accumulates in float32 and rounds each layer's output to float16 once. Rounding at float16's

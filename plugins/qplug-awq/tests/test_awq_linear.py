@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from qplug_awq.linear import AwqLinear, set_weight_cache
 from qplug_awq.packing import PackingError
 from qplug_awq.quant import pseudo_quantize, quantize_weight
+from torch import nn
 
 
 def _linear(in_f=256, out_f=128, bias=True, seed=0):

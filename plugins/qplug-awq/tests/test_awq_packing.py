@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qplug_awq.packing import (
     AWQ_ORDER,
     PackingError,

@@ -141,7 +141,9 @@ def find_blocks(model: nn.Module, module_names: Iterable[str]) -> tuple[str, nn.
             if count and (best is None or count > best[0]):
                 best = (count, name, module)
     if best is None:
-        raise ValueError(f"AWQ: {type(model).__name__} has no list of blocks (nn.ModuleList) holding the layers to quantize")
+        raise ValueError(
+            f"AWQ: {type(model).__name__} has no list of blocks (nn.ModuleList) holding the layers to quantize"
+        )
     return best[1], best[2]
 
 
@@ -175,7 +177,9 @@ def _get(module: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _capture_first_block_input(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _capture_first_block_input(
+    model: nn.Module, block: nn.Module, tokens: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
     captured: dict[str, Any] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -375,7 +379,7 @@ def quantize_model(
         # 1. inputs of each selected linear; the float block's output feeds the next block
         feats: dict[str, list[torch.Tensor]] = {n: [] for n in local}
         handles = [
-            linears[n].register_forward_hook(lambda m, args, out, n=n: feats[n].append(args[0].detach()))
+            linears[n].register_forward_hook(lambda m, args, out, n=n, feats=feats: feats[n].append(args[0].detach()))
             for n in local
         ]
         try:

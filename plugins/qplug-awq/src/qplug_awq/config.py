@@ -79,7 +79,8 @@ def _to_version(value: Any) -> Any:
 def _group_size(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     instance_of(int)(inst, attribute, value)
     if value != -1 and value <= 0:
-        raise QuantConfigError(field=attribute.name, value=value, accepted="expected -1 (one group per row) or a positive integer",
+        raise QuantConfigError(field=attribute.name, value=value,
+                               accepted="expected -1 (one group per row) or a positive integer",
                                config=type(inst).__name__)
 
 

@@ -143,7 +143,9 @@ class AwqLinear(nn.Module):
             ("scales", (self.out_features, width * per_word), torch.float16),
         ]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         groups = self.in_features // self.group_size
         for name, shape, dtype in self._layout(groups):
             key = prefix + name
@@ -194,15 +196,24 @@ class AwqLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, *, bits: int = 4, group_size: int = 128, zero_point: bool = True, version: str = "gemm"
+        cls,
+        linear: nn.Linear,
+        *,
+        bits: int = 4,
+        group_size: int = 128,
+        zero_point: bool = True,
+        version: str = "gemm",
+        kernel: str | None = None,
     ) -> AwqLinear:
         """Round-to-nearest quantise an ``nn.Linear`` (its weight as it is: AWQ scaling happens before)."""
         # autoawq quantises in float16: the stored fp16 scales are then exactly the ones the integers were made with
         w = linear.weight.detach().to(torch.float16)
         iweight, izeros, scales = quantize_weight(w, bits, group_size, zero_point)
-        return cls.from_unpacked(
+        layer = cls.from_unpacked(
             iweight, izeros, scales, linear.bias, group_size=group_size, bits=bits, version=version
-        ).to(linear.weight.device)
+        )
+        layer.kernel = kernel
+        return layer.to(linear.weight.device)
 
     # ------------------------------------------------------------- dequantise
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -40,12 +40,12 @@ __all__ = [
     "AWQ_REVERSE_ORDER",
     "SUPPORTED_BITS",
     "PackingError",
+    "dequantize_unpacked",
     "gemv_zeros_width",
     "pack_gemm",
     "pack_gemv",
     "unpack_gemm",
     "unpack_gemv",
-    "dequantize_unpacked",
 ]
 
 #: position k of a GEMM pack holds output column AWQ_ORDER[k] of its group of eight

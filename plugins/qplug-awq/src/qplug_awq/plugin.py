@@ -72,7 +72,6 @@ def validate(config: AwqConfig, model: Any) -> None:
 @qplug.backend_hookimpl(AwqConfig)
 def replace_modules(config: AwqConfig, model: Any, module_names: list[str], calibration: Any, prequantized: bool):
     from qplug.modules import set_submodule
-
     from qplug_awq.linear import AwqLinear
 
     if prequantized:
@@ -98,8 +97,8 @@ def replace_modules(config: AwqConfig, model: Any, module_names: list[str], cali
 @qplug.backend_hookimpl(AwqConfig)
 def dequantize(config: AwqConfig, model: Any) -> list[str]:
     import torch
-    from qplug.modules import set_submodule
 
+    from qplug.modules import set_submodule
     from qplug_awq.linear import AwqLinear
 
     floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
