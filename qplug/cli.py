@@ -662,8 +662,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     size_before = model_tensor_bytes(model)
     snapshot = linear_snapshot(model)
     selection = select_modules(model, config.skip_patterns(), warn_unmatched=True)
-    with _module_progress(model, list(selection.names), snapshot, enabled=interactive):
-        qplug.quantize(model, config, calibration=calibration)
+    try:
+        with _module_progress(model, list(selection.names), snapshot, enabled=interactive):
+            qplug.quantize(model, config, calibration=calibration)
+    except Exception as exc:
+        if calibration is None and "calibration" in str(exc).lower() and not args.debug:
+            raise CLIError(f"{_one_line(exc)} (give samples with --calibration FILE)") from exc
+        raise
     quantized = time.perf_counter()
     names = snapshot.replaced(model)
     size_after = model_tensor_bytes(model)
@@ -879,10 +884,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     longest = max((len(r["module"]) for r in rows), default=6)
     table.add_column("module", footer=f"{len(rows)} modules", no_wrap=True, min_width=min(longest, 64))
     table.add_column("kind")
-    table.add_column("shape", justify="right", footer=f"{total_params:,} params")
+    table.add_column("shape", justify="right", footer=f"{total_params:,} params", no_wrap=True)
     bits_total = report["totals"]["bits_per_param"]
-    table.add_column("bits", justify="right", footer=f"{bits_total:.2f}" if bits_total else "-")
-    table.add_column("bytes", justify="right", footer=f"{total_bytes:,}")
+    table.add_column("bits", justify="right", footer=f"{bits_total:.2f}" if bits_total else "-", no_wrap=True)
+    table.add_column("bytes", justify="right", footer=f"{total_bytes:,}", no_wrap=True)
     if args.source:
         table.add_column("rel. error", justify="right")
         table.add_column("max |Δw|", justify="right")
@@ -957,15 +962,21 @@ def _print_demo(report: Any) -> None:
                   f"{report.eval_tokens[0]}×{report.eval_tokens[1]} seeded tokens (float logits: mean |x| "
                   f"{report.float_logit_scale:.2f}); calibration {report.calibration_tokens[0]}×"
                   f"{report.calibration_tokens[1]} tokens", markup=False)
-    notes = any(r.note for r in report.results)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("backend", no_wrap=True)
     table.add_column("preset", no_wrap=True)
     for column in ("bits/param", "size", "max err", "mean err", "forward"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("round trip", no_wrap=True)
-    if notes:
-        table.add_column("note", overflow="fold", min_width=24)
+    # Errors and remarks are numbered and printed whole under the table, one line each.
+    notes: list[str] = []
+
+    def mark(r: Any) -> str:
+        if not r.note:
+            return ""
+        notes.append(f"({len(notes) + 1}) {r.backend} {r.preset}: {r.note}")
+        return f" ({len(notes)})"
+
     for r in report.results:
         if r.status in {"ok", "reference"}:
             trip = "-" if r.round_trip is None else ("OK" if r.round_trip else "FAILED")
@@ -973,15 +984,15 @@ def _print_demo(report: Any) -> None:
                 _text(r.backend, "bold"), _text(r.preset), _text(_fmt(r.bits_per_param, ".2f")),
                 _text(_mib(r.size_bytes)), _text(_fmt(r.max_logit_error, ".4f")),
                 _text(_fmt(r.mean_logit_error, ".4f")), _text(_fmt(r.forward_ms, ".1f") + " ms"),
-                _text(trip, "green" if r.round_trip else ("red" if r.round_trip is False else "")),
-                *([_text(r.note)] if notes else []),
+                _text(trip + mark(r), "green" if r.round_trip else ("red" if r.round_trip is False else "")),
             )
-        else:
-            # A run that produced no numbers: its status, and why in the note column.
+        else:  # no numbers: the status, and why in a note
             style = "red" if r.status == "failed" else "yellow"
-            table.add_row(_text(r.backend, "bold"), _text(r.preset), _text(r.status, style), *[_text("")] * 5,
-                          _text(r.note, style))
+            table.add_row(_text(r.backend, "bold"), _text(r.preset), _text(r.status + mark(r), style),
+                          *[_text("")] * 5)
     console.print(table)
+    for note in notes:
+        console.print(note, markup=False, overflow="ignore", crop=False, soft_wrap=True)
     console.print("max/mean err: |logits − float logits| on the tokens above; bits/param: bytes of the quantized "
                   "layers × 8 / their float parameters; forward: median of 5 passes", markup=False)
     ran = sum(1 for r in report.results if r.status == "ok")

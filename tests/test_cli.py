@@ -83,9 +83,48 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cli")
 
 
+FLAKY_PLUGIN = """
+from typing import ClassVar
+
+import attrs
+
+import qplug
+from qplug.config import QuantConfig
+
+
+@attrs.define(kw_only=True)
+class FlakyConfig(QuantConfig):
+    quant_method: ClassVar[str] = "flaky"
+
+
+@attrs.define(kw_only=True)
+class NeedsLibConfig(QuantConfig):
+    quant_method: ClassVar[str] = "needs-lib"
+
+
+@qplug.hookimpl
+def register_backends():
+    return [qplug.Backend(name="flaky", config_class=FlakyConfig, presets={"flaky-1": {}}),
+            qplug.Backend(name="needs-lib", config_class=NeedsLibConfig, requires=("no-such-package>=1",))]
+
+
+@qplug.backend_hookimpl(FlakyConfig)
+def replace_modules(config, model, module_names):
+    raise RuntimeError("the flaky kernels\\nexploded")
+"""
+
+
 @pytest.fixture(scope="module")
 def demo_run(workdir):
-    """``qplug demo`` (with ``--plot`` when matplotlib is there), started early; it runs beside the others."""
+    """``qplug demo`` (with ``--plot`` when matplotlib is there), started early; it runs beside the others.
+
+    Besides the int8 example, a third-party distribution brings a backend that fails and one whose
+    library is missing.
+    """
+    from helpers import make_distribution
+
+    site = make_distribution(workdir / "site", "qplug-flaky", "0.1.0", {"flaky_plugin": FLAKY_PLUGIN},
+                             {"flaky": "flaky_plugin"})
     args = ["demo"]
     plot = workdir / "demo.png"
     try:
@@ -94,7 +133,8 @@ def demo_run(workdir):
         args += ["--plot", str(plot)]
     except ImportError:
         plot = None
-    proc = start(*args)
+    proc = subprocess.Popen([sys.executable, "-m", "qplug", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=cli_env(PYTHONPATH=str(site)))
     yield lambda: (finish(proc), plot)
     if proc.poll() is None:
         proc.kill()
@@ -329,8 +369,9 @@ def test_quantize_bad_input(tmp_path, float_dir, calibration_file):
     blocker.write_text("")
     cases.append((["quantize", float_dir, blocker / "dst", "--method", BACKEND], "is not a directory"))
     cases.append((["quantize", float_dir, blocker, "--method", BACKEND], "exists and is not a directory"))
-    for args, message in cases:
-        proc = qplug(*args)
+    running = [(args, message, start(*args)) for args, message in cases]  # all at once: each is short
+    for args, message, proc in running:
+        proc = finish(proc)
         assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
         assert message in error_line(proc), (args, proc.stderr)
     assert not dst.exists()
@@ -396,7 +437,7 @@ def test_inspect_bad_input(tmp_path, float_dir):
 
 def test_demo(demo_run):
     proc, plot = demo_run()
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # a backend failed; the others still ran
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("qplug demo — LlamaForCausalLM: 2 layers")
     header = next(line for line in lines if line.startswith("backend"))
@@ -407,7 +448,12 @@ def test_demo(demo_run):
     assert (preset, bits, unit, ms, round_trip) == ("int8w", "8.22", "KiB", "ms", "OK")
     assert 0 < float(mean_err) <= float(max_err) < 1
     assert float(size) > 0 and float(forward) > 0
-    assert re.search(r"^1 run\(s\) OK, 0 failed, in [\d.]+ s$", proc.stdout, re.MULTILINE), proc.stdout
+    assert next(line for line in lines if line.startswith("flaky")).split() == ["flaky", "flaky-1", "failed", "(1)"]
+    assert "(1) flaky flaky-1: RuntimeError: the flaky kernels exploded" in lines
+    needs = next(line for line in lines if line.startswith("needs-lib")).split()
+    assert needs == ["needs-lib", "(defaults)", "unavailable", "(2)"]
+    assert "(2) needs-lib (defaults): needs no-such-package>=1" in lines
+    assert re.search(r"^1 run\(s\) OK, 1 failed, in [\d.]+ s$", proc.stdout, re.MULTILINE), proc.stdout
     if plot is not None:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
