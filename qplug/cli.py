@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import qplug
 from qplug.backend import Backend, normalize_name
-from qplug.config import QuantConfig, read_quantization_config
+from qplug.config import QuantConfig
+from qplug.config import read_quantization_config as _read_quantization_config
 from qplug.errors import ConfigFileError, QPlugError, QuantConfigError, UnknownBackendError
 from qplug.manager import get_plugin_manager
 
@@ -117,6 +118,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 # --------------------------------------------------------------------------------------------
 # Methods, presets and --set
 # --------------------------------------------------------------------------------------------
+
+
+def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`qplug.config.read_quantization_config`, where a directory stands for its ``config.json``."""
+    path = Path(path)
+    return _read_quantization_config(path / "config.json" if path.is_dir() else path)
 
 
 def resolve_method(name: str) -> tuple[Backend, str | None, dict[str, Any]]:
@@ -402,7 +409,10 @@ def validate_file(path: str) -> dict[str, Any]:
     try:
         data = read_quantization_config(path)
     except ConfigFileError as exc:
-        report.update(status="unreadable", problems=[str(exc).removeprefix(f"{path}: ")])
+        shown = str(exc)
+        for prefix in (f"{path}: ", f"{Path(path) / 'config.json'}: "):
+            shown = shown.removeprefix(prefix)
+        report.update(status="unreadable", problems=[shown])
         return report
     try:
         config = qplug.config_from_dict(data)
@@ -588,8 +598,12 @@ def _load_model(src: Path, dtype: str) -> Any:
     from qplug.config import torch_dtype
 
     chosen = "auto" if dtype == "auto" else torch_dtype(dtype)
+    from packaging.version import Version
+
+    # transformers renamed `torch_dtype` to `dtype` in 4.56; older releases ignore the new name.
+    key = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=chosen)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(src), **{key: chosen})
     except (OSError, ValueError, KeyError) as exc:
         raise CLIError(f"SRC {src}: transformers cannot load it: {_one_line(exc)}") from exc
     return model.eval()
@@ -627,6 +641,16 @@ def _module_progress(model: Any, names: list[str], snapshot: Any, enabled: bool)
             watcher.join()
 
 
+def _peak_memory() -> int | None:
+    """Peak resident memory of this process in bytes (``getrusage``), or ``None`` where unsupported."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
 def _copy_tokenizer_files(src: Path, staging: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -649,8 +673,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     backend.ensure_available()
     interactive = sys.stderr.isatty()
     status = _console(stderr=True)
-
-    import resource
 
     from qplug.demo import linear_snapshot, model_tensor_bytes
     from qplug.modules import select_modules
@@ -683,7 +705,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         copied = _copy_tokenizer_files(src, staging)
     saved = time.perf_counter()
     on_disk = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_memory()
 
     skipped = {n: why for n, why in selection.skipped.items()}
     for name in selection.names:
@@ -700,7 +722,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"  bits/param   {bits:.2f} in the quantized layers" if bits is not None else "  bits/param   -",
         f"  time         {saved - started:.1f} s (load {loaded - started:.1f} s, quantize {quantized - loaded:.1f} s, "
         f"save {saved - quantized:.1f} s)",
-        f"  peak memory  {_mib(peak_kib * 1024)} (max RSS)",
+        f"  peak memory  {_mib(peak)} (max RSS)" if peak else "  peak memory  - (not measurable here)",
     ]
     if copied:
         lines.append(f"  copied       {', '.join(copied)}")
@@ -735,15 +757,24 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _checkpoint_tensors(directory: Path) -> dict[str, dict[str, Any]]:
-    from qplug.checkpoint import weight_files
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (index order when sharded), found without importing torch."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CLIError(f"{index}: not a safetensors index ({_one_line(exc)})") from exc
+        return [directory / name for name in dict.fromkeys(weight_map.values())]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CLIError(f"{directory}: no safetensors weights (qplug never reads pickled .bin files)")
+    return files
 
+
+def _checkpoint_tensors(directory: Path) -> dict[str, dict[str, Any]]:
     tensors: dict[str, dict[str, Any]] = {}
-    try:
-        files = weight_files(directory)
-    except QPlugError as exc:
-        raise CLIError(str(exc)) from exc
-    for path in files:
+    for path in _weight_files(directory):
         if not path.is_file():
             raise CLIError(f"{directory}: weight file {path.name} is missing")
         tensors.update(read_safetensors_header(path))
@@ -789,16 +820,10 @@ def _weight_errors(model: Any, source: Path, kinds: Mapping[str, str]) -> dict[s
     import torch
     from safetensors import safe_open
 
-    from qplug.checkpoint import weight_files
-
     if not source.is_dir():
         raise CLIError(f"--source {source}: no such directory")
-    try:
-        files = weight_files(source)
-    except QPlugError as exc:
-        raise CLIError(f"--source {exc}") from exc
     where = {}
-    for path in files:
+    for path in _weight_files(source):
         with safe_open(str(path), framework="pt") as fh:
             for name in fh.keys():
                 where[name] = path
@@ -831,20 +856,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise CLIError(f"{directory}: no such directory")
     if not (directory / "config.json").is_file():
         raise CLIError(f"{directory}: no config.json (is this a checkpoint directory?)")
-    config = qplug.config_from_dict(read_quantization_config(directory / "config.json"))
-    entry = get_plugin_manager().get_entry(config.quant_method)
+    raw = read_quantization_config(directory / "config.json")
     tensors = _checkpoint_tensors(directory)
-    model = None
-    load_error = None
-    _quiet_transformers()
+    config = model = load_error = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = qplug.load_quantized(directory)
-    except Exception as exc:
+        config = qplug.config_from_dict(raw)
+    except (UnknownBackendError, QuantConfigError) as exc:
         if args.debug:
             raise
         load_error = _one_line(exc)
+    if config is not None:
+        method, provider = config.quant_method, get_plugin_manager().get_entry(config.quant_method).plugin.provider
+        config_dict, config_diff = config.to_dict(), config.to_diff_dict()
+        _quiet_transformers()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = qplug.load_quantized(directory)
+        except Exception as exc:
+            if args.debug:
+                raise
+            load_error = _one_line(exc)
+    else:  # shapes and bytes still come from the safetensors headers
+        method, provider = str(raw.get("quant_method", "?")), "backend not available"
+        config_dict = config_diff = raw
     rows = _module_rows(tensors, model)
     errors: dict[str, dict[str, float]] = {}
     if args.source:
@@ -857,9 +892,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     total_params = sum(_numel(r["shape"]) for r in rows)
     report = {
         "directory": str(directory),
-        "method": config.quant_method,
-        "provider": entry.plugin.provider,
-        "config": config.to_dict(),
+        "method": method,
+        "provider": provider,
+        "config": config_dict,
         "modules": rows,
         "totals": {
             "modules": len(rows),
@@ -869,14 +904,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         },
         "load_error": load_error,
     }
+    if load_error:
+        _warn(f"cannot load the model, so module kinds are unknown: {load_error}")
     if args.json:
         _print_json(report)
         return EXIT_OK
-    if load_error:
-        _warn(f"cannot load the model, so module kinds are unknown: {load_error}")
     console = _console()
-    console.print(f"{directory}: {config.quant_method} ({entry.plugin.provider})", markup=False)
-    console.print("config: " + json.dumps(config.to_diff_dict(), sort_keys=True), markup=False)
+    console.print(f"{directory}: {method} ({provider})", markup=False)
+    console.print("config: " + json.dumps(config_diff, sort_keys=True), markup=False)
     from rich import box
     from rich.table import Table
 

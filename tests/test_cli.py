@@ -423,6 +423,26 @@ def test_inspect_json(inspected):
     assert report["load_error"] is None
 
 
+def test_inspect_without_the_backend(quantized, tmp_path):
+    """A checkpoint of a backend that is not installed still shows shapes and bytes, from the headers."""
+    import shutil
+
+    _, dst = quantized
+    copy = shutil.copytree(dst, tmp_path / "mystery")
+    config = json.loads((copy / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "mystery"
+    (copy / "config.json").write_text(json.dumps(config))
+    proc = qplug("inspect", copy, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "qplug: warning: cannot load the model, so module kinds are unknown: no quantization backend named " \
+           "'mystery'" in proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["method"], report["provider"]) == ("mystery", "backend not available")
+    modules = {row["module"]: row for row in report["modules"]}
+    assert modules["model.layers.1.mlp.up_proj"]["kind"] == "?"
+    assert modules["model.layers.1.mlp.up_proj"]["tensors"] == {"weight": "I8[256, 128]", "weight_scale": "F32[256, 1]"}
+
+
 def test_inspect_bad_input(tmp_path, float_dir):
     proc = qplug("inspect", tmp_path / "nowhere")
     assert proc.returncode == 1 and "no such directory" in error_line(proc)
