@@ -76,7 +76,8 @@ def _console(stderr: bool = False) -> Console:
 
     stream = sys.stderr if stderr else sys.stdout
     # Not a terminal (a pipe, a test, the docs): no colour, and a fixed width unless COLUMNS says.
-    width = None if stream.isatty() else int(os.environ.get("COLUMNS", "120") or 120)
+    columns = os.environ.get("COLUMNS", "")
+    width = None if stream.isatty() else (int(columns) if columns.isdigit() else 120)
     return Console(file=stream, width=width, highlight=False, soft_wrap=False)
 
 
@@ -252,9 +253,9 @@ def backend_rows() -> list[dict[str, Any]]:
         clash = [n for n in b.names if len(providers[n]) > 1]
         missing = b.missing_requirements()
         if clash:
-            status = f"conflict: {clash[0]!r} is also provided by " + ", ".join(
-                p for p in providers[clash[0]] if p != e.plugin.provider) if len(set(providers[clash[0]])) > 1 \
-                else f"conflict: {clash[0]!r} is provided twice"
+            others = [p for p in providers[clash[0]] if p != e.plugin.provider]
+            status = (f"conflict: {clash[0]!r} is also provided by {', '.join(others)}" if others
+                      else f"conflict: {clash[0]!r} is provided twice")
         elif missing:
             status = "unavailable: missing " + ", ".join(missing)
         else:
@@ -306,8 +307,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
         return EXIT_OK
     console = _console()
     if not rows:
-        console.print("No qplug backends are installed. Install a backend distribution "
-                      "(e.g. pip install qplug-bitsandbytes) or register a plugin at run time.", markup=False)
+        console.print("No qplug backends are installed: install a distribution with an entry point in the "
+                      "'qplug' group, or register a plugin at run time (qplug.register_plugin).", markup=False)
         return EXIT_OK
     from rich import box
     from rich.table import Table
@@ -567,7 +568,8 @@ def load_calibration(path: str | Path, tokenizer_dir: Path | None = None) -> Any
 
 
 def _tokenizer(directory: Path | None) -> Any:
-    if directory is None or not any((directory / name).is_file() for name in TOKENIZER_FILES[:6]):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+    if directory is None or not any((directory / name).is_file() for name in tokenizer_files):
         return None
     try:
         from transformers import AutoTokenizer
@@ -639,6 +641,8 @@ def _module_progress(model: Any, names: list[str], snapshot: Any, enabled: bool)
         finally:
             done.set()
             watcher.join()
+            with contextlib.suppress(Exception):
+                progress.update(task, completed=len(targets.intersection(snapshot.replaced(model))))
 
 
 def _peak_memory() -> int | None:
