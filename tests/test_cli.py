@@ -162,6 +162,7 @@ def quantized(workdir, float_dir, calibration_file):
     """``qplug quantize`` with a preset, --set, --skip and --calibration: (process, DST)."""
     dst = workdir / "out" / "tiny-int8"
     proc = qplug("quantize", float_dir, dst, "--method", f"{BACKEND}:int8w", "--set", "compute_dtype=float32",
+                 "--set", 'modules_to_not_convert=["model.layers.1.mlp.up_proj"]',  # JSON value
                  "--skip", "model.layers.0.mlp.down_proj", "--calibration", calibration_file)
     assert proc.returncode == 0, proc.stderr
     return proc, dst
@@ -235,7 +236,7 @@ def test_backends_reports_blocked_and_broken_plugins(tmp_path):
 
 
 def test_config_show_defaults_by_name_alias_and_preset():
-    outputs = [qplug("config", "show", name) for name in (BACKEND, "INT8W")]
+    outputs = [qplug("config", "show", name) for name in (BACKEND, "INT8W", f"{BACKEND}:int8w")]
     for proc in outputs:
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout) == {"bits": 8, "compute_dtype": "float32", "modules_to_not_convert": None,
@@ -319,7 +320,7 @@ def test_quantize_writes_a_loadable_checkpoint(quantized, float_dir):
     proc, dst = quantized
     out = proc.stdout
     assert f"with {BACKEND} (preset int8w)" in out
-    assert "13 quantized, 2 skipped (output head: 1, skip patterns: 1)" in out
+    assert "12 quantized, 3 skipped (output head: 1, skip patterns: 2)" in out
     assert re.search(r"size +1\.\d+ MiB → \d+\.\d KiB", out), out
     assert re.search(r"bits/param +8\.\d\d in the quantized layers", out), out
     assert re.search(r"time +[\d.]+ s \(load", out) and re.search(r"peak memory +[\d.]+ MiB", out), out
@@ -328,7 +329,7 @@ def test_quantize_writes_a_loadable_checkpoint(quantized, float_dir):
                                                     "special_tokens_map.json"]
     assert not [p for p in dst.parent.iterdir() if p.name != dst.name]  # no staging directory left behind
     qconfig = json.loads((dst / "config.json").read_text())["quantization_config"]
-    assert qconfig["modules_to_not_convert"] == ["model.layers.0.mlp.down_proj"]
+    assert qconfig["modules_to_not_convert"] == ["model.layers.1.mlp.up_proj", "model.layers.0.mlp.down_proj"]
 
     import torch
 
@@ -416,8 +417,9 @@ def test_inspect_json(inspected):
     report = json.loads(proc.stdout)
     assert report["method"] == BACKEND and report["config"]["quant_method"] == BACKEND
     modules = {row["module"]: row for row in report["modules"]}
-    assert modules["model.layers.1.mlp.up_proj"]["kind"] == "Int8Linear"
-    assert modules["model.layers.1.mlp.up_proj"]["shape"] == [256, 128]
+    assert modules["model.layers.1.mlp.gate_proj"]["kind"] == "Int8Linear"
+    assert modules["model.layers.1.mlp.gate_proj"]["shape"] == [256, 128]
+    assert modules["model.layers.1.mlp.up_proj"]["kind"] == "Linear"
     assert report["totals"]["parameters"] == 361_088
     assert report["totals"]["bytes"] == sum(row["bytes"] for row in report["modules"])
     assert report["load_error"] is None
@@ -439,8 +441,9 @@ def test_inspect_without_the_backend(quantized, tmp_path):
     report = json.loads(proc.stdout)
     assert (report["method"], report["provider"]) == ("mystery", "backend not available")
     modules = {row["module"]: row for row in report["modules"]}
-    assert modules["model.layers.1.mlp.up_proj"]["kind"] == "?"
-    assert modules["model.layers.1.mlp.up_proj"]["tensors"] == {"weight": "I8[256, 128]", "weight_scale": "F32[256, 1]"}
+    assert modules["model.layers.1.mlp.gate_proj"]["kind"] == "?"
+    assert modules["model.layers.1.mlp.gate_proj"]["tensors"] == {"weight": "I8[256, 128]",
+                                                                  "weight_scale": "F32[256, 1]"}
 
 
 def test_inspect_bad_input(tmp_path, float_dir):
