@@ -325,7 +325,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
         provider = f"{row['distribution']} {row['version'] or ''}".strip() if row["distribution"] else row["plugin"]
         libraries = "\n".join(
             f"{name} {version}" if version else
-            f"{name} ({'optional, ' if name in row['optional_libraries'] else ''}not installed)"
+            f"{name} ({'optional, absent' if name in row['optional_libraries'] else 'missing'})"
             for name, version in row["libraries"].items()
         )
         table.add_row(
