@@ -186,7 +186,9 @@ def _capture_first_block_input(
         if args:
             captured["x"], rest = args[0], args[1:]
             if rest:
-                raise ValueError("AWQ: the block takes extra positional arguments; only keyword arguments are supported")
+                raise ValueError(
+                    "AWQ: the block is called with extra positional arguments; only keyword arguments are supported"
+                )
         else:
             key = next(iter(kwargs))
             kwargs = dict(kwargs)
