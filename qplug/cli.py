@@ -687,7 +687,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     size_before = model_tensor_bytes(model)
     snapshot = linear_snapshot(model)
-    selection = select_modules(model, config.skip_patterns(), warn_unmatched=True)
+    selection = select_modules(model, config.skip_patterns(), warn_unmatched=False)  # quantize warns
     try:
         with _module_progress(model, list(selection.names), snapshot, enabled=interactive):
             qplug.quantize(model, config, calibration=calibration)
