@@ -205,14 +205,15 @@ class DemoReport:
 
 @contextlib.contextmanager
 def _quiet(enabled: bool) -> Iterator[None]:
-    """Silence what backends print while they run: warnings, log records below ERROR, progress bars."""
+    """Silence what backends print while they run: warnings, log records below ERROR, progress bars, prints."""
     if not enabled:
         yield
         return
     previous_level = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
