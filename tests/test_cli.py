@@ -373,6 +373,44 @@ def test_quantize_bad_input(tmp_path, float_dir, calibration_file):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "bad.json"]
 
 
+def test_set_values_are_json_when_they_parse():
+    from qplug_int8.plugin import Int8WeightConfig
+
+    from qplug.cli import CLIError, parse_set
+
+    items = ["bits=8", "compute_dtype=bf16", 'modules_to_not_convert=["lm_head", "re:.*gate.*"]']
+    assert parse_set(items, Int8WeightConfig) == {
+        "bits": 8, "compute_dtype": "bf16", "modules_to_not_convert": ["lm_head", "re:.*gate.*"]}
+    assert parse_set(["modules_to_not_convert=null", "compute_dtype="], Int8WeightConfig) == {
+        "modules_to_not_convert": None, "compute_dtype": ""}
+    with pytest.raises(CLIError, match="has no field 'quant_method'"):
+        parse_set(["quant_method=gptq"], Int8WeightConfig)
+
+
+def test_calibration_files(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from qplug.cli import CLIError, load_calibration
+
+    (tmp_path / "same.json").write_text("[[1, 2, 3], [4, 5, 6]]")
+    assert torch.equal(load_calibration(tmp_path / "same.json"), torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    (tmp_path / "ragged.jsonl").write_text('[1, 2]\n\n{"input_ids": [3, 4, 5]}\n')
+    ragged = load_calibration(tmp_path / "ragged.jsonl")
+    assert [t.tolist() for t in ragged] == [[[1, 2]], [[3, 4, 5]]]
+    (tmp_path / "texts.txt").write_text("first sample\n\nsecond sample\n")
+    assert load_calibration(tmp_path / "texts.txt") == ["first sample", "second sample"]  # no tokenizer given
+    save_file({"input_ids": torch.arange(8, dtype=torch.int32).reshape(2, 4)}, str(tmp_path / "ids.safetensors"))
+    ids = load_calibration(tmp_path / "ids.safetensors")
+    assert ids.dtype == torch.long and ids.shape == (2, 4)
+    (tmp_path / "bad.json").write_text('[[1, 2], [3.5]]')
+    with pytest.raises(CLIError, match="non-empty list of token ids or a string"):
+        load_calibration(tmp_path / "bad.json")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(CLIError, match="no samples"):
+        load_calibration(tmp_path / "empty.txt")
+
+
 def test_debug_shows_the_traceback():
     proc = qplug("--debug", "config", "show", "no-such-method")
     assert proc.returncode == 1
