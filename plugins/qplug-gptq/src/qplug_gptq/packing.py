@@ -185,10 +185,20 @@ def dequantize_weight(
 
     ``W[i, j] = scales[g, j] * (q[i, j] - zero[g, j])`` with ``g = g_idx[i]``.  The
     product is formed in float32 (exact for fp16 scales times integers below 2**9)
-    and rounded once to ``dtype``.
+    and rounded once to ``dtype``.  When ``g_idx`` is the plain ``i // group_size``
+    order (no act-order), groups are broadcast instead of gathered per row.
     """
     q = unpack_qweight(qweight, bits)
     z = unpack_qzeros(qzeros, bits, checkpoint_format)
-    g = g_idx.long()
-    w = scales.float()[g] * (q - z[g]).float()
+    n_in, n_groups = q.shape[0], z.shape[0]
+    gs = n_in // n_groups if n_groups and n_in % n_groups == 0 else 0
+    if gs and torch.equal(g_idx, default_g_idx(n_in, gs, device=g_idx.device).to(g_idx.dtype)):
+        # transpose the codes as bytes (a quarter of the traffic), then work in [out, in] order
+        n_out = q.shape[1]
+        qt = q.to(torch.uint8).t().contiguous().view(n_out, n_groups, gs)
+        w = qt.float().sub_(z.t().float().unsqueeze(2)).mul_(scales.t().float().unsqueeze(2))
+        return w.view(n_out, n_in).to(dtype)
+    else:
+        g = g_idx.long()
+        w = scales.float()[g] * (q - z[g]).float()
     return w.t().to(dtype).contiguous()
