@@ -299,3 +299,22 @@ def test_qlora_one_step_changes_only_adapter_weights(fresh_model, input_ids):
     assert changed <= trainable  # ... to adapter weights only (lora_B: lora_A's gradient is 0 at step one)
     assert any("lora_B" in n for n in changed)
     assert any(k.endswith("q_proj.base_layer.weight.absmax") for k in before)  # 4-bit state was compared
+
+
+def test_peft_merge_after_inference_sees_canonical_weights_once_moved(input_ids):
+    """peft's merge reads ``weight.data``/``quant_state`` directly; after a CPU inference forward
+    those hold bitsandbytes' repacked layout. ``model.to(device)`` restores the canonical layout
+    exactly (our modules' ``_apply``), after which merging gives what it gives without a forward."""
+    peft = pytest.importorskip("peft")
+    merged = []
+    for infer_first in (False, True):
+        model = qplug.quantize(make_tiny_llama(), BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+        torch.manual_seed(5)
+        lora = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(model, lora).eval()
+        if infer_first:
+            logits(model, input_ids)
+            model.to("cpu")
+        with pytest.warns(UserWarning, match="rounding errors"):
+            merged.append(logits(model.merge_and_unload(), input_ids))
+    assert torch.equal(merged[0], merged[1])
