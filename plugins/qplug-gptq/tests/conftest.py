@@ -28,6 +28,12 @@ def _autogptq_error() -> str | None:
     return autogptq.import_error()
 
 
+def pytest_configure(config):
+    # also declared in pyproject.toml; repeated here so --strict-markers holds whichever ini file is found
+    config.addinivalue_line("markers", "autogptq: needs auto-gptq 0.7.1 importable (skipped only when it is not)")
+    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (skipped only when none is present)")
+
+
 def pytest_collection_modifyitems(config, items):
     agq = _autogptq_error()
     for item in items:

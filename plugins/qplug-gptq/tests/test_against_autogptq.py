@@ -204,3 +204,22 @@ def test_whole_model_quantization_matches_autogptq(tmp_path):
     assert len(names) == 2 * 7 * 4
     same = [k for k in names if torch.equal(ours[k], theirs[k])]
     assert same == names, sorted(set(names) - set(same))[:8]
+
+
+@pytest.mark.parametrize("name", ["llama-4bit-g32-actorder", "llama-3bit-g32-asym"])
+def test_both_kernels_run_the_committed_fixture_alike(name, monkeypatch):
+    """The same checkpoint through auto-gptq's modules and through ours (float16 activations)."""
+    from conftest import FIXTURES
+    from qplug_gptq import autogptq
+    from safetensors.torch import load_file
+
+    ids = load_file(str(FIXTURES / f"{name}.reference.safetensors"))["input_ids"]
+    outputs = {}
+    for kernel in ("torch", "auto-gptq"):
+        monkeypatch.setenv("QPLUG_GPTQ_KERNEL", kernel)
+        model = qplug.load_quantized(FIXTURES / name)
+        layer = model.get_submodule("model.layers.0.mlp.down_proj")
+        assert autogptq.is_autogptq_module(layer) == (kernel == "auto-gptq")
+        with torch.no_grad():
+            outputs[kernel] = model(ids).logits.float()
+    assert relative_error(outputs["torch"], outputs["auto-gptq"]) < MODEL_TOLERANCE
