@@ -9,7 +9,7 @@
 
 Usage::
 
-    python plugins/qplug-awq/benchmarks/bench_awq.py [--hidden 512] [--intermediate 1408] [--repeat 5]
+    python plugins/qplug-awq/benchmarks/bench_awq.py [--hidden 512] [--intermediate 1408] [--repeat 5] [--threads N]
 
 Prints median wall times; the machine's load changes them, so ratios measured in one run are
 the figures to compare.
@@ -145,7 +145,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 128])
     parser.add_argument("--skip-quantization", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        # on a loaded machine every parallel region waits for a busy core: the fused path runs a few
+        # small ops per group, so it suffers far more than one large matmul (compare --threads 1)
+        torch.set_num_threads(args.threads)
     if not args.skip_quantization:
         bench_quantization(args)
     bench_forward(args)

@@ -123,3 +123,24 @@ def test_torch_kernel_is_used_on_cpu_by_default():
     layer = AwqLinear.from_linear(_linear(), group_size=64)
     layer(torch.randn(1, 256))
     assert layer._external[1] is None  # "auto" keeps the PyTorch path on the CPU
+
+
+def test_kernel_choice_follows_the_environment(monkeypatch):
+    from qplug_awq.autoawq import default_kernel
+
+    monkeypatch.setenv("QPLUG_AWQ_KERNEL", "Torch")
+    assert default_kernel() == "torch"
+    monkeypatch.setenv("QPLUG_AWQ_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="QPLUG_AWQ_KERNEL='cuda'"):
+        default_kernel()
+
+
+def test_asking_for_autoawq_where_it_cannot_run_says_why():
+    from awq_testlib import autoawq_importable
+    from qplug_awq.autoawq import KernelUnavailableError
+
+    layer = AwqLinear.from_linear(_linear(), group_size=64, version="gemv", kernel="autoawq")
+    # GEMV: autoawq's module needs its CUDA extension; without autoawq: the install command
+    expected = "GEMV" if autoawq_importable() else "pip install"
+    with pytest.raises(KernelUnavailableError, match=expected):
+        layer(torch.randn(1, 256))
