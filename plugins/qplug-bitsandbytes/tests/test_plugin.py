@@ -144,8 +144,11 @@ def test_qplug_checkpoint_after_forward_loads_in_transformers(fmt, fresh_model, 
     assert torch.equal(logits(reloaded, input_ids), expected)
 
 
-@params_wide
-@pytest.mark.parametrize("with_model", [True, False], ids=["into-model", "from-config"])
+@pytest.mark.parametrize(
+    ("fmt", "with_model"),
+    [(fmt, False) for fmt in HF_WIDE] + [("nf4-dq-bf16", True), ("int8", True)],
+    ids=[f"{fmt}-from-config" for fmt in HF_WIDE] + ["nf4-dq-bf16-into-model", "int8-into-model"],
+)
 def test_transformers_checkpoint_loads_in_qplug(fmt, with_model, hf_quantized, input_ids, tmp_path):
     hf = hf_quantized(**HF_WIDE[fmt])
     hf.save_pretrained(tmp_path)  # before any forward, when transformers' export is right
