@@ -100,3 +100,31 @@ def test_modules_to_not_convert_adds_to_the_defaults(tmp_path):
     assert isinstance(loaded.model.layers[0].mlp.up_proj, AwqLinear)
     ids = torch.arange(16).view(1, 16)
     assert relative_error(logits(loaded, ids), logits(model, ids)) < FP16_TOLERANCE
+
+
+def _with_quantization_config(tmp_path, **changes):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURE, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
+
+
+@pytest.mark.parametrize("version", ["exllama", "ipex", "GEMM"])
+def test_kernel_versions_that_read_gemm_checkpoints_load_it(version, tmp_path, reference):
+    model = qplug.load_quantized(_with_quantization_config(tmp_path, version=version))
+    assert model.model.layers[0].mlp.up_proj.version == "gemm"
+    assert relative_error(logits(model, reference["tokens"]), reference["logits"]) < FP16_TOLERANCE
+
+
+def test_unsupported_layout_is_refused_before_loading(tmp_path):
+    with pytest.raises(qplug.QuantConfigError, match="gemv_fast"):
+        qplug.load_quantized(_with_quantization_config(tmp_path, version="gemv_fast"))
+
+
+def test_group_size_mismatch_names_the_tensor(tmp_path):
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.qzeros: shape \(2, 16\)"):
+        qplug.load_quantized(_with_quantization_config(tmp_path, group_size=128))
