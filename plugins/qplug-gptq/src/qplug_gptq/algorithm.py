@@ -326,14 +326,16 @@ def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> 
     """Split ``names`` (modules of one block) into the groups true-sequential GPTQ
     quantizes one after another: modules in first-call order, those fed the very same
     input tensor (q/k/v, gate/up) in one group."""
-    order: list[tuple[str, int]] = []
+    # (name, its input) in call order; holding the inputs keeps their memory from being
+    # reused, so equal data pointers really mean the same tensor
+    order: list[tuple[str, torch.Tensor]] = []
     hooks = []
     for n in names:
         mod = block.get_submodule(n[len(prefix) + 1 :])
 
         def hook(_m, args, _n=n):
             if not any(o[0] == _n for o in order):
-                order.append((_n, args[0].data_ptr()))
+                order.append((_n, args[0]))
 
         hooks.append(mod.register_forward_pre_hook(hook))
     try:
@@ -343,7 +345,8 @@ def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> 
             h.remove()
     groups: list[list[str]] = []
     last_ptr = None
-    for n, ptr in order:
+    for n, inp in order:
+        ptr = (inp.data_ptr(), tuple(inp.shape))
         if groups and ptr == last_ptr:
             groups[-1].append(n)
         else:
