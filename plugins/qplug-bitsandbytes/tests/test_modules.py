@@ -59,6 +59,8 @@ def test_export_after_forward_is_exact(fmt, fresh_model, input_ids):
     assert state_dicts_equal(before, model.state_dict()) == []
     # Exporting leaves the module as it was: same results, still repacked.
     assert torch.equal(logits(model, input_ids), first)
+    # A copy of the repacked model exports the same canonical tensors.
+    assert state_dicts_equal(before, copy.deepcopy(model).state_dict()) == []
 
 
 def test_transformers_own_export_after_forward_is_corrupt_here(hf_quantized, input_ids):
