@@ -223,7 +223,6 @@ def test_marlin_configs_load_but_are_refused_for_loading_tensors():
         ({"damp_percent": 1.0}, "damp_percent"),
         ({"desc_act": "yes"}, "desc_act"),
         ({"exllama_config": {"version": 3}}, "exllama_config"),
-        ({"static_groups": True, "group_size": -1}, "static_groups"),
         ({"modules_in_block_to_quantize": ["q_proj"]}, "modules_in_block_to_quantize"),
         ({"batch_size": 0}, "batch_size"),
     ],
@@ -232,6 +231,11 @@ def test_invalid_values_name_the_field(changes, field):
     with pytest.raises(qplug.QuantConfigError, match=field) as info:
         qplug.config_from_dict({"quant_method": "gptq", **changes})
     assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+def test_static_groups_without_groups_loads_as_autogptq_treats_it():
+    # auto-gptq quantizes such a config per channel (its static groups loop is empty); so do we
+    assert GPTQConfig.from_dict({"bits": 4, "group_size": -1, "static_groups": True, "desc_act": False}).static_groups
 
 
 def test_evolve_revalidates_and_unknown_keys_survive():

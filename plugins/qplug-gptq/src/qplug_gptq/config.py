@@ -175,15 +175,6 @@ class GPTQConfig(QuantConfig):
     )
 
     # -- checks ------------------------------------------------------------------------------
-    def check(self) -> None:
-        if self.static_groups and self.group_size == -1:
-            raise QuantConfigError(
-                field="static_groups",
-                value=True,
-                accepted="static_groups needs group_size > 0 (group_size is -1)",
-                config=type(self).__name__,
-            )
-
     def check_loadable(self) -> None:
         """The checkpoint tensors are in a layout this backend reads."""
         if self.checkpoint_format not in SUPPORTED_FORMATS:
