@@ -142,13 +142,20 @@ def test_calibration_formats(data):
     [
         (None, ValueError, "needs calibration data"),
         (["some text"], TypeError, "tokenizer"),
-        ([[1, 2], [3]], ValueError, "one length"),
+        ([[], []], ValueError, "expected"),
         (torch.rand(2, 3), TypeError, "integers"),
     ],
 )
 def test_bad_calibration_is_explained(data, error, message):
     with pytest.raises(error, match=message):
         calibration_tokens(data)
+
+
+def test_samples_of_different_lengths_become_equal_blocks():
+    ids = calibration_tokens([list(range(300)), list(range(400)), list(range(500))])
+    assert ids.shape == (2, 512)  # 1200 tokens: two blocks of 512, the last 176 dropped
+    assert ids[0, :300].tolist() == list(range(300)) and ids[0, 300:].tolist() == list(range(212))
+    assert calibration_tokens([[1, 2, 3], [4, 5]]).tolist() == [[1, 2, 3, 4, 5]]
 
 
 def test_quantize_without_calibration_says_what_to_pass():

@@ -45,6 +45,8 @@ __all__ = ["AwqSettings", "ScalingGroup", "calibration_tokens", "find_blocks", "
 
 logger = logging.getLogger("qplug.awq")
 
+#: longest calibration block cut from samples of different lengths (autoawq's max_calib_seq_len)
+_MAX_BLOCK = 512
 #: linear layers whose range is never clipped: their outputs meet in the q·k product
 _NO_CLIP = ("q_", "k_", "query", "key", "Wqkv")
 
@@ -94,7 +96,9 @@ def calibration_tokens(calibration: Any) -> torch.Tensor:
     """Calibration data as one LongTensor ``[samples, seq]``.
 
     Accepts a LongTensor ``[samples, seq]`` (or ``[seq]``), a dict or ``BatchEncoding`` with
-    ``input_ids``, or a list of equally long token-id lists / tensors.
+    ``input_ids``, or a list of token-id lists / tensors. Lists of different lengths are
+    concatenated and cut into blocks of ``min(512, total)`` tokens (the remainder is dropped),
+    as autoawq does with its ``max_calib_seq_len``.
     """
     if calibration is None:
         raise ValueError(
@@ -115,10 +119,18 @@ def calibration_tokens(calibration: Any) -> torch.Tensor:
         tokens = calibration
     elif isinstance(calibration, Sequence) and calibration:
         rows = [torch.as_tensor(row).reshape(-1) for row in calibration]
-        lengths = {len(r) for r in rows}
-        if len(lengths) != 1:
-            raise ValueError(f"AWQ calibration: samples must have one length, got lengths {sorted(lengths)}")
-        tokens = torch.stack(rows)
+        rows = [r for r in rows if r.numel()]
+        if not rows:
+            raise ValueError("AWQ calibration: expected token ids, got only empty samples")
+        if any(r.dtype.is_floating_point or r.dtype == torch.bool for r in rows):
+            raise TypeError("AWQ calibration: token ids must be integers")
+        if len({len(r) for r in rows}) == 1:
+            tokens = torch.stack(rows)
+        else:
+            # samples of different lengths: one stream cut into equal blocks, as autoawq does
+            stream = torch.cat(rows)
+            block = min(_MAX_BLOCK, len(stream))
+            tokens = stream[: len(stream) // block * block].view(-1, block)
     else:
         raise TypeError(f"AWQ calibration: expected token ids, got {type(calibration).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
