@@ -223,3 +223,27 @@ def test_both_kernels_run_the_committed_fixture_alike(name, monkeypatch):
         with torch.no_grad():
             outputs[kernel] = model(ids).logits.float()
     assert relative_error(outputs["torch"], outputs["auto-gptq"]) < MODEL_TOLERANCE
+
+
+def test_qplug_checkpoint_loads_in_transformers_v4(tmp_path):
+    """transformers (<4.50) loads what qplug saved through its own GPTQ path (optimum + auto-gptq)."""
+    pytest.importorskip(
+        "optimum", reason="transformers v4 loads GPTQ checkpoints through optimum (1.24 pairs with 4.49)"
+    )
+    import transformers
+    from autogptq_ref import calibration_ids, eval_ids, seeded_llama
+
+    model = seeded_llama(seed=0, **MODEL_SHAPE)
+    qplug.quantize(model, GPTQConfig(bits=4, group_size=64, desc_act=True), calibration=calibration_ids(128))
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    ids = eval_ids(128)
+    with torch.no_grad():
+        ours = model(ids).logits.float()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path / "ckpt"), torch_dtype=torch.float16, device_map="cpu"
+        )
+        from qplug_gptq import autogptq
+
+        assert autogptq.is_autogptq_module(hf.model.layers[0].mlp.up_proj)
+        theirs = hf(ids).logits.float()
+    assert relative_error(ours, theirs) < MODEL_TOLERANCE  # measured 1.3e-3
