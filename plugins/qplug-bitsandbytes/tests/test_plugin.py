@@ -173,6 +173,39 @@ def test_quantize_on_load_matches_transformers(fmt, float_checkpoint, hf_quantiz
     assert torch.equal(logits(model, input_ids), expected)
 
 
+@pytest.mark.parametrize("skip", [["mlp.down_proj"], []], ids=["list", "empty-list"])
+def test_skip_list_checkpoint_keeps_head_float_in_transformers(skip, fresh_model, hf_quantized, input_ids, tmp_path):
+    """transformers adds no default skips to a given list; qplug's saved list names the float head."""
+    model = qplug.quantize(fresh_model, BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=skip))
+    expected = logits(model, input_ids)
+    qplug.save_quantized(model, tmp_path)
+
+    written = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert written["llm_int8_skip_modules"] == [*skip, "lm_head"]
+    reloaded = hf_quantized(tmp_path)
+    assert type(reloaded.lm_head) is torch.nn.Linear
+    assert torch.equal(logits(reloaded, input_ids), expected)
+    assert torch.equal(logits(qplug.load_quantized(tmp_path), input_ids), expected)
+
+
+@pytest.mark.parametrize("skip", [["mlp.down_proj"], []], ids=["list", "empty-list"])
+def test_transformers_checkpoint_with_quantized_head_loads(skip, hf_quantized, input_ids, tmp_path):
+    """Given a skip list without the head, transformers quantizes the head; such checkpoints load."""
+    hf = hf_quantized(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip)
+    assert isinstance(hf.lm_head, bnb.nn.Linear4bit)
+    hf.save_pretrained(tmp_path)
+    expected = logits(hf, input_ids)
+
+    model = qplug.load_quantized(tmp_path)
+
+    assert isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert torch.equal(logits(model, input_ids), expected)
+    qplug.save_quantized(model, tmp_path / "again")  # and back: the quantized head stays quantized
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert again["llm_int8_skip_modules"] == skip
+    assert torch.equal(logits(hf_quantized(tmp_path / "again"), input_ids), expected)
+
+
 @params_all
 def test_save_after_forward_load_gives_same_logits(fmt, fresh_model, input_ids, tmp_path):
     model = qplug.quantize(fresh_model, qplug_config(HF_WIDE[fmt]))

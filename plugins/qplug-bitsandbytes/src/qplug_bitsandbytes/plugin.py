@@ -95,7 +95,10 @@ def replace_modules(
     else:
         kwargs = dict(threshold=config.llm_int8_threshold, has_fp16_weights=config.llm_int8_has_fp16_weight)
 
-    for name in module_names:
+    names = list(module_names)
+    if prequantized:
+        names += _heads_quantized_by_transformers(config, model, names)
+    for name in names:
         linear = get_submodule(model, name)
         if prequantized:
             shape = (linear.in_features, linear.out_features, linear.bias is not None)
@@ -112,7 +115,52 @@ def replace_modules(
     # What transformers sets on a bitsandbytes model; peft reads it to pick its bnb LoRA layers.
     model.is_loaded_in_4bit = four_bit
     model.is_loaded_in_8bit = not four_bit
-    return list(module_names)
+    return names
+
+
+# -- output heads: transformers' rule and qplug's ----------------------------------------------
+#
+# qplug always keeps the output head in floating point; ``llm_int8_skip_modules`` adds to that.
+# transformers adds its default skips (the head, tied weights) only when the list is None: given
+# a list, it quantizes every linear the list does not name, the head included. So that both
+# read each other's checkpoints the same way, qplug writes the head into a non-None list when
+# saving, and when loading a checkpoint whose list leaves the head out (transformers quantized
+# it) it makes an empty quantized head as well.
+
+
+def _hf_skips(name: str, patterns: list[str]) -> bool:
+    """transformers' ``should_convert_module`` rule, negated: does a pattern skip ``name``?"""
+    import re
+
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    for key in patterns:
+        if name.endswith(key):
+            return True
+        try:
+            if re.match(rf"(?:{key}){boundary}", name):
+                return True
+        except re.error:
+            continue
+    return False
+
+
+def _untied_heads(model: nn.Module) -> list[str]:
+    from qplug.modules import output_head_names
+
+    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    shared = getattr(embeddings, "weight", None)
+    return sorted(
+        name for name in output_head_names(model)
+        if getattr(model.get_submodule(name), "weight", None) is not shared
+    )
+
+
+def _heads_quantized_by_transformers(config: BitsAndBytesConfig, model: nn.Module, selected: list[str]) -> list[str]:
+    """Output heads a checkpoint written with this config holds quantized (transformers' rule)."""
+    patterns = config.llm_int8_skip_modules
+    if patterns is None:
+        return []
+    return [h for h in _untied_heads(model) if h not in selected and not _hf_skips(h, patterns)]
 
 
 @qplug.backend_hookimpl(BitsAndBytesConfig)
@@ -134,4 +182,16 @@ def dequantize(config: BitsAndBytesConfig, model: nn.Module) -> list[str]:
 
 @qplug.backend_hookimpl(BitsAndBytesConfig)
 def serialize(config: BitsAndBytesConfig, model: nn.Module | None) -> dict[str, Any]:
-    return config.to_dict()
+    data = config.to_dict()
+    patterns = config.llm_int8_skip_modules
+    if model is not None and patterns is not None:
+        # transformers adds no default skips to a given list: name the float heads in it.
+        import bitsandbytes as bnb
+
+        kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        quantized = {n for n, m in model.named_modules() if isinstance(m, kinds)}
+        data["llm_int8_skip_modules"] = [*patterns, *(
+            head for head in _untied_heads(model) if head not in quantized and not _hf_skips(head, patterns)
+        )]
+    return data
+
