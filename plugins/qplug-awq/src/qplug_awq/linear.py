@@ -257,7 +257,7 @@ class AwqLinear(nn.Module):
         """
         groups, g, out_f = self.in_features // self.group_size, self.group_size, self.out_features
         s, zs = self._group_params(dtype)
-        xs = x.reshape(-1, groups, g).to(dtype).transpose(0, 1)  # [groups, n, g]
+        xs = x.reshape(-1, groups, g).to(dtype).transpose(0, 1).contiguous()  # [groups, n, g]
         out = -(xs.sum(-1).t() @ zs)  # [n, out]
         chunk = max(1, _CHUNK_ELEMENTS // (g * out_f))
         if self.version == "gemm":
