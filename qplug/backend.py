@@ -6,6 +6,7 @@ so the core can list a backend — and say why it is unavailable — without imp
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from importlib import metadata
@@ -119,6 +120,7 @@ def _dist_name(requirement: str) -> str:
     return Requirement(requirement).name
 
 
+@functools.cache  # parsing METADATA is the slow part of `qplug backends`
 def _installed_version(dist: str) -> str | None:
     try:
         return metadata.version(dist)

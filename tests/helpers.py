@@ -74,14 +74,14 @@ class ToyConfig(QuantConfig):
 
     @classmethod
     def normalize_dict(cls, data):
-        if "w_bit" in data:
+        if "toy_bit" in data:  # a foreign spelling of "bits"
             data = dict(data)
-            data.setdefault("bits", data.pop("w_bit"))
+            data.setdefault("bits", data.pop("toy_bit"))
         return data
 
     @classmethod
     def recognizes(cls, data):
-        return "w_bit" in data or "kind" in data
+        return "toy_bit" in data or "kind" in data
 
 
 class ToyPlugin:

@@ -99,7 +99,7 @@ def test_dispatch_by_name_alias_and_inference(toy):
     assert qplug.get_config_class("  toy-ALIAS ") is ToyConfig
     assert type(qplug.config_from_dict({"quant_method": "TOY", "bits": 2})) is ToyConfig
     assert qplug.config_from_dict({"quant_method": "toy-alias"}).bits == 4
-    assert qplug.config_from_dict({"w_bit": 8}).bits == 8  # inferred: ToyConfig recognises w_bit
+    assert qplug.config_from_dict({"toy_bit": 8}).bits == 8  # inferred: ToyConfig recognises toy_bit
 
 
 def test_inference_failure_lists_backends(toy):
@@ -149,7 +149,7 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-field_names = st.sampled_from(["bits", "damp", "kind", "compute_dtype", "skip_modules", "options", "w_bit",
+field_names = st.sampled_from(["bits", "damp", "kind", "compute_dtype", "skip_modules", "options", "toy_bit",
                                "extra_keys", "quant_method", "_private", "compute_dtype"])
 config_dicts = st.dictionaries(field_names | st.text(max_size=8), json_values, max_size=6)
 methods = st.sampled_from(["toy", "TOY-alias", "int8-weight", "nope", 3, None, ["toy"]])
