@@ -243,6 +243,12 @@ def load_quantized(
     else:
         from qplug.streaming import stream_quantize
 
+        backend = get_plugin_manager().backend_for_config(config)
+        if not backend.streams:
+            raise QPlugError(
+                f"backend {backend.name!r} cannot quantize a checkpoint while loading it (it needs the whole model, "
+                "e.g. for calibration); load the float model and call qplug.quantize"
+            )
         config.check_quantizable()
         config, names = _prepare(config, model, skip)
         rest = stream_quantize(

@@ -77,6 +77,9 @@ class Backend:
     :param presets: named settings for common cases, ``{"nf4": {"load_in_4bit": True, ...}}``;
         the CLI's ``--method`` accepts them.
     :param devices: the device types it runs on.
+    :param streams: the backend quantizes each module from its own weights alone (no calibration
+        data, no whole-model pass), so a floating-point checkpoint can be quantized while it is
+        loaded, one layer at a time (``qplug.load_quantized(..., quantization_config=...)``).
     """
 
     name: str = attrs.field(converter=normalize_name, validator=_check_name)
@@ -87,6 +90,7 @@ class Backend:
     description: str = ""
     presets: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, validator=_check_presets)
     devices: tuple[str, ...] = attrs.field(default=("cpu",), converter=tuple)
+    streams: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:

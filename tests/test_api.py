@@ -199,3 +199,12 @@ def test_quantize_on_load_names_a_missing_layer(int8_plugin, tmp_path):
     _tamper(tmp_path / "float", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(qplug.CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         qplug.load_quantized(tmp_path / "float", quantization_config={"quant_method": "int8-weight"})
+
+
+def test_quantize_on_load_is_refused_for_backends_that_do_not_stream(tmp_path):
+    from helpers import ToyPlugin
+
+    qplug.register_plugin(ToyPlugin())
+    tiny_llama(seed=0).save_pretrained(tmp_path / "float")
+    with pytest.raises(qplug.QPlugError, match="cannot quantize a checkpoint while loading"):
+        qplug.load_quantized(tmp_path / "float", quantization_config={"quant_method": "toy"})

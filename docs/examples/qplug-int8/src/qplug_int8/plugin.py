@@ -87,6 +87,7 @@ def register_backends():
             requires=("torch>=2.1",),
             description="int8 weight-only, per-channel scales (pure PyTorch example)",
             presets={"int8w": {}},
+            streams=True,  # each layer is quantized from its own weights: quantize-on-load can stream
         )
     ]
 
