@@ -7,7 +7,6 @@ import copy
 import bitsandbytes as bnb
 import pytest
 import torch
-from bitsandbytes.functional import has_avx512bf16
 from bnb_testlib import (
     HF_4BIT,
     HF_ALL,
@@ -28,6 +27,12 @@ params_wide = pytest.mark.parametrize("fmt", list(HF_WIDE), ids=list(HF_WIDE))
 # through qplug's API (kept short: the suite shares two cores).
 SAMPLE = ["nf4-dq-bf16", "int8"]
 params_sample = pytest.mark.parametrize("fmt", SAMPLE)
+
+
+def has_avx512bf16() -> bool:
+    """Whether this bitsandbytes repacks 4-bit weights for an AVX512-BF16 CPU (0.50+ only)."""
+    probe = getattr(bnb.functional, "has_avx512bf16", None)
+    return bool(probe and probe())
 
 
 def _is_packed(model) -> bool:
