@@ -91,6 +91,15 @@ class BackendContractTests:
         return 0.25
 
     @pytest.fixture
+    def dequantize_tolerance(self) -> float:
+        """Largest accepted relative difference between the quantized and the dequantized logits.
+
+        Weight-only methods should stay well inside the default; a method that also quantizes
+        activations (LLM.int8) needs more.
+        """
+        return 0.02
+
+    @pytest.fixture
     def calibration(self, model: nn.Module) -> Any:
         """Calibration data passed to :func:`qplug.quantize` (``None`` when the method needs none)."""
         return None
@@ -185,7 +194,7 @@ class BackendContractTests:
         error = relative_error(actual, expected)
         assert 0 < error < tolerance, f"relative logit error {error:.4f} (tolerance {tolerance})"
 
-    def test_dequantize_gives_plain_linear_modules(self, quantized, tokens, capabilities):
+    def test_dequantize_gives_plain_linear_modules(self, quantized, tokens, capabilities, dequantize_tolerance):
         if not capabilities.get("dequantize", True):
             with pytest.raises(qplug.QPlugError):
                 qplug.dequantize(quantized)
@@ -198,7 +207,7 @@ class BackendContractTests:
                 if module.weight.dim() == 2 and not isinstance(module, nn.Embedding):
                     assert type(module) is nn.Linear, f"{name} is {type(module).__name__} after dequantize"
         after = _logits(quantized, tokens)
-        assert relative_error(after, before) < 0.02
+        assert relative_error(after, before) < dequantize_tolerance
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ def register_backends() -> list[qplug.Backend]:
             description="bitsandbytes: 4-bit NF4/FP4 (double quant, QLoRA) and 8-bit LLM.int8; HF-compatible",
             presets=PRESETS,
             devices=("cpu", "cuda", "xpu"),
+            streams=True,  # data-free: each layer is quantized from its own weights while loading
         )
     ]
 
