@@ -611,6 +611,26 @@ def _load_model(src: Path, dtype: str) -> Any:
     return model.eval()
 
 
+def _skeleton(src: Path) -> Any:
+    """SRC's model with its parameters on the meta device, for quantize-on-load."""
+    _quiet_transformers()
+    from qplug.checkpoint import build_skeleton, read_model_config
+
+    return build_skeleton(read_model_config(src))
+
+
+def _checkpoint_bytes(src: Path) -> int:
+    """Bytes of SRC's tensors, from the safetensors headers (nothing is loaded)."""
+    from qplug.checkpoint import weight_files
+    from qplug.safetensors_io import SafetensorsFile
+
+    total = 0
+    for path in weight_files(src):
+        with SafetensorsFile(path) as fh:
+            total += sum(fh.nbytes(name) for name in fh.keys())
+    return total
+
+
 @contextlib.contextmanager
 def _module_progress(model: Any, names: list[str], snapshot: Any, enabled: bool) -> Iterator[None]:
     """A progress bar over the modules to quantize, advanced as the backend replaces them.
@@ -682,15 +702,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from qplug.modules import select_modules
 
     calibration = load_calibration(args.calibration, src) if args.calibration else None
+    # Data-free backends quantize SRC while reading it, one layer at a time (the float model never
+    # sits in memory); calibrating ones need the whole float model loaded first.
+    streaming = backend.streams and calibration is None and args.dtype == "auto"
     with status.status(f"loading {src}", spinner="dots") if interactive else contextlib.nullcontext():
-        model = _load_model(src, args.dtype)
+        model = _skeleton(src) if streaming else _load_model(src, args.dtype)
     loaded = time.perf_counter()
-    size_before = model_tensor_bytes(model)
+    size_before = _checkpoint_bytes(src) if streaming else model_tensor_bytes(model)
     snapshot = linear_snapshot(model)
     selection = select_modules(model, config.skip_patterns(), warn_unmatched=False)  # quantize warns
     try:
         with _module_progress(model, list(selection.names), snapshot, enabled=interactive):
-            qplug.quantize(model, config, calibration=calibration)
+            if streaming:
+                qplug.load_quantized(src, model, quantization_config=config)
+            else:
+                qplug.quantize(model, config, calibration=calibration)
     except Exception as exc:
         if calibration is None and "calibration" in str(exc).lower() and not args.debug:
             raise CLIError(f"{_one_line(exc)} (give samples with --calibration FILE)") from exc
