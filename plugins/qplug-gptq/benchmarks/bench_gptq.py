@@ -57,8 +57,8 @@ def bench_quantize(size: int, tokens: int, bits: int, group_size: int, desc_act:
         "bits": bits,
         "group_size": group_size,
         "desc_act": desc_act,
-        "qplug_s": _median_seconds(ours, repeat, warmup=1),
     }
+    runners = {"qplug": ours}
     if autogptq.available():
         from auto_gptq.nn_modules.qlinear.qlinear_cuda import QuantLinear
         from auto_gptq.quantization import GPTQ
@@ -73,17 +73,26 @@ def bench_quantize(size: int, tokens: int, bits: int, group_size: int, desc_act:
             g.quantizer.configure(bits, perchannel=True, sym=True, mse=False)
             for x in calib:
                 g.add_batch(x, None)
-            t = time.perf_counter()
             scale, zero, g_idx = g.fasterquant(percdamp=0.1, group_size=group_size, actorder=desc_act)
-            theirs.algo = time.perf_counter() - t
             q = QuantLinear(bits, group_size, size, size, False, weight_dtype=torch.float16)
             q.pack(lin, scale, zero, g_idx)
             return q
 
-        result["autogptq_s"] = _median_seconds(theirs, repeat, warmup=1)
-        result["autogptq_over_qplug"] = result["autogptq_s"] / result["qplug_s"]
+        runners["autogptq"] = theirs
     else:
         result["autogptq"] = f"not importable ({autogptq.import_error()})"
+    # alternate the two, so a busy machine slows both alike; one untimed warm-up each
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for rep in range(repeat + 1):
+        for name, fn in runners.items():
+            t = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        result[f"{name}_s"] = statistics.median(ts)
+    if "autogptq_s" in result:
+        result["autogptq_over_qplug"] = result["autogptq_s"] / result["qplug_s"]
     return result
 
 
@@ -130,9 +139,14 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
     p.add_argument("--forward-size", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions of quantization (median)")
+    p.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's choice); 1 is steadiest on a busy machine"
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it goes, also into a file
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, auto-gptq: "
         f"{'yes' if autogptq.available() else 'no'}"
