@@ -8,6 +8,7 @@ transformers.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -37,7 +38,9 @@ def transformers_quantize(src: Path, settings: dict):
     )
 
 
-def qplug_quantize(src: Path, settings: dict):
+def qplug_quantize(src: Path, settings: dict, fast: bool = False):
+    if fast:  # the compiled, byte-exact 4-bit quantizer (compile time is inside the measurement)
+        os.environ["QPLUG_BNB_FAST4BIT"] = "1"
     return qplug.load_quantized(src, quantization_config={"quant_method": "bitsandbytes", **settings})
 
 
@@ -72,6 +75,7 @@ def read_bytes(src: Path):
 PATHS = {
     "transformers-nf4": lambda src: transformers_quantize(src, NF4),
     "qplug-nf4": lambda src: qplug_quantize(src, NF4),
+    "qplug-nf4-fast": lambda src: qplug_quantize(src, NF4, fast=True),
     "transformers-int8": lambda src: transformers_quantize(src, INT8),
     "qplug-int8": lambda src: qplug_quantize(src, INT8),
     "loop-nf4": plain_loop_nf4,

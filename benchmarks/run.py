@@ -26,15 +26,17 @@ from model import CACHE, model_dir  # noqa: E402
 
 # (qplug path, reference path, metric, target ratio, what)
 TARGETS = [
-    ("qplug-nf4", "transformers-nf4", "seconds", 0.3, "(a) NF4+double-quant quantize-on-load, time"),
-    ("qplug-nf4", "transformers-nf4", "max_rss", 0.5, "(a) NF4+double-quant quantize-on-load, max RSS"),
+    ("qplug-nf4-fast", "transformers-nf4", "seconds", 0.3, "(a) NF4+double-quant quantize-on-load, time"),
+    ("qplug-nf4-fast", "transformers-nf4", "max_rss", 0.5, "(a) NF4+double-quant quantize-on-load, max RSS"),
+    ("qplug-nf4", "transformers-nf4", "seconds", None, "(a) same, bitsandbytes' own quantize_4bit, time"),
+    ("qplug-nf4", "transformers-nf4", "max_rss", None, "(a) same, bitsandbytes' own quantize_4bit, max RSS"),
     ("qplug-int8", "transformers-int8", "max_rss", 0.5, "(b) int8 quantize-on-load, max RSS"),
     ("qplug-nf4", "loop-nf4", "seconds", 1.05, "(a') NF4 quantize-on-load vs the plain library loop, time"),
     ("qplug-load-nf4", "read-bytes", "seconds", 1.2, "(c) loading the saved NF4 checkpoint vs reading its bytes"),
     ("qplug-load-nf4", "transformers-load-nf4", "seconds", None, "(c) loading the saved NF4 checkpoint vs HF"),
 ]
 ROUNDS = [
-    ("transformers-nf4", "qplug-nf4", "loop-nf4"),
+    ("transformers-nf4", "qplug-nf4", "qplug-nf4-fast", "loop-nf4"),
     ("transformers-int8", "qplug-int8"),
     ("read-bytes", "qplug-load-nf4", "transformers-load-nf4"),
     ("floor",),

@@ -30,6 +30,7 @@ this module only inside hook calls.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +40,7 @@ from bitsandbytes.functional import QuantState
 from torch import nn
 
 from qplug.errors import CheckpointError
+from qplug_bitsandbytes import fast4bit
 
 __all__ = [
     "Linear4bit",
@@ -232,7 +234,7 @@ class Linear4bit(bnb.nn.Linear4bit):
             quant_storage=self.quant_storage,
             module=self,
         )
-        self.weight = param._quantize(weight.device)
+        self.weight = _quantize_param(param, weight.device)
         self._canonical_state = None
 
     def _load_quantized(self, weight: torch.Tensor, stats: dict[str, torch.Tensor], name: str) -> None:
@@ -333,6 +335,29 @@ def check_4bit_state(
             )
 
 
+def _quantize_param(param: bnb.nn.Params4bit, device: torch.device) -> bnb.nn.Params4bit:
+    """``param._quantize(device)``, through qplug's compiled quantizer when ``QPLUG_BNB_FAST4BIT=1``.
+
+    The compiled quantizer (:mod:`qplug_bitsandbytes.fast4bit`) writes the very bytes bitsandbytes
+    writes, several times faster, but compiles once per process and dtype (seconds); it is opt-in
+    so small jobs and tests do not pay that. Wherever it cannot run it calls bitsandbytes itself.
+    """
+    if os.environ.get(fast4bit.ENV_VAR, "").strip().lower() not in ("1", "true", "yes", "on"):
+        return param._quantize(device)
+    data = param.data.contiguous().to(device)
+    packed, state = fast4bit.quantize_4bit(
+        data, blocksize=param.blocksize, compress_statistics=param.compress_statistics,
+        quant_type=param.quant_type, quant_storage=param.quant_storage,
+    )
+    # The same bookkeeping bitsandbytes' Params4bit._quantize does after its quantize_4bit call.
+    param.data = packed
+    param.quant_state = state
+    if param.module is not None:
+        param.module.quant_state = state
+    param.bnb_quantized = True
+    return param
+
+
 def _linear_args(linear: nn.Linear) -> tuple[int, int, bool]:
     return linear.in_features, linear.out_features, linear.bias is not None
 
@@ -372,7 +397,7 @@ def quantize_4bit(
         quant_storage=quant_storage,
         module=module,
     )
-    module.weight = param._quantize(weight.device)
+    module.weight = _quantize_param(param, weight.device)
     if has_bias:
         module.bias = linear.bias
     module.requires_grad_(False)
