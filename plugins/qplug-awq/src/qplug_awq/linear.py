@@ -262,9 +262,14 @@ class AwqLinear(nn.Module):
         chunk = max(1, _CHUNK_ELEMENTS // (g * out_f))
         if self.version == "gemm":
             nibbles = self.qweight.view(torch.uint8).view(groups, g, out_f // 2)
-            for c in range(0, groups, chunk):
-                q = _split_nibbles(nibbles[c : c + chunk]).to(dtype).view(-1, g, out_f)
-                out += (torch.bmm(xs[c : c + chunk], q) * s[c : c + chunk].unsqueeze(1)).sum(0)
+            if chunk == 1:  # one group per step: matmul, then scale-and-accumulate in one op
+                for c in range(groups):
+                    q = _split_nibbles(nibbles[c]).to(dtype)  # [g, out]
+                    out.addcmul_(xs[c] @ q, s[c])
+            else:
+                for c in range(0, groups, chunk):
+                    q = _split_nibbles(nibbles[c : c + chunk]).to(dtype).view(-1, g, out_f)
+                    out += (torch.bmm(xs[c : c + chunk], q) * s[c : c + chunk].unsqueeze(1)).sum(0)
             out = out[:, _gemm_output_index(out_f, out.device)]
         else:
             # rows are output channels here: accumulate out^T [out, n] so each chunk stays contiguous
