@@ -165,3 +165,33 @@ def test_dequantize_restores_plain_linear_in_the_model_dtype():
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 15 and all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in linears)
     assert relative_error(_logits(model, ids), before) < 1e-3
+
+
+def test_gptqmodel_checkpoint_with_quantized_lm_head_loads(tmp_path):
+    """GPTQModel's ``"lm_head": true``: the head is quantized too, and loading must expect it."""
+    from qplug_gptq.algorithm import LayerGPTQ
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama(seed=0)
+    ids = example_tokens(model)
+    qplug.quantize(model, GPTQConfig(bits=4, group_size=64), calibration=_cal(model))
+    # quantize the head as GPTQModel would (inputs: the final hidden states)
+    head = LayerGPTQ(model.lm_head.weight.data, "lm_head")
+    h = model.lm_head.register_forward_hook(lambda m, args, out: head.add_batch(args[0]))
+    model(_cal(model))
+    h.remove()
+    r = head.quantize(bits=4, group_size=64)
+    qhead = GPTQLinear.from_integers(r.intweight, r.zeros, r.scales.half(), r.g_idx, bits=4, group_size=64)
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    tensors.update({f"lm_head.{k}": v for k, v in qhead.state_dict().items()})
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["quantization_config"]["lm_head"] = True
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+
+    loaded = qplug.load_quantized(tmp_path / "ckpt")
+    assert isinstance(loaded.lm_head, GPTQLinear)
+    model.lm_head = qhead
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))

@@ -91,6 +91,7 @@ class LayerGPTQ:
         self.H = torch.zeros((self.columns, self.columns), dtype=torch.float32, device=weight.device)
         self.nsamples = 0
 
+    @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
         """Add the inputs of one forward call (``[..., in]``; the leading dim counts samples)."""
         if inp.shape[-1] != self.columns:
@@ -104,6 +105,7 @@ class LayerGPTQ:
         x = math.sqrt(2 / self.nsamples) * x.float()
         self.H += x.matmul(x.t())
 
+    @torch.no_grad()
     def quantize(
         self,
         *,
