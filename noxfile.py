@@ -10,7 +10,7 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
-nox.options.sessions = ["tests", "bitsandbytes", "gptq", "gptq_autogptq", "awq", "lint", "docs"]
+nox.options.sessions = ["tests", "bitsandbytes", "gptq", "gptq_autogptq", "awq", "awq_autoawq", "lint", "docs"]
 
 TORCH = "torch==2.13.0"
 EXAMPLE_PLUGIN = "docs/examples/qplug-int8"
@@ -61,9 +61,20 @@ def gptq_autogptq(session: nox.Session) -> None:
 
 @nox.session
 def awq(session: nox.Session) -> None:
-    """qplug-awq with and against autoawq 0.2.9 (its modules import with current transformers)."""
+    """qplug-awq without autoawq: loading an autoawq-made fixture, running and quantizing on its own."""
     _install_core(session, "test")
-    session.install("-e", "plugins/qplug-awq")
+    session.install("-e", "plugins/qplug-awq[test]")
+    _pytest(session, "plugins/qplug-awq/tests")
+
+
+@nox.session(name="awq_autoawq")
+def awq_autoawq(session: nox.Session) -> None:
+    """qplug-awq against autoawq 0.2.9 itself (installed without triton or an unpinned torch)."""
+    _install_core(session, "test")
+    session.install("-e", "plugins/qplug-awq[test]")
+    # autoawq's own requirements pull triton and an unpinned torch: install it bare, then what it imports.
+    session.install("--no-deps", "autoawq==0.2.9")
+    session.install("accelerate", "datasets", "zstandard", "huggingface_hub>=0.26.5", "tokenizers", "typing_extensions")
     _pytest(session, "plugins/qplug-awq/tests")
 
 

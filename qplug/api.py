@@ -276,7 +276,9 @@ def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, 
     tied_in_model = {n: names for names in aliases.values() if len(names) > 1 for n in names}
     try:
         result = model.load_state_dict(tensors, strict=False, assign=True)
-    except RuntimeError as exc:
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError) as exc:  # torch's size-mismatch report, or a module's own check
         raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: {exc}") from exc
     if result.unexpected_keys:
         raise CheckpointError(f"checkpoint has tensors the model does not: {', '.join(result.unexpected_keys)}")
