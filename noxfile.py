@@ -53,7 +53,9 @@ def gptq(session: nox.Session) -> None:
 def gptq_autogptq(session: nox.Session) -> None:
     """qplug-gptq against auto-gptq 0.7.1 itself (pins: transformers<4.50, peft<0.11)."""
     session.install(TORCH)
-    session.install("transformers<4.50", "peft<0.11", "pytest>=8", "hypothesis>=6.100")
+    # auto-gptq 0.7.1 imports only with these pins; its prebuilt wheel falls back to torch code on this torch.
+    session.install("transformers<4.50", "peft<0.11", "auto-gptq==0.7.1", "optimum==1.24.0", "pytest>=8",
+                    "hypothesis>=6.100")
     session.install("-e", ".")
     session.install("-e", "plugins/qplug-gptq")
     _pytest(session, "plugins/qplug-gptq/tests")

@@ -166,7 +166,9 @@ def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
         ) from exc
     from qplug.modules import empty_weights
 
-    fields = {k: v for k, v in config.items() if k != "quantization_config"}
+    # Private keys record how the saving process ran (transformers < 4.50 writes
+    # "_attn_implementation_autoset", which would force eager attention here): leave them out.
+    fields = {k: v for k, v in config.items() if k != "quantization_config" and not k.startswith("_")}
     model_type = fields.pop("model_type", None)
     if not model_type:
         raise ConfigFileError("config.json has no model_type; pass model=... to load_quantized")
