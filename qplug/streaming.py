@@ -13,6 +13,8 @@ whole-model activations (GPTQ, AWQ) need the float model in memory: use :func:`q
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,6 +85,8 @@ def stream_quantize(
             for name, tensors in _prefetched(reader, read_layer, module_names):
                 _materialize(model, name, tensors)
                 quantize_one([name])
+                del tensors
+                _release_freed_memory()
                 if on_module is not None:
                     on_module(name)
         taken = {f"{n}.{part}" for n in module_names for part in ("weight", "bias")}
@@ -97,6 +101,26 @@ def _prefetched(reader: ThreadPoolExecutor, read: Callable[[str], Any], names: l
         tensors = pending.result()
         pending = reader.submit(read, names[index + 1]) if index + 1 < len(names) else None
         yield name, tensors
+
+
+def _release_freed_memory() -> None:
+    """Hand the float layer just dropped back to the OS.
+
+    glibc keeps freed blocks in per-thread arenas; with a reader thread and the library's own
+    temporaries, the freed float layers would otherwise pile up as resident memory that nothing
+    uses. ``malloc_trim`` returns them (a no-op where it does not exist).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _materialize(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
