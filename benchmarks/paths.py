@@ -17,6 +17,7 @@ from pathlib import Path
 import bitsandbytes  # noqa: F401  (imported by every path, so every path pays the same floor)
 import torch
 import transformers
+from transformers import LlamaForCausalLM  # noqa: F401  (transformers imports model code lazily: not timed)
 
 import qplug
 
