@@ -41,7 +41,15 @@ import threading
 
 import torch
 
-__all__ = ["ENV_VAR", "fast_path_available", "fast_path_enabled", "quantize_4bit", "warm_up"]
+__all__ = [
+    "ENV_VAR",
+    "fast_path_available",
+    "fast_path_enabled",
+    "is_warm",
+    "quantize_4bit",
+    "warm_up",
+    "warm_up_in_background",
+]
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +288,28 @@ def quantize_4bit(
             quant_type=quant_type,
         )
     return packed, state
+
+
+def is_warm(dtype: torch.dtype) -> bool:
+    """Whether the kernel for ``dtype`` is compiled in this process (calls then cost no compile time)."""
+    return (dtype, False) in _warm
+
+
+_background: dict[torch.dtype, threading.Thread] = {}
+
+
+def warm_up_in_background(dtype: torch.dtype) -> None:
+    """Start compiling the kernel for ``dtype`` on a daemon thread (once); returns at once.
+
+    Callers keep quantizing with bitsandbytes meanwhile (the same bytes), so the compile overlaps
+    with useful work instead of stalling it.
+    """
+    with _lock:
+        if dtype in _background or not fast_path_available(dtype):
+            return
+        thread = threading.Thread(target=warm_up, args=((dtype,),), name=f"qplug-fast4bit-{dtype}", daemon=True)
+        _background[dtype] = thread
+    thread.start()
 
 
 def warm_up(dtypes=_DTYPES) -> dict[torch.dtype, bool]:

@@ -339,10 +339,15 @@ def _quantize_param(param: bnb.nn.Params4bit, device: torch.device) -> bnb.nn.Pa
     """``param._quantize(device)``, through qplug's compiled quantizer when ``QPLUG_BNB_FAST4BIT=1``.
 
     The compiled quantizer (:mod:`qplug_bitsandbytes.fast4bit`) writes the very bytes bitsandbytes
-    writes, several times faster, but compiles once per process and dtype (seconds); it is opt-in
-    so small jobs and tests do not pay that. Wherever it cannot run it calls bitsandbytes itself.
+    writes, several times faster, but compiles once per process and dtype (seconds, on a background
+    thread while bitsandbytes quantizes the first weights); it is opt-in so small jobs and tests do
+    not pay that. Wherever it cannot run it calls bitsandbytes itself.
     """
     if os.environ.get(fast4bit.ENV_VAR, "").strip().lower() not in ("1", "true", "yes", "on"):
+        return param._quantize(device)
+    if not fast4bit.is_warm(param.data.dtype):
+        # Compile on another thread while bitsandbytes quantizes these first weights (same bytes).
+        fast4bit.warm_up_in_background(param.data.dtype)
         return param._quantize(device)
     data = param.data.contiguous().to(device)
     packed, state = fast4bit.quantize_4bit(
