@@ -117,7 +117,7 @@ def main() -> None:
         ratio = stats[mine][metric]["median"] / stats[ref][metric]["median"]
         verdict = "—" if target is None else ("pass" if ratio <= target else "MISS")
         verdicts.append({"what": what, "ratio": ratio, "target": target, "result": verdict})
-        lines.append(f"| {what} | {ratio:.2f} | {'≤ ' + str(target) if target else 'report'} | {verdict} |")
+        lines.append(f"| {what} | {ratio:.3f} | {'≤ ' + str(target) if target else 'report'} | {verdict} |")
     measured = stats["qplug-nf4"]["max_rss"]["median"]
     lines += ["", "Memory model for qplug NF4 quantize-on-load (GiB): "
               + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in model.items())
