@@ -34,7 +34,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import attrs
 
@@ -51,7 +51,9 @@ __all__ = [
     "number_in",
     "one_of",
     "optional",
+    "positive_int",
     "read_quantization_config",
+    "reject",
     "to_float",
     "to_list",
     "to_lower",
@@ -129,7 +131,15 @@ def torch_dtype(name: str):
 Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
-def _fail(inst: Any, attribute: attrs.Attribute, value: Any, accepted: str) -> None:
+def reject(inst: Any, attribute: attrs.Attribute, value: Any, accepted: str) -> NoReturn:
+    """Raise the :class:`QuantConfigError` a validator raises: field, value given, what is accepted.
+
+    For validators a backend writes itself::
+
+        def even(inst, attribute, value):
+            if value % 2:
+                reject(inst, attribute, value, "expected an even number")
+    """
     raise QuantConfigError(field=attribute.name, value=value, accepted=accepted, config=type(inst).__name__)
 
 
@@ -153,7 +163,7 @@ def instance_of(*types: type) -> Validator:
 
     def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         if not _is_instance(value, types):
-            _fail(inst, attribute, value, f"expected {_type_names(types)}")
+            reject(inst, attribute, value, f"expected {_type_names(types)}")
 
     return validate
 
@@ -168,7 +178,7 @@ def one_of(choices: Iterable[Any]) -> Validator:
         except Exception:
             ok = False
         if not ok:
-            _fail(inst, attribute, value, "expected one of " + ", ".join(repr(c) for c in allowed))
+            reject(inst, attribute, value, "expected one of " + ", ".join(repr(c) for c in allowed))
 
     return validate
 
@@ -183,11 +193,23 @@ def number_in(
         hi = ")" if high_open else "]"
         span = f"a number in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
         if not _is_instance(value, (int, float)) or value != value:  # NaN compares unequal to itself
-            _fail(inst, attribute, value, "expected " + span)
+            reject(inst, attribute, value, "expected " + span)
         if low is not None and (value < low or (low_open and value == low)):
-            _fail(inst, attribute, value, "expected " + span)
+            reject(inst, attribute, value, "expected " + span)
         if high is not None and (value > high or (high_open and value == high)):
-            _fail(inst, attribute, value, "expected " + span)
+            reject(inst, attribute, value, "expected " + span)
+
+    return validate
+
+
+def positive_int(*, or_minus_one: str | None = None) -> Validator:
+    """A positive integer (not a bool); with ``or_minus_one``, also -1, which that text explains."""
+    accepted = f"expected -1 ({or_minus_one}) or a positive integer" if or_minus_one else "expected a positive integer"
+
+    def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        instance_of(int)(inst, attribute, value)
+        if value <= 0 and not (or_minus_one and value == -1):
+            reject(inst, attribute, value, accepted)
 
     return validate
 
@@ -208,7 +230,7 @@ def list_of(*types: type) -> Validator:
 
     def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         if not isinstance(value, list) or not all(_is_instance(item, types) for item in value):
-            _fail(inst, attribute, value, f"expected a list of {_type_names(types)} values")
+            reject(inst, attribute, value, f"expected a list of {_type_names(types)} values")
 
     return validate
 
@@ -216,7 +238,7 @@ def list_of(*types: type) -> Validator:
 def mapping(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     """A JSON object (dict with string keys)."""
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        _fail(inst, attribute, value, "expected a JSON object")
+        reject(inst, attribute, value, "expected a JSON object")
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ import attrs
 import torch
 from torch import nn
 
+from qplug.errors import IncompatibleModelError
+
 from .linear import AwqLinear
 from .quant import pseudo_quantize
 
@@ -341,7 +343,8 @@ def _apply_scale(block: nn.Module, group: ScalingGroup, scales: torch.Tensor, fe
         if getattr(prev, "bias", None) is not None:
             prev.bias.div_(s.to(prev.bias.dtype))
     else:
-        raise NotImplementedError(f"AWQ: cannot fold scales into {group.prev} ({type(prev).__name__})")
+        # The model is not one AWQ knows how to rescale: the error users catch for that, naming the module.
+        raise IncompatibleModelError(f"AWQ: cannot fold scales into {group.prev} ({type(prev).__name__})")
     for layer in layers:
         layer.weight.mul_(s.view(1, -1).to(layer.weight.dtype))
     for name in group.layers:

@@ -38,6 +38,7 @@ from qplug.config import (
     number_in,
     one_of,
     optional,
+    positive_int,
     to_float,
     to_list,
     to_lower,
@@ -76,14 +77,6 @@ def _to_version(value: Any) -> Any:
     return value
 
 
-def _group_size(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-    instance_of(int)(inst, attribute, value)
-    if value != -1 and value <= 0:
-        raise QuantConfigError(field=attribute.name, value=value,
-                               accepted="expected -1 (one group per row) or a positive integer",
-                               config=type(inst).__name__)
-
-
 def _dataset(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         return
@@ -115,7 +108,7 @@ class AwqConfig(QuantConfig):
     skip_field: ClassVar[str | None] = "modules_to_not_convert"
 
     bits: int = attrs.field(default=4, validator=[instance_of(int), one_of((2, 3, 4, 8))])
-    group_size: int = attrs.field(default=128, validator=_group_size)
+    group_size: int = attrs.field(default=128, validator=positive_int(or_minus_one="one group per row"))
     zero_point: bool = attrs.field(default=True, validator=instance_of(bool))
     version: str = attrs.field(default="gemm", converter=_to_version, validator=one_of(VERSIONS))
     backend: str = attrs.field(default="autoawq", converter=_to_backend, validator=one_of(BACKENDS))

@@ -34,6 +34,8 @@ from qplug.config import (
     number_in,
     one_of,
     optional,
+    positive_int,
+    reject,
     to_float,
     to_list,
     to_lower,
@@ -51,25 +53,6 @@ SUPPORTED_FORMATS = ("gptq", "gptq_v2")
 _SYNONYMS = {"w_bit": "bits", "q_group_size": "group_size", "format": "checkpoint_format"}
 
 
-def _group_size(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-    instance_of(int)(inst, attribute, value)
-    if value != -1 and value <= 0:
-        raise QuantConfigError(
-            field=attribute.name,
-            value=value,
-            accepted="expected -1 (one group per row) or a positive integer",
-            config=type(inst).__name__,
-        )
-
-
-def _positive_int(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-    instance_of(int)(inst, attribute, value)
-    if value <= 0:
-        raise QuantConfigError(
-            field=attribute.name, value=value, accepted="expected a positive integer", config=type(inst).__name__
-        )
-
-
 def _str_or_str_list(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, str):
         return
@@ -82,46 +65,26 @@ def _dataset(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, str):
         return
     if not isinstance(value, list):
-        raise QuantConfigError(
-            field=attribute.name,
-            value=value,
-            accepted="expected a dataset name or a list of texts",
-            config=type(inst).__name__,
-        )
+        reject(inst, attribute, value, "expected a dataset name or a list of texts")
 
 
 def _nested_str_lists(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, list) or not all(
         isinstance(g, list) and all(isinstance(n, str) for n in g) for g in value
     ):
-        raise QuantConfigError(
-            field=attribute.name,
-            value=value,
-            accepted="expected a list of lists of module names",
-            config=type(inst).__name__,
-        )
+        reject(inst, attribute, value, "expected a list of lists of module names")
 
 
 def _exllama_config(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     mapping(inst, attribute, value)
     if "version" not in value or value["version"] not in (1, 2) or isinstance(value["version"], bool):
-        raise QuantConfigError(
-            field=attribute.name,
-            value=value,
-            accepted='expected {"version": 1} or {"version": 2}',
-            config=type(inst).__name__,
-        )
+        reject(inst, attribute, value, 'expected {"version": 1} or {"version": 2}')
 
 
 def _tokenizer(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     # A name/path, or a tokenizer object (as transformers allows); objects are written as their name.
     if value is not None and not isinstance(value, str) and not callable(value):
-        raise QuantConfigError(
-            field=attribute.name,
-            value=value,
-            accepted="expected a tokenizer, its name or a local path",
-            config=type(inst).__name__,
-        )
+        reject(inst, attribute, value, "expected a tokenizer, its name or a local path")
 
 
 def _bool():
@@ -142,7 +105,7 @@ class GPTQConfig(QuantConfig):
     bits: int = attrs.field(default=4, validator=[instance_of(int), one_of((2, 3, 4, 8))])
     tokenizer: Any = attrs.field(default=None, validator=_tokenizer, eq=False)
     dataset: Any = attrs.field(default=None, converter=to_list, validator=optional(_dataset))
-    group_size: int = attrs.field(default=128, validator=_group_size)
+    group_size: int = attrs.field(default=128, validator=positive_int(or_minus_one="one group per row"))
     damp_percent: float = attrs.field(
         default=0.1, converter=to_float, validator=number_in(0, 1, low_open=True, high_open=True)
     )
@@ -154,17 +117,17 @@ class GPTQConfig(QuantConfig):
     meta: dict[str, Any] | None = attrs.field(default=None, validator=optional(mapping))
     backend: str | None = attrs.field(default=None, converter=to_lower, validator=optional(instance_of(str)))
     use_cuda_fp16: bool = attrs.field(default=False, validator=_bool())
-    model_seqlen: int | None = attrs.field(default=None, validator=optional(_positive_int))
+    model_seqlen: int | None = attrs.field(default=None, validator=optional(positive_int()))
     block_name_to_quantize: str | list[str] | None = attrs.field(
         default=None, converter=to_list, validator=optional(_str_or_str_list)
     )
     module_name_preceding_first_block: list[str] | None = attrs.field(
         default=None, converter=to_list, validator=optional(list_of(str))
     )
-    batch_size: int = attrs.field(default=1, validator=_positive_int)
+    batch_size: int = attrs.field(default=1, validator=positive_int())
     pad_token_id: int | None = attrs.field(default=None, validator=optional(instance_of(int)))
     use_exllama: bool | None = attrs.field(default=None, validator=optional(_bool()))
-    max_input_length: int | None = attrs.field(default=None, validator=optional(_positive_int))
+    max_input_length: int | None = attrs.field(default=None, validator=optional(positive_int()))
     exllama_config: dict[str, Any] | None = attrs.field(default=None, validator=optional(_exllama_config))
     cache_block_outputs: bool = attrs.field(default=True, validator=_bool())
     modules_in_block_to_quantize: list[list[str]] | None = attrs.field(
