@@ -16,8 +16,10 @@ if [ -d "${WHEELHOUSE:-wheelhouse}" ]; then
   "$python" -m pip install --quiet --no-index --find-links "${WHEELHOUSE:-wheelhouse}" \
     torch bitsandbytes transformers accelerate peft pytest hypothesis safetensors pluggy attrs rich tqdm packaging
 fi
-"$python" -m pip install --quiet --no-index --no-deps --no-build-isolation \
-  -e . -e plugins/qplug-bitsandbytes -e plugins/qplug-gptq -e plugins/qplug-awq || exit 2
+# Install this checkout unless the four distributions are already installed (from wheels, say).
+"$python" -c "import qplug, qplug_bitsandbytes, qplug_gptq, qplug_awq" 2>/dev/null ||
+  "$python" -m pip install --quiet --no-index --no-deps --no-build-isolation \
+    -e . -e plugins/qplug-bitsandbytes -e plugins/qplug-gptq -e plugins/qplug-awq || exit 2
 
 "$python" - <<'PY' || { echo "gpu_check: no usable CUDA device"; exit 2; }
 import torch

@@ -76,12 +76,13 @@ def module_kwargs(hf_kwargs: dict) -> tuple[str, dict]:
 
 
 def linear_names(model) -> list[str]:
-    """The ``nn.Linear`` modules transformers' bnb path converts (all but the output head)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear and name != "lm_head"
+    """The linears transformers' bnb path converts (all but the output head), whether converted yet
+    or not: bitsandbytes' ``Linear4bit``/``Linear8bitLt`` are ``nn.Linear`` subclasses."""
+    names = [
+        name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name != "lm_head"
     ]
+    assert names, "the model has no linears to convert"  # loops over these must never be vacuous
+    return names
 
 
 def quantize_with_modules(model, hf_kwargs: dict):

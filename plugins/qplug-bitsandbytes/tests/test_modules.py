@@ -198,6 +198,26 @@ def test_moving_after_forward_restores_canonical_layout(fresh_model, input_ids):
     assert torch.equal(logits(model, input_ids), expected)
 
 
+@pytest.mark.parametrize("forward_first", [False, True], ids=["fresh", "after-forward"])
+def test_int8_state_follows_the_weight_when_moved(fresh_model, input_ids, forward_first):
+    """`.cuda()` swaps each weight's storage (via nn.Module._apply); bitsandbytes' int8 matmul reads
+    CB/SCB, which must move with it (on the GPU a stale CPU CB failed the matmul). A copying
+    `_apply` is that move on a CPU-only machine."""
+    model = quantize_with_modules(fresh_model, HF_ALL["int8"])
+    expected = logits(model, input_ids)
+    if forward_first:
+        logits(model, input_ids)  # bitsandbytes moves CB/SCB from the weight into module.state
+
+    model._apply(torch.clone)
+
+    for name in linear_names(model):
+        module = model.get_submodule(name)
+        held = [holder.CB for holder in (module.weight, module.state) if holder.CB is not None]
+        assert len(held) == 1, name
+        assert held[0].data_ptr() == module.weight.data_ptr(), name
+    assert torch.equal(logits(model, input_ids), expected)
+
+
 # --- errors -------------------------------------------------------------------------------
 
 MODULE = "model.layers.0.self_attn.q_proj"

@@ -447,6 +447,22 @@ class Linear8bitLt(bnb.nn.Linear8bitLt):
         scb = getattr(self.weight, "SCB", None)
         return scb if scb is not None else self.state.SCB
 
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        # nn.Module._apply (behind .cuda(), .cpu(), .to()) swaps the weight's .data but leaves the
+        # int8 matrix (CB) and row scales (SCB) that bitsandbytes' matmul reads from
+        # `weight` or `state` on the old device; make them follow the weight.
+        super()._apply(fn, recurse)
+        if self.state.has_fp16_weights:
+            return self
+        weight = self.weight
+        for holder in (weight, self.state):
+            if getattr(holder, "CB", None) is not None:
+                holder.CB = weight.data
+            scb = getattr(holder, "SCB", None)
+            if scb is not None and scb.device != weight.device:
+                holder.SCB = scb.to(weight.device)
+        return self
+
     def _load_from_state_dict(
         self,
         state_dict: dict,
