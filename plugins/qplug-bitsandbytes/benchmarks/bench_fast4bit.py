@@ -5,10 +5,9 @@ pairs (bitsandbytes, fast; order alternating); reported are the median of each m
 the per-pair ratios (the robust figure on a shared machine). Every round also checks that the packed bytes and
 the absmax are identical.
 
-Compile cost (one time, per process and dtype): two fresh worker processes time their first call (which
-compiles) against the second call with the same shape, using a private, initially empty inductor cache
-directory: the first worker compiles from scratch ("cold"), the second finds inductor's on-disk cache ("warm").
-``--no-compile-cost`` skips this part.
+Build cost (one time per machine): two fresh worker processes time their first call against a second call with
+the same shape, with a private, initially empty kernel cache (``QPLUG_CACHE_DIR``): the first worker runs the C
+compiler ("cold"), the second loads the library the first one left ("warm"). ``--no-compile-cost`` skips this.
 
     python plugins/qplug-bitsandbytes/benchmarks/bench_fast4bit.py
     python plugins/qplug-bitsandbytes/benchmarks/bench_fast4bit.py --quant-type fp4 --double-quant --rounds 9
@@ -29,8 +28,9 @@ SHAPES = ((5632, 2048), (2048, 2048))
 
 
 def _worker(args) -> None:
-    """Fresh process: time the first (compiling) call and a second one; print JSON."""
+    """Fresh process: time the first (building or loading) call and a second one; print JSON."""
     t0 = time.perf_counter()
+    import bitsandbytes.functional  # noqa: F401  (imported by the first call otherwise: not a build cost)
     import torch
     from qplug_bitsandbytes import fast4bit
 
@@ -43,13 +43,13 @@ def _worker(args) -> None:
     t0 = time.perf_counter()
     fast4bit.quantize_4bit(A, **kw)
     second = time.perf_counter() - t0
-    print(json.dumps(dict(import_s=t_import, first_s=first, second_s=second, broken=list(map(str, fast4bit._broken)))))
+    print(json.dumps(dict(import_s=t_import, first_s=first, second_s=second, broken=fast4bit.unavailable_reason())))
 
 
 def _compile_costs(args) -> dict[str, dict]:
     out = {}
-    with tempfile.TemporaryDirectory(prefix="bench_fast4bit_inductor_") as cache:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+    with tempfile.TemporaryDirectory(prefix="bench_fast4bit_cache_") as cache:
+        env = dict(os.environ, QPLUG_CACHE_DIR=cache)
         env.pop("QPLUG_BNB_FAST4BIT", None)
         cmd = [sys.executable, __file__, "--worker", "--dtype", args.dtype, "--quant-type", args.quant_type]
         cmd += ["--blocksize", str(args.blocksize)] + (["--double-quant"] if args.double_quant else [])
@@ -86,7 +86,7 @@ def main() -> None:
     )
     fast4bit.warm_up((dtype,))
     if not fast4bit.fast_path_available(dtype):
-        print(f"fast path unavailable: {fast4bit._broken.get(dtype, 'disabled by ' + fast4bit.ENV_VAR)}")
+        print(f"fast path unavailable: {fast4bit.unavailable_reason() or 'disabled by ' + fast4bit.ENV_VAR}")
 
     print(
         f"{'shape':>11} {'Mweights':>8} | {'bnb ms':>8} {'fast ms':>8} | {'speed-up':>8} {'(pairs)':>7} | "
@@ -119,9 +119,9 @@ def main() -> None:
         )
 
     if costs:
-        print(f"one-time compile cost ({args.dtype}, fresh process, first call minus a second call of the same shape):")
+        print(f"one-time build cost ({args.dtype}, fresh process, first call minus a second call of the same shape):")
         for label, c in costs.items():
-            what = "empty inductor cache" if label == "cold" else "inductor on-disk cache from the cold run"
+            what = "empty kernel cache: runs the C compiler" if label == "cold" else "loads the cold run's library"
             print(
                 f"  {label:>4}: {c['first_s'] - c['second_s']:6.1f} s  (first call {c['first_s']:.2f} s, "
                 f"second {c['second_s'] * 1e3:.0f} ms; import {c['import_s']:.1f} s; {what})"

@@ -1,76 +1,69 @@
 """Fast, byte-exact CPU replacement for ``bitsandbytes.functional.quantize_4bit``.
 
 bitsandbytes quantizes CPU tensors to NF4/FP4 with an eager torch kernel (the
-``bitsandbytes::quantize_4bit`` "default" implementation): absmax per block,
-scale, ``torch.bucketize`` against the 15 midpoints of the code book, then
-nibble packing -- six or seven passes over the tensor with large temporaries.
+``bitsandbytes::quantize_4bit`` "default" implementation): absmax per block, scale,
+``torch.bucketize`` against the 15 midpoints of the code book, then nibble packing -- six or
+seven passes over the tensor with large temporaries, about 65 M weights/s on two cores.
 
-:func:`quantize_4bit` does the elementwise part in one fused pass compiled with
-``torch.compile`` (inductor emits vectorized, OpenMP-parallel C++) and produces
-the very same bytes:
+:func:`quantize_4bit` does the elementwise part in one pass of a small C kernel
+(``quantize4bit.c``, beside this file; its comment gives the arithmetic and why the bytes are the
+same) and leaves the rest to bitsandbytes:
 
-* the block absmax and the scale are computed with the same float32 operations
-  (``1.0 / absmax.clamp(min=1e-38)``, then one multiplication);
-* ``bucketize(s, bounds)`` (``right=False``) is the number of bounds strictly
-  below ``s``; we count it as ``15 - #(s <= bound)``, which also sends NaN to
-  bucket 15 exactly as ``bucketize`` does. The clamp to [-1, 1] is dropped
-  because every bound lies strictly inside (-1, 1), so it cannot change a count.
-  The bucket is mapped to the code index (the FP4 code book is not sorted) with
-  a telescoping sum of the differences of bitsandbytes' own ``order`` table, so
-  the kernel has no table lookup;
-* blocks containing NaN get their absmax from eager torch (the vectorized max returns a different NaN bit
-  pattern; eager keeps the input's payload), so even those bytes match;
-* the trailing partial block (``numel % blocksize`` elements), the double
-  quantization of absmax (``compress_statistics=True``) and the ``QuantState``
-  are computed by bitsandbytes itself.
+* the trailing partial block (``numel % blocksize`` elements), the double quantization of absmax
+  (``compress_statistics=True``) and the ``QuantState`` are bitsandbytes' own calls;
+* blocks holding NaN get their absmax from eager torch, so even the NaN bits match.
 
-The compiled kernel takes the bounds as tensors and has dynamic shapes, so it is
-compiled once per input dtype per process (and cached on disk by inductor), not
-per shape, blocksize or quant type (inference tensors, made under
-``torch.inference_mode``, need one more graph per dtype). Whenever the fast path cannot be used (no
-compiler, non-CPU tensor, other dtype, tensors smaller than two blocks, ``out``/
-``absmax`` arguments, or ``QPLUG_BNB_FAST4BIT=0``) the call goes to
+The kernel is compiled once per machine by the system C compiler (``$CC``, else ``cc``, ``gcc``
+or ``clang``; about 0.2 s) into ``$QPLUG_CACHE_DIR`` (default ``~/.cache/qplug``), keyed by the
+source, the compiler and the CPU, and loaded with :mod:`ctypes`; calls then cost nothing extra
+whatever the tensor shape. Independent ranges of blocks run on ``torch.get_num_threads()``
+threads (ctypes releases the GIL). Whenever the fast path cannot be used (no compiler, a failed
+build, a non-CPU tensor, another dtype, a blocksize bitsandbytes does not offer, tensors smaller
+than two blocks, ``out``/``absmax`` arguments, or ``QPLUG_BNB_FAST4BIT=0``) the call goes to
 ``bitsandbytes.functional.quantize_4bit`` unchanged.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import logging
 import os
+import platform
+import shutil
+import subprocess
+import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
 
 import torch
 
-__all__ = [
-    "ENV_VAR",
-    "fast_path_available",
-    "fast_path_enabled",
-    "is_warm",
-    "quantize_4bit",
-    "warm_up",
-    "warm_up_in_background",
-]
+__all__ = ["ENV_VAR", "fast_path_available", "fast_path_enabled", "quantize_4bit", "unavailable_reason", "warm_up"]
 
 log = logging.getLogger(__name__)
 
 #: Set to ``0`` (or ``false``/``no``/``off``) to route every call to bitsandbytes.
 ENV_VAR = "QPLUG_BNB_FAST4BIT"
+#: Where the compiled kernel is kept (default ``$XDG_CACHE_HOME/qplug`` or ``~/.cache/qplug``).
+CACHE_ENV_VAR = "QPLUG_CACHE_DIR"
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_SOURCE = "quantize4bit.c"
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _QUANT_TYPES = ("nf4", "fp4")
-# A tensor with one full block would make dynamo specialize that dimension to 1
-# (and recompile); such tensors are tiny, bitsandbytes handles them.
 _MIN_BLOCKS = 2
+# Below this many blocks one thread does it all: a hand-off to the pool costs more than it saves.
+_BLOCKS_PER_THREAD_MIN = 2048
+# Tried in order; the first that builds is used. No -ffast-math: the float arithmetic must be IEEE.
+_FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 
 _lock = threading.Lock()
-_compiled = None
-_broken: dict[torch.dtype, str] = {}  # dtype -> why the compiled kernel failed
-_warm: set[tuple[torch.dtype, bool]] = set()  # (dtype, inference tensor) compiled with the example shape below
-# The first call compiles; inductor takes its loop/parallelization decisions from that call's sizes, so the
-# first call for a dtype is always made on this (large enough to be parallelized) example, whatever the input.
-_EXAMPLE_SHAPE = (4096, 256)
-_tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_kernel = None  # the ctypes function once built and loaded
+_unavailable: str | None = None  # why the kernel cannot be used in this process
+_pool: ThreadPoolExecutor | None = None
+_tables: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 
 def fast_path_enabled() -> bool:
@@ -79,55 +72,114 @@ def fast_path_enabled() -> bool:
 
 
 def fast_path_available(dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether calls with this dtype currently take the compiled path (it may still fail on first use)."""
-    return fast_path_enabled() and dtype in _DTYPES and dtype not in _broken
+    """Whether CPU tensors of ``dtype`` take the compiled kernel (builds it on first call)."""
+    return fast_path_enabled() and dtype in _DTYPE_CODES and _load_kernel() is not None
 
 
-def _fused_kernel(x: torch.Tensor, bounds: torch.Tensor, deltas: torch.Tensor, top: torch.Tensor):
-    """(blocks, blocksize) float tensor -> (packed uint8 [blocks*blocksize/2], absmax float32 [blocks]).
-
-    ``bounds``: the 15 sorted midpoints; ``deltas[j] = order[j+1] - order[j]``; ``top = order[15]``, so that
-    ``order[k] = top - sum_{j >= k} deltas[j]`` and ``k = #(bounds < s) = 15 - #(s <= bounds)``.
-    """
-    xf = x.float()
-    absmax = xf.abs().amax(dim=1)
-    scale = (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)  # same expression, same float32 rounding as bitsandbytes
-    pairs = xf.view(x.shape[0], -1, 2)
-    # Codes of the even (high nibble) and odd (low nibble) elements computed apart: inductor then writes the
-    # packed bytes directly instead of materializing an int32 code per element (measured 1.7x faster).
-    high = _code(pairs[:, :, 0] * scale, bounds, deltas, top)
-    low = _code(pairs[:, :, 1] * scale, bounds, deltas, top)
-    packed = (high * 16 + low).to(torch.uint8)
-    return packed.reshape(-1), absmax
+def unavailable_reason() -> str | None:
+    """Why the kernel could not be built or loaded in this process (``None`` if it was, or was not tried)."""
+    return _unavailable
 
 
-def _code(s: torch.Tensor, bounds: torch.Tensor, deltas: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """Code index of each scaled value: order[bucketize(s, bounds)] without bucketize and without a lookup."""
-    code = top
-    for j in range(15):
-        code = code - (s <= bounds[j]).to(torch.int32) * deltas[j]
-    return code
+def warm_up(dtypes=tuple(_DTYPE_CODES)) -> dict[torch.dtype, bool]:
+    """Build (or load from the disk cache) the kernel now; returns dtype -> fast path available."""
+    return {dtype: fast_path_available(dtype) for dtype in dtypes}
 
 
-def _get_compiled():
-    global _compiled
-    if _compiled is None:
-        with _lock:
-            if _compiled is None:
-                _compiled = torch.compile(_fused_kernel, fullgraph=True, dynamic=None)
-    return _compiled
+# ------------------------------------------------------------------------------------------------- build
 
 
-def _call(kernel, x: torch.Tensor, tables):
-    torch._dynamo.maybe_mark_dynamic(x, 0)  # blocks
-    torch._dynamo.maybe_mark_dynamic(x, 1)  # blocksize
-    return kernel(x, *tables)
+def _cache_dir() -> Path:
+    configured = os.environ.get(CACHE_ENV_VAR)
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qplug"
 
 
-def _quant_tables(quant_type: str):
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and feature flags (Linux), else the machine name."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            lines = [ln for ln in fh if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def _build(source: bytes, compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    errors = []
+    fallback_dir = Path(tempfile.gettempdir()) / f"qplug-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    for flags in _FLAG_SETS:
+        parts = (compiler, version, " ".join(flags), _cpu_signature())
+        key = hashlib.sha256(b"\0".join([source, *(part.encode() for part in parts)])).hexdigest()[:24]
+        for directory in (_cache_dir(), fallback_dir):
+            target = directory / f"quantize4bit-{key}.so"
+            if target.exists():
+                return target
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=directory) as work:
+                    src = Path(work) / _SOURCE
+                    src.write_bytes(source)
+                    built = Path(work) / "kernel.so"
+                    cmd = [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(src)]
+                    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                    if result.returncode != 0:
+                        errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-500:]}")
+                        break  # these flags fail whatever the directory: try the next set
+                    os.replace(built, target)  # atomic: concurrent builders never see half a file
+                return target
+            except OSError as exc:  # unwritable cache directory: try the next one
+                errors.append(f"{directory}: {exc}")
+    raise RuntimeError("could not build the 4-bit kernel: " + " | ".join(errors))
+
+
+def _load_kernel():
+    global _kernel, _unavailable
+    if _kernel is not None or _unavailable is not None:
+        return _kernel
+    with _lock:
+        if _kernel is not None or _unavailable is not None:
+            return _kernel
+        try:
+            compiler = _compiler()
+            if compiler is None:
+                raise RuntimeError("no C compiler found ($CC, cc, gcc or clang)")
+            source = resources.files(__package__).joinpath(_SOURCE).read_bytes()
+            library = ctypes.CDLL(str(_build(source, compiler)))
+            kernel = library.qplug_quantize_4bit
+            kernel.restype = ctypes.c_int
+            kernel.argtypes = [
+                ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+            ]  # fmt: skip
+            _kernel = kernel
+        except Exception as exc:  # no compiler, failed build, unloadable library: bitsandbytes from now on
+            _unavailable = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "qplug-bitsandbytes fast 4-bit quantizer unavailable (%s); using bitsandbytes' quantize_4bit",
+                _unavailable.splitlines()[0],
+            )
+    return _kernel
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def _quant_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(15 sorted midpoints, order[j+1] - order[j], order[15]) from bitsandbytes' own code book."""
     tables = _tables.get(quant_type)
     if tables is None:
-        try:  # bitsandbytes' own bounds/order, as used by its CPU kernel
+        try:  # the bounds/order bitsandbytes' CPU kernel uses
             from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
 
             bounds, order = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
@@ -138,11 +190,7 @@ def _quant_tables(quant_type: str):
             order = torch.argsort(code)
             bounds = (code[order[:-1]] + code[order[1:]]) / 2
         order = order.to(torch.int32)
-        tables = (
-            bounds.to(torch.float32).contiguous().clone(),
-            (order[1:] - order[:-1]).contiguous(),
-            order[15].clone(),
-        )
+        tables = (bounds.to(torch.float32).contiguous(), (order[1:] - order[:-1]).contiguous(), int(order[15]))
         _tables[quant_type] = tables
     return tables
 
@@ -150,62 +198,46 @@ def _quant_tables(quant_type: str):
 def _fast_path_applies(A, blocksize, quant_type) -> bool:
     return (
         fast_path_enabled()
-        and isinstance(A, torch.Tensor)
         and type(A) is torch.Tensor
         and A.device.type == "cpu"
         and A.layout == torch.strided
-        and A.dtype in _DTYPES
-        and A.dtype not in _broken
+        and A.dtype in _DTYPE_CODES
         and blocksize in _BLOCKSIZES
         and quant_type in _QUANT_TYPES
         and A.numel() // blocksize >= _MIN_BLOCKS
-        and not torch.compiler.is_compiling()
+        and _load_kernel() is not None
     )
 
 
 def _run_kernel(flat: torch.Tensor, blocks: int, blocksize: int, quant_type: str):
-    """The compiled pass over the full blocks, or None if it cannot run (the dtype is then disabled)."""
-    x = flat[: blocks * blocksize].view(blocks, blocksize)
-    # dynamo guards on the grad/inference mode and on whether the input is an inference tensor: the call always
-    # runs with grad off and outside inference mode, so only inference-tensor inputs make a second graph (per dtype).
-    key = (flat.dtype, flat.is_inference())
-    try:
-        tables = _quant_tables(quant_type)
-        kernel = _get_compiled()
-        with torch.inference_mode(False), torch.no_grad():
-            if key not in _warm:
-                with _lock:
-                    if key not in _warm:
-                        _call(kernel, _example(*key), tables)
-                        _warm.add(key)
-            packed, absmax = _call(kernel, x, tables)
-    except Exception as exc:  # no compiler, inductor/dynamo failure, ...: use bitsandbytes from now on
-        _disable(flat.dtype, exc)
-        return None
+    """Packed codes and absmax of the ``blocks`` full blocks of contiguous ``flat``."""
+    global _pool
+    bounds, deltas, top = _quant_tables(quant_type)
+    packed = torch.empty(blocks * blocksize // 2, dtype=torch.uint8)
+    absmax = torch.empty(blocks, dtype=torch.float32)
+    args = (bounds.data_ptr(), deltas.data_ptr(), top, packed.data_ptr(), absmax.data_ptr())
+    src, dtype = flat.data_ptr(), _DTYPE_CODES[flat.dtype]
+
+    threads = max(1, min(torch.get_num_threads(), blocks // _BLOCKS_PER_THREAD_MIN))
+    per = -(-blocks // threads)
+    ranges = [(start, min(per, blocks - start)) for start in range(0, blocks, per)]
+    if len(ranges) > 1 and _pool is None:
+        with _lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="qplug-4bit")
+    if len(ranges) == 1:
+        status = [_kernel(src, dtype, *ranges[0], blocksize, *args)]
+    else:  # all on the pool: measured steadier than running one range on the calling thread
+        futures = [_pool.submit(_kernel, src, dtype, start, count, blocksize, *args) for start, count in ranges]
+        status = [f.result() for f in futures]
+    if any(status):
+        raise RuntimeError(f"4-bit kernel returned {status} for blocksize {blocksize}, dtype {flat.dtype}")
+
     nan_blocks = absmax.isnan()
-    if nan_blocks.any():
-        # Blocks holding NaN: the packed codes are right (all NaN -> bucket 15, as bucketize), but the vectorized
-        # max yields an all-ones NaN where eager torch keeps the input's NaN payload: take those absmax from eager.
+    if nan_blocks.any():  # keep the NaN bits eager torch produces (the kernel writes a canonical NaN)
         rows = nan_blocks.nonzero().squeeze(1)
-        absmax[rows] = x[rows].float().abs().max(dim=-1)[0]
+        absmax[rows] = flat[: blocks * blocksize].view(blocks, blocksize)[rows].float().abs().max(dim=-1)[0]
     return packed, absmax
-
-
-def _example(dtype: torch.dtype, inference: bool) -> torch.Tensor:
-    if inference:
-        with torch.inference_mode():
-            return torch.zeros(_EXAMPLE_SHAPE, dtype=dtype)
-    return torch.zeros(_EXAMPLE_SHAPE, dtype=dtype)
-
-
-def _disable(dtype: torch.dtype, exc: Exception) -> None:
-    _broken[dtype] = f"{type(exc).__name__}: {exc}"
-    log.warning(
-        "qplug-bitsandbytes fast 4-bit quantizer unavailable for %s (%s: %s); using bitsandbytes' quantize_4bit",
-        dtype,
-        type(exc).__name__,
-        str(exc).splitlines()[0] if str(exc) else "",
-    )
 
 
 def quantize_4bit(
@@ -228,8 +260,7 @@ def quantize_4bit(
 
     if blocksize is None:
         blocksize = 64
-
-    def fallback():
+    if absmax is not None or out is not None or not _fast_path_applies(A, blocksize, quant_type):
         return F.quantize_4bit(
             A,
             absmax=absmax,
@@ -240,16 +271,10 @@ def quantize_4bit(
             quant_storage=quant_storage,
         )
 
-    if absmax is not None or out is not None or not _fast_path_applies(A, blocksize, quant_type):
-        return fallback()
-
-    flat = A.detach().reshape(-1)
+    flat = A.detach().contiguous().reshape(-1)
     n = flat.numel()
     blocks = n // blocksize
-    result = _run_kernel(flat, blocks, blocksize, quant_type)
-    if result is None:
-        return fallback()
-    packed, _absmax = result
+    packed, _absmax = _run_kernel(flat, blocks, blocksize, quant_type)
 
     full = blocks * blocksize
     if full < n:  # trailing partial block: bitsandbytes' own kernel on just those elements
@@ -288,35 +313,3 @@ def quantize_4bit(
             quant_type=quant_type,
         )
     return packed, state
-
-
-def is_warm(dtype: torch.dtype) -> bool:
-    """Whether the kernel for ``dtype`` is compiled in this process (calls then cost no compile time)."""
-    return (dtype, False) in _warm
-
-
-_background: dict[torch.dtype, threading.Thread] = {}
-
-
-def warm_up_in_background(dtype: torch.dtype) -> None:
-    """Start compiling the kernel for ``dtype`` on a daemon thread (once); returns at once.
-
-    Callers keep quantizing with bitsandbytes meanwhile (the same bytes), so the compile overlaps
-    with useful work instead of stalling it.
-    """
-    with _lock:
-        if dtype in _background or not fast_path_available(dtype):
-            return
-        thread = threading.Thread(target=warm_up, args=((dtype,),), name=f"qplug-fast4bit-{dtype}", daemon=True)
-        _background[dtype] = thread
-    thread.start()
-
-
-def warm_up(dtypes=_DTYPES) -> dict[torch.dtype, bool]:
-    """Compile the kernel for ``dtypes`` now (e.g. before timing, or at plugin load); returns dtype -> fast path ok."""
-    status = {}
-    for dtype in dtypes:
-        if fast_path_available(dtype):
-            _run_kernel(torch.zeros(2 * 64, dtype=dtype), 2, 64, "nf4")  # compiles on the large example
-        status[dtype] = fast_path_available(dtype)
-    return status

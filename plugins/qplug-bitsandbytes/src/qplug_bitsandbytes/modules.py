@@ -30,7 +30,6 @@ this module only inside hook calls.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -336,18 +335,13 @@ def check_4bit_state(
 
 
 def _quantize_param(param: bnb.nn.Params4bit, device: torch.device) -> bnb.nn.Params4bit:
-    """``param._quantize(device)``, through qplug's compiled quantizer when ``QPLUG_BNB_FAST4BIT=1``.
+    """``param._quantize(device)``, through qplug's compiled CPU quantizer where it applies.
 
-    The compiled quantizer (:mod:`qplug_bitsandbytes.fast4bit`) writes the very bytes bitsandbytes
-    writes, several times faster, but compiles once per process and dtype (seconds, on a background
-    thread while bitsandbytes quantizes the first weights); it is opt-in so small jobs and tests do
-    not pay that. Wherever it cannot run it calls bitsandbytes itself.
+    :mod:`qplug_bitsandbytes.fast4bit` writes the very bytes bitsandbytes writes, several times
+    faster; wherever it cannot run (GPU tensors, no C compiler, ``QPLUG_BNB_FAST4BIT=0``) it calls
+    bitsandbytes' own quantizer.
     """
-    if os.environ.get(fast4bit.ENV_VAR, "").strip().lower() not in ("1", "true", "yes", "on"):
-        return param._quantize(device)
-    if not fast4bit.is_warm(param.data.dtype):
-        # Compile on another thread while bitsandbytes quantizes these first weights (same bytes).
-        fast4bit.warm_up_in_background(param.data.dtype)
+    if torch.device(device).type != "cpu" or not fast4bit.fast_path_available(param.data.dtype):
         return param._quantize(device)
     data = param.data.contiguous().to(device)
     packed, state = fast4bit.quantize_4bit(
