@@ -222,6 +222,8 @@ def load_quantized(
     :param on_module: with ``quantization_config``: called with each module name once quantized.
     :raises CheckpointError: a tensor is missing, unexpected or mis-shaped (named).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from qplug.checkpoint import build_skeleton, read_model_config, read_tensors
 
     model_config = read_model_config(directory)
@@ -233,14 +235,19 @@ def load_quantized(
         raise CheckpointError(f"{directory}: config.json has no quantization_config; the checkpoint is not "
                               "quantized (pass quantization_config=... to quantize it while loading)")
     config = config_from_dict(saved) if saved is not None else _resolve(quantization_config)
-    if model is None:
-        model = build_skeleton(model_config)
     if saved is not None:
-        config, names = _prepare(config, model)
-        _replace_modules(config, model, names, calibration=None, prequantized=True)
-        tensors, tied = read_tensors(directory)
+        # Read the tensors on other threads while this one builds the (meta-device) model.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-load") as background:
+            reading = background.submit(read_tensors, directory)
+            if model is None:
+                model = build_skeleton(model_config)
+            config, names = _prepare(config, model)
+            _replace_modules(config, model, names, calibration=None, prequantized=True)
+            tensors, tied = reading.result()
         _load_tensors(model, tensors, tied)
     else:
+        if model is None:
+            model = build_skeleton(model_config)
         from qplug.streaming import stream_quantize
 
         backend = get_plugin_manager().backend_for_config(config)
