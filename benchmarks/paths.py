@@ -39,9 +39,9 @@ def transformers_quantize(src: Path, settings: dict):
     )
 
 
-def qplug_quantize(src: Path, settings: dict, fast: bool = False):
-    if fast:  # the compiled, byte-exact 4-bit quantizer (compile time is inside the measurement)
-        os.environ["QPLUG_BNB_FAST4BIT"] = "1"
+def qplug_quantize(src: Path, settings: dict, library_quantizer: bool = False):
+    if library_quantizer:  # bitsandbytes' own quantize_4bit instead of qplug's compiled kernel
+        os.environ["QPLUG_BNB_FAST4BIT"] = "0"
     return qplug.load_quantized(src, quantization_config={"quant_method": "bitsandbytes", **settings})
 
 
@@ -74,7 +74,7 @@ def read_bytes(src: Path):
 PATHS = {
     "transformers-nf4": lambda src: transformers_quantize(src, NF4),
     "qplug-nf4": lambda src: qplug_quantize(src, NF4),
-    "qplug-nf4-fast": lambda src: qplug_quantize(src, NF4, fast=True),
+    "qplug-nf4-bnb": lambda src: qplug_quantize(src, NF4, library_quantizer=True),
     "transformers-int8": lambda src: transformers_quantize(src, INT8),
     "qplug-int8": lambda src: qplug_quantize(src, INT8),
     "loop-nf4": plain_loop_nf4,
