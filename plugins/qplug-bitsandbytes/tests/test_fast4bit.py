@@ -15,7 +15,7 @@ F = pytest.importorskip("bitsandbytes.functional")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from qplug_bitsandbytes import fast4bit  # noqa: E402
+from qplug_bitsandbytes import _native, fast4bit  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 QUANT_TYPES = ("nf4", "fp4")
@@ -262,21 +262,21 @@ def test_noncontiguous_and_requires_grad():
 
 def _fresh_process_state(monkeypatch, cache_dir):
     """As if in a new process, with ``cache_dir`` as the kernel cache."""
-    monkeypatch.setenv(fast4bit.CACHE_ENV_VAR, str(cache_dir))
-    monkeypatch.setattr(fast4bit, "_kernel", None)
-    monkeypatch.setattr(fast4bit, "_unavailable", None)
+    monkeypatch.setenv(_native.CACHE_ENV_VAR, str(cache_dir))
+    monkeypatch.setattr(_native, "_library", None)
+    monkeypatch.setattr(_native, "_unavailable", None)
 
 
 def _count_compiler_runs(monkeypatch):
     runs = []
-    real = fast4bit.subprocess.run
+    real = _native.subprocess.run
 
     def counting(cmd, *args, **kwargs):
         if "--version" not in cmd:
             runs.append(cmd)
         return real(cmd, *args, **kwargs)
 
-    monkeypatch.setattr(fast4bit.subprocess, "run", counting)
+    monkeypatch.setattr(_native.subprocess, "run", counting)
     return runs
 
 
@@ -285,7 +285,7 @@ def test_builds_once_per_machine_not_per_shape_or_process(monkeypatch, tmp_path)
     runs = _count_compiler_runs(monkeypatch)
     _fresh_process_state(monkeypatch, tmp_path)
     assert fast4bit.fast_path_available(torch.bfloat16)
-    assert len(runs) == 1 and len(list(tmp_path.glob("quantize4bit-*.so"))) == 1
+    assert len(runs) == 1 and len(list(tmp_path.glob("cpu_kernels-*.so"))) == 1
 
     g = torch.Generator().manual_seed(2)
     for dtype in DTYPES:
@@ -337,12 +337,12 @@ def test_env_var_routes_to_bitsandbytes(monkeypatch):
 @pytest.mark.parametrize("compiler", ["/bin/false", None], ids=["build-fails", "no-compiler"])
 def test_build_failure_falls_back(monkeypatch, caplog, tmp_path, compiler):
     _fresh_process_state(monkeypatch, tmp_path)
-    monkeypatch.setattr(fast4bit, "_compiler", lambda: compiler)
+    monkeypatch.setattr(_native, "_compiler", lambda: compiler)
     runs = _count_compiler_runs(monkeypatch)
     A = torch.randn(32, 64, dtype=torch.float16)
-    with caplog.at_level(logging.WARNING, logger=fast4bit.__name__):
+    with caplog.at_level(logging.WARNING, logger=_native.__name__):
         assert_same_result(*both(A, quant_type="fp4"))
-    assert "fast 4-bit quantizer unavailable" in caplog.text
+    assert "CPU kernels unavailable" in caplog.text
     assert fast4bit.unavailable_reason() is not None and not fast4bit.fast_path_available(torch.float16)
     attempts = len(runs)
     assert_same_result(*both(A, quant_type="nf4"))  # stays on bitsandbytes, no second attempt

@@ -6,18 +6,16 @@ bitsandbytes quantizes CPU tensors to NF4/FP4 with an eager torch kernel (the
 seven passes over the tensor with large temporaries, about 65 M weights/s on two cores.
 
 :func:`quantize_4bit` does the elementwise part in one pass of a small C kernel
-(``quantize4bit.c``, beside this file; its comment gives the arithmetic and why the bytes are the
+(``cpu_kernels.c``, beside this file; its comment gives the arithmetic and why the bytes are the
 same) and leaves the rest to bitsandbytes:
 
 * the trailing partial block (``numel % blocksize`` elements), the double quantization of absmax
   (``compress_statistics=True``) and the ``QuantState`` are bitsandbytes' own calls;
 * blocks holding NaN get their absmax from eager torch, so even the NaN bits match.
 
-The kernel is compiled once per machine by the system C compiler (``$CC``, else ``cc``, ``gcc``
-or ``clang``; about 0.2 s) into ``$QPLUG_CACHE_DIR`` (default ``~/.cache/qplug``), keyed by the
-source, the compiler and the CPU, and loaded with :mod:`ctypes`; calls then cost nothing extra
-whatever the tensor shape. Independent ranges of blocks run on ``torch.get_num_threads()``
-threads (ctypes releases the GIL). Whenever the fast path cannot be used (no compiler, a failed
+The kernel is built once per machine (see :mod:`qplug_bitsandbytes._native`); calls then cost
+nothing extra whatever the tensor shape. Independent ranges of blocks run on
+``torch.get_num_threads()`` threads. Whenever the fast path cannot be used (no compiler, a failed
 build, a non-CPU tensor, another dtype, a blocksize bitsandbytes does not offer, tensors smaller
 than two blocks, ``out``/``absmax`` arguments, or ``QPLUG_BNB_FAST4BIT=0``) the call goes to
 ``bitsandbytes.functional.quantize_4bit`` unchanged.
@@ -25,44 +23,22 @@ than two blocks, ``out``/``absmax`` arguments, or ``QPLUG_BNB_FAST4BIT=0``) the 
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
-from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_VAR", "fast_path_available", "fast_path_enabled", "quantize_4bit", "unavailable_reason", "warm_up"]
+from qplug_bitsandbytes import _native
 
-log = logging.getLogger(__name__)
+__all__ = ["ENV_VAR", "fast_path_available", "fast_path_enabled", "quantize_4bit", "unavailable_reason", "warm_up"]
 
 #: Set to ``0`` (or ``false``/``no``/``off``) to route every call to bitsandbytes.
 ENV_VAR = "QPLUG_BNB_FAST4BIT"
-#: Where the compiled kernel is kept (default ``$XDG_CACHE_HOME/qplug`` or ``~/.cache/qplug``).
-CACHE_ENV_VAR = "QPLUG_CACHE_DIR"
-
-_SOURCE = "quantize4bit.c"
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _QUANT_TYPES = ("nf4", "fp4")
 _MIN_BLOCKS = 2
 # Below this many blocks one thread does it all: a hand-off to the pool costs more than it saves.
 _BLOCKS_PER_THREAD_MIN = 2048
-# Tried in order; the first that builds is used. No -ffast-math: the float arithmetic must be IEEE.
-_FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 
-_lock = threading.Lock()
-_kernel = None  # the ctypes function once built and loaded
-_unavailable: str | None = None  # why the kernel cannot be used in this process
-_pool: ThreadPoolExecutor | None = None
 _tables: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 
@@ -73,106 +49,17 @@ def fast_path_enabled() -> bool:
 
 def fast_path_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether CPU tensors of ``dtype`` take the compiled kernel (builds it on first call)."""
-    return fast_path_enabled() and dtype in _DTYPE_CODES and _load_kernel() is not None
+    return fast_path_enabled() and dtype in _native.DTYPE_CODES and _native.library() is not None
 
 
 def unavailable_reason() -> str | None:
     """Why the kernel could not be built or loaded in this process (``None`` if it was, or was not tried)."""
-    return _unavailable
+    return _native.unavailable_reason()
 
 
-def warm_up(dtypes=tuple(_DTYPE_CODES)) -> dict[torch.dtype, bool]:
+def warm_up(dtypes=tuple(_native.DTYPE_CODES)) -> dict[torch.dtype, bool]:
     """Build (or load from the disk cache) the kernel now; returns dtype -> fast path available."""
     return {dtype: fast_path_available(dtype) for dtype in dtypes}
-
-
-# ------------------------------------------------------------------------------------------------- build
-
-
-def _cache_dir() -> Path:
-    configured = os.environ.get(CACHE_ENV_VAR)
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "qplug"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU model and feature flags (Linux), else the machine name."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            lines = [ln for ln in fh if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.machine() + platform.processor()
-
-
-def _build(source: bytes, compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    errors = []
-    fallback_dir = Path(tempfile.gettempdir()) / f"qplug-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    for flags in _FLAG_SETS:
-        parts = (compiler, version, " ".join(flags), _cpu_signature())
-        key = hashlib.sha256(b"\0".join([source, *(part.encode() for part in parts)])).hexdigest()[:24]
-        for directory in (_cache_dir(), fallback_dir):
-            target = directory / f"quantize4bit-{key}.so"
-            if target.exists():
-                return target
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=directory) as work:
-                    src = Path(work) / _SOURCE
-                    src.write_bytes(source)
-                    built = Path(work) / "kernel.so"
-                    cmd = [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(src)]
-                    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                    if result.returncode != 0:
-                        errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-500:]}")
-                        break  # these flags fail whatever the directory: try the next set
-                    os.replace(built, target)  # atomic: concurrent builders never see half a file
-                return target
-            except OSError as exc:  # unwritable cache directory: try the next one
-                errors.append(f"{directory}: {exc}")
-    raise RuntimeError("could not build the 4-bit kernel: " + " | ".join(errors))
-
-
-def _load_kernel():
-    global _kernel, _unavailable
-    if _kernel is not None or _unavailable is not None:
-        return _kernel
-    with _lock:
-        if _kernel is not None or _unavailable is not None:
-            return _kernel
-        try:
-            compiler = _compiler()
-            if compiler is None:
-                raise RuntimeError("no C compiler found ($CC, cc, gcc or clang)")
-            source = resources.files(__package__).joinpath(_SOURCE).read_bytes()
-            library = ctypes.CDLL(str(_build(source, compiler)))
-            kernel = library.qplug_quantize_4bit
-            kernel.restype = ctypes.c_int
-            kernel.argtypes = [
-                ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-            ]  # fmt: skip
-            _kernel = kernel
-        except Exception as exc:  # no compiler, failed build, unloadable library: bitsandbytes from now on
-            _unavailable = f"{type(exc).__name__}: {exc}"
-            log.warning(
-                "qplug-bitsandbytes fast 4-bit quantizer unavailable (%s); using bitsandbytes' quantize_4bit",
-                _unavailable.splitlines()[0],
-            )
-    return _kernel
-
-
-# ------------------------------------------------------------------------------------------------- run
 
 
 def _quant_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -201,35 +88,25 @@ def _fast_path_applies(A, blocksize, quant_type) -> bool:
         and type(A) is torch.Tensor
         and A.device.type == "cpu"
         and A.layout == torch.strided
-        and A.dtype in _DTYPE_CODES
+        and A.dtype in _native.DTYPE_CODES
         and blocksize in _BLOCKSIZES
         and quant_type in _QUANT_TYPES
         and A.numel() // blocksize >= _MIN_BLOCKS
-        and _load_kernel() is not None
+        and _native.library() is not None
     )
 
 
 def _run_kernel(flat: torch.Tensor, blocks: int, blocksize: int, quant_type: str):
     """Packed codes and absmax of the ``blocks`` full blocks of contiguous ``flat``."""
-    global _pool
     bounds, deltas, top = _quant_tables(quant_type)
     packed = torch.empty(blocks * blocksize // 2, dtype=torch.uint8)
     absmax = torch.empty(blocks, dtype=torch.float32)
-    args = (bounds.data_ptr(), deltas.data_ptr(), top, packed.data_ptr(), absmax.data_ptr())
-    src, dtype = flat.data_ptr(), _DTYPE_CODES[flat.dtype]
-
-    threads = max(1, min(torch.get_num_threads(), blocks // _BLOCKS_PER_THREAD_MIN))
-    per = -(-blocks // threads)
-    ranges = [(start, min(per, blocks - start)) for start in range(0, blocks, per)]
-    if len(ranges) > 1 and _pool is None:
-        with _lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="qplug-4bit")
-    if len(ranges) == 1:
-        status = [_kernel(src, dtype, *ranges[0], blocksize, *args)]
-    else:  # all on the pool: measured steadier than running one range on the calling thread
-        futures = [_pool.submit(_kernel, src, dtype, start, count, blocksize, *args) for start, count in ranges]
-        status = [f.result() for f in futures]
+    kernel = _native.library().qplug_quantize_4bit
+    src, dtype = flat.data_ptr(), _native.DTYPE_CODES[flat.dtype]
+    tables = (bounds.data_ptr(), deltas.data_ptr(), top, packed.data_ptr(), absmax.data_ptr())
+    status = _native.run_in_ranges(
+        lambda first, count: kernel(src, dtype, first, count, blocksize, *tables), blocks, _BLOCKS_PER_THREAD_MIN
+    )
     if any(status):
         raise RuntimeError(f"4-bit kernel returned {status} for blocksize {blocksize}, dtype {flat.dtype}")
 

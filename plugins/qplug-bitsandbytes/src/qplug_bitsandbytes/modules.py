@@ -39,7 +39,7 @@ from bitsandbytes.functional import QuantState
 from torch import nn
 
 from qplug.errors import CheckpointError
-from qplug_bitsandbytes import fast4bit
+from qplug_bitsandbytes import fast4bit, fast8bit
 
 __all__ = [
     "Linear4bit",
@@ -515,8 +515,13 @@ class Linear8bitLt(bnb.nn.Linear8bitLt):
 
     def _set_weight_from_float(self, weight: torch.Tensor) -> None:
         has_fp16 = self.state.has_fp16_weights
-        param = bnb.nn.Int8Params(weight.detach(), requires_grad=has_fp16, has_fp16_weights=has_fp16)
-        self.weight = param if has_fp16 else param._quantize(weight.device)
+        quantized = None if has_fp16 else fast8bit.quantize_weight(weight)
+        if quantized is not None:  # the bytes Int8Params._quantize writes, from qplug's CPU kernel
+            CB, SCB = quantized
+            self.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+        else:
+            param = bnb.nn.Int8Params(weight.detach(), requires_grad=has_fp16, has_fp16_weights=has_fp16)
+            self.weight = param if has_fp16 else param._quantize(weight.device)
         self.state.CB = None
         self.state.SCB = None
 
