@@ -40,8 +40,8 @@ def transformers_quantize(src: Path, settings: dict):
 
 
 def qplug_quantize(src: Path, settings: dict, library_quantizer: bool = False):
-    if library_quantizer:  # bitsandbytes' own quantize_4bit instead of qplug's compiled kernel
-        os.environ["QPLUG_BNB_FAST4BIT"] = "0"
+    if library_quantizer:  # bitsandbytes' own quantizers instead of qplug's compiled CPU kernels
+        os.environ["QPLUG_BNB_FAST4BIT"] = os.environ["QPLUG_BNB_FAST8BIT"] = "0"
     return qplug.load_quantized(src, quantization_config={"quant_method": "bitsandbytes", **settings})
 
 
@@ -77,6 +77,7 @@ PATHS = {
     "qplug-nf4-bnb": lambda src: qplug_quantize(src, NF4, library_quantizer=True),
     "transformers-int8": lambda src: transformers_quantize(src, INT8),
     "qplug-int8": lambda src: qplug_quantize(src, INT8),
+    "qplug-int8-bnb": lambda src: qplug_quantize(src, INT8, library_quantizer=True),
     "loop-nf4": plain_loop_nf4,
     "transformers-load-nf4": lambda src: transformers.AutoModelForCausalLM.from_pretrained(src, device_map="cpu"),
     "qplug-load-nf4": lambda src: qplug.load_quantized(src),

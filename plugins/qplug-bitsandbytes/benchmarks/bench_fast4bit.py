@@ -1,4 +1,5 @@
-"""bitsandbytes' CPU quantize_4bit vs qplug_bitsandbytes.fast4bit.quantize_4bit, side by side.
+"""bitsandbytes' CPU quantize_4bit vs qplug_bitsandbytes.fast4bit.quantize_4bit, side by side
+(and bitsandbytes' LLM.int8 weight quantization vs qplug_bitsandbytes.fast8bit).
 
 Time: for each tensor (5632x2048 and 2048x2048, bf16 by default), after a warm-up, ``--rounds`` back-to-back
 pairs (bitsandbytes, fast; order alternating); reported are the median of each method's times and the median of
@@ -59,6 +60,29 @@ def _compile_costs(args) -> dict[str, dict]:
     return out
 
 
+def _compare_row(shape, library, fast, same, rounds: int) -> None:
+    """Time ``library()`` and ``fast()`` in alternating back-to-back pairs; print one table row."""
+    fns = {"bnb": library, "fast": fast}
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {"bnb": [], "fast": []}
+    identical = True
+    for r in range(rounds):
+        res = {}
+        for name in ("bnb", "fast") if r % 2 == 0 else ("fast", "bnb"):
+            t0 = time.perf_counter()
+            res[name] = fns[name]()
+            times[name].append(time.perf_counter() - t0)
+        identical &= same(res["fast"], res["bnb"])
+    b, f = statistics.median(times["bnb"]), statistics.median(times["fast"])
+    pair = statistics.median(x / y for x, y in zip(times["bnb"], times["fast"], strict=True))
+    n = shape[0] * shape[1] / 1e6
+    print(
+        f"{shape[0]:>5}x{shape[1]:<5} {n:8.2f} | {b * 1e3:8.1f} {f * 1e3:8.1f} | {b / f:7.1f}x {pair:6.1f}x | "
+        f"{n / b:8.0f} {n / f:9.0f} | {identical}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -74,6 +98,7 @@ def main() -> None:
 
     costs = None if args.no_compile_cost else _compile_costs(args)  # before this process loads torch: quieter
 
+    import bitsandbytes as bnb
     import torch
     from bitsandbytes import functional as F
     from qplug_bitsandbytes import fast4bit
@@ -92,31 +117,29 @@ def main() -> None:
         f"{'shape':>11} {'Mweights':>8} | {'bnb ms':>8} {'fast ms':>8} | {'speed-up':>8} {'(pairs)':>7} | "
         f"{'Mw/s bnb':>8} {'Mw/s fast':>9} | identical"
     )
+    def four_bit_equal(mine, ref):
+        (p, state), (rp, rstate) = mine, ref
+        return torch.equal(p, rp) and torch.equal(state.absmax, rstate.absmax)
+
     for shape in SHAPES:
         A = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-        fns = {
-            "bnb": lambda A=A: F.quantize_4bit(A, **kw),
-            "fast": lambda A=A: fast4bit.quantize_4bit(A, **kw),
-        }
-        for fn in fns.values():  # warm-up
-            fn()
-        times = {"bnb": [], "fast": []}
-        identical = True
-        for r in range(args.rounds):
-            res = {}
-            for name in ("bnb", "fast") if r % 2 == 0 else ("fast", "bnb"):
-                t0 = time.perf_counter()
-                res[name] = fns[name]()
-                times[name].append(time.perf_counter() - t0)
-            (p, s), (rp, rs) = res["fast"], res["bnb"]
-            identical &= torch.equal(p, rp) and torch.equal(s.absmax, rs.absmax)
-        b, f = statistics.median(times["bnb"]), statistics.median(times["fast"])
-        pair = statistics.median(x / y for x, y in zip(times["bnb"], times["fast"], strict=True))
-        n = A.numel() / 1e6
-        print(
-            f"{shape[0]:>5}x{shape[1]:<5} {n:8.2f} | {b * 1e3:8.1f} {f * 1e3:8.1f} | {b / f:7.1f}x {pair:6.1f}x | "
-            f"{n / b:8.0f} {n / f:9.0f} | {identical}"
-        )
+        library, fast = (lambda A=A: F.quantize_4bit(A, **kw)), (lambda A=A: fast4bit.quantize_4bit(A, **kw))
+        _compare_row(shape, library, fast, four_bit_equal, args.rounds)
+
+    print("LLM.int8 weights: bitsandbytes' Int8Params(...).to('cpu') vs fast8bit.quantize_weight")
+    from qplug_bitsandbytes import fast8bit
+
+    def library_int8(A):
+        param = bnb.nn.Int8Params(A.clone(), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
+        return param.CB, param.SCB
+
+    def int8_equal(mine, ref):
+        return all(torch.equal(a, b) for a, b in zip(mine, ref, strict=True))
+
+    for shape in SHAPES:
+        A = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        library, fast = (lambda A=A: library_int8(A)), (lambda A=A: fast8bit.quantize_weight(A))
+        _compare_row(shape, library, fast, int8_equal, args.rounds)
 
     if costs:
         print(f"one-time build cost ({args.dtype}, fresh process, first call minus a second call of the same shape):")
