@@ -19,6 +19,11 @@ the robust figure, and the one checked against the target.
     python plugins/qplug-bitsandbytes/benchmarks/bench_bnb.py            # NF4 + double quant, 5 rounds
     python plugins/qplug-bitsandbytes/benchmarks/bench_bnb.py --format int8 --rounds 3
     python plugins/qplug-bitsandbytes/benchmarks/bench_bnb.py --json results.json
+    python plugins/qplug-bitsandbytes/benchmarks/bench_bnb.py --fast-kernels   # qplug with its CPU kernels
+
+Both methods quantize with bitsandbytes' own code unless ``--fast-kernels`` is given (qplug's
+default on CPU is its C kernels, which write the same bytes faster; that would hide the overhead
+this benchmark is for).
 
 Target: both ratios (qplug / direct) at most 1.05.
 """
@@ -193,6 +198,8 @@ def _run_worker(method: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--format", args.format, "--device", args.device,
            "--layers", str(args.layers), "--pairs", str(args.pairs)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(args.threads))}
+    if not args.fast_kernels:  # the same quantizer both ways: what is left is qplug's own overhead
+        env.update(QPLUG_BNB_FAST4BIT="0", QPLUG_BNB_FAST8BIT="0")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -210,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for the workers")
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     parser.add_argument("--pairs", type=int, default=6, help="back-to-back timing pairs in one process")
+    parser.add_argument("--fast-kernels", action="store_true",
+                        help="let qplug use its CPU quantization kernels (default: bitsandbytes' quantizers both ways)")
     parser.add_argument("--worker", choices=("qplug", "direct", "timing"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -234,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     linear_params = args.layers * (4 * hidden**2 + 3 * hidden * inner)
     print(f"bitsandbytes {args.format} on {args.device}: Llama, {args.layers} layers, "
           f"{linear_params / 1e6:.0f}M linear parameters, {args.rounds} rounds per method, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', args.threads)}")
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', args.threads)}, "
+          f"qplug quantizes with {'its CPU kernels' if args.fast_kernels else 'bitsandbytes (as direct does)'}")
     print(f"identical quantized tensors from both methods: {'yes' if len(digests) == 1 else 'NO'}")
     header = f"{'':26}{'direct bnb':>16}{'qplug':>16}{'ratio':>9}"
     print(header)
