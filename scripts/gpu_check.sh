@@ -4,9 +4,14 @@
 # For a machine with an NVIDIA GPU and no network. Wheels come from a local folder
 # (WHEELHOUSE, default ./wheelhouse) when it exists; otherwise the packages already installed in
 # the current Python are used. Finishes in a few minutes; prints which kernels ran and their speed
-# against fp16/bf16.
+# against fp16/bf16. qplug and its plugins are installed from this checkout unless they already
+# import (installed from wheels, say).
 #
 #   bash scripts/gpu_check.sh            # from the repository root
+#
+# As run on an H200 with torch preinstalled (2026-11-27): wheels of bitsandbytes, autoawq (+ datasets,
+# dill, multiprocess) and the four qplug distributions unpacked with
+# `pip install --no-index --no-deps --target /tmp/site *.whl`, then `PYTHONPATH=/tmp/site bash scripts/gpu_check.sh`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
