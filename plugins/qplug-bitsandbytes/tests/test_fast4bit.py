@@ -368,3 +368,26 @@ def test_inference_and_grad_modes_give_the_same_bytes():
     with torch.no_grad():
         assert_same_result(*both(B, quant_type="nf4", compress_statistics=True))
     assert fast4bit.unavailable_reason() is None
+
+
+_FORK_INPUT = None  # set before forking: the child sees it without pickling a tensor
+
+
+def _quantize_in_child(_=None) -> tuple[bytes, bytes]:
+    # Only the kernel's parallel ranges (with small torch ops around them): torch's own OpenMP ops on
+    # large tensors can hang in a forked child whatever qplug does.
+    flat = _FORK_INPUT.reshape(-1)
+    packed, absmax = fast4bit._run_kernel(flat, flat.numel() // 64, 64, "nf4")
+    return packed.numpy().tobytes(), absmax.numpy().tobytes()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork") or not HAVE_CC, reason="needs fork and a C compiler")
+def test_parallel_ranges_work_in_a_forked_child(monkeypatch):
+    """A child forked after the kernel ran inherits the thread pool object but none of its threads."""
+    import multiprocessing
+
+    A = torch.randn(4096, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)  # > 1 range
+    monkeypatch.setitem(globals(), "_FORK_INPUT", A)
+    expected = _quantize_in_child()  # the parent makes its pool
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_quantize_in_child).get(timeout=60) == expected

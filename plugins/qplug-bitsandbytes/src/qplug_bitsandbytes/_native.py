@@ -43,6 +43,7 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _unavailable: str | None = None  # why the kernels cannot be used in this process
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = -1  # the process that made _pool: a forked child inherits the object but none of its threads
 
 
 def unavailable_reason() -> str | None:
@@ -88,14 +89,15 @@ def run_in_ranges(kernel: Callable[..., int], total: int, min_per_thread: int, *
 
     Returns each call's result. ctypes releases the GIL during a call, so the ranges run in parallel.
     """
-    global _pool
+    global _pool, _pool_pid
     threads = max(1, min(torch.get_num_threads(), total // max(1, min_per_thread)))
     if threads == 1:
         return [kernel(0, total, *args)]
-    if _pool is None:
+    if _pool is None or _pool_pid != os.getpid():
         with _lock:
-            if _pool is None:
+            if _pool is None or _pool_pid != os.getpid():
                 _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="qplug-kernel")
+                _pool_pid = os.getpid()
     per = -(-total // threads)
     # Every range on the pool: measured steadier than running one of them on the calling thread.
     futures = [_pool.submit(kernel, start, min(per, total - start), *args) for start in range(0, total, per)]
