@@ -36,6 +36,22 @@
 
 enum { QPLUG_FLOAT32 = 0, QPLUG_BFLOAT16 = 1, QPLUG_FLOAT16 = 2 };
 
+/* float16 -> float32 (exact). gcc 12 does not vectorize _Float16 casts, so the F16C / AVX-512
+ * conversion instructions are used where compiled in. */
+static void widen_float16(const uint16_t *in, float *out, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(in + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+#endif
+    for (; i < n; i++) {
+        _Float16 h;
+        memcpy(&h, in + i, sizeof(h));
+        out[i] = (float)h;
+    }
+}
+
 int qplug_quantize_4bit(const void *src, int dtype, int64_t first_block, int64_t n_blocks, int64_t blocksize,
                         const float *bounds, const int32_t *deltas, int32_t top, uint8_t *packed, float *absmax) {
     float values[QPLUG_MAX_BLOCKSIZE];
@@ -59,8 +75,7 @@ int qplug_quantize_4bit(const void *src, int dtype, int64_t first_block, int64_t
             uint32_t *bits = (uint32_t *)values;
             for (int64_t i = 0; i < blocksize; i++) bits[i] = (uint32_t)in[i] << 16;
         } else if (dtype == QPLUG_FLOAT16) {
-            const _Float16 *in = (const _Float16 *)src + start;
-            for (int64_t i = 0; i < blocksize; i++) values[i] = (float)in[i];
+            widen_float16((const uint16_t *)src + start, values, blocksize);
         } else {
             memcpy(values, (const float *)src + start, (size_t)blocksize * sizeof(float));
         }
@@ -94,8 +109,7 @@ int qplug_quantize_4bit(const void *src, int dtype, int64_t first_block, int64_t
 }
 
 
-/* float32 -> float16 (round to nearest even) -> float32, in place. gcc 12 does not vectorize
- * _Float16 casts, so the F16C / AVX-512 conversion instructions are used where compiled in. */
+/* float32 -> float16 (round to nearest even) -> float32, in place; vectorized as widen_float16. */
 static void round_through_float16(float *values, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__)
@@ -115,8 +129,7 @@ static void round_through_float16(float *values, int64_t n) {
 /* One row, widened exactly as bitsandbytes sees it: rounded to float16, then held as float32. */
 static void load_row_as_float16(const void *src, int dtype, int64_t start, int64_t cols, float *values) {
     if (dtype == QPLUG_FLOAT16) {
-        const _Float16 *in = (const _Float16 *)src + start;
-        for (int64_t i = 0; i < cols; i++) values[i] = (float)in[i];
+        widen_float16((const uint16_t *)src + start, values, cols);
         return;
     }
     if (dtype == QPLUG_BFLOAT16) {
