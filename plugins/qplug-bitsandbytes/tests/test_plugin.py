@@ -162,14 +162,18 @@ def test_transformers_checkpoint_loads_in_qplug(fmt, with_model, hf_quantized, i
 
 @pytest.mark.parametrize("fmt", ["nf4-dq-bf16", "int8"])
 def test_quantize_on_load_matches_transformers(fmt, float_checkpoint, hf_quantized, input_ids):
-    """Streaming a float checkpoint through the backend gives transformers' quantize-on-load model."""
-    expected = logits(hf_quantized(**HF_WIDE[fmt]), input_ids)
+    """Streaming a float checkpoint through the backend gives transformers' quantize-on-load model, bit for bit
+    (qplug's CPU quantization kernels included)."""
+    hf = hf_quantized(**HF_WIDE[fmt])
+    hf_state = {k: v.clone() for k, v in hf.state_dict().items()}  # before a forward may repack it
+    expected = logits(hf, input_ids)
     seen: list[str] = []
 
     model = qplug.load_quantized(float_checkpoint, quantization_config=qplug_config(HF_WIDE[fmt]),
                                  on_module=seen.append)
 
     assert seen == linear_names(make_tiny_llama())  # every decoder linear, one at a time
+    assert state_dicts_equal(hf_state, model.state_dict()) == []
     assert torch.equal(logits(model, input_ids), expected)
 
 
