@@ -391,3 +391,23 @@ def test_parallel_ranges_work_in_a_forked_child(monkeypatch):
     expected = _quantize_in_child()  # the parent makes its pool
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply_async(_quantize_in_child).get(timeout=60) == expected
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_portable_build_gives_the_same_bytes(monkeypatch, tmp_path):
+    """The build without -march=native (the fallback flags; scalar float16 conversions) writes the same bytes."""
+    import bitsandbytes as bnb
+    from qplug_bitsandbytes import fast8bit
+
+    _fresh_process_state(monkeypatch, tmp_path)
+    monkeypatch.setattr(_native, "_FLAG_SETS", (("-O3",),))
+    g = torch.Generator().manual_seed(4)
+    for dtype in DTYPES:
+        A = torch.randn(300, 200, generator=g).to(dtype)
+        for quant_type in QUANT_TYPES:
+            assert_same_result(*both(A, blocksize=64, quant_type=quant_type, compress_statistics=True))
+        library = bnb.nn.Int8Params(A.clone(), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
+        CB, SCB = fast8bit.quantize_weight(A)
+        assert torch.equal(CB, library.CB) and torch.equal(SCB, library.SCB)
+    assert fast4bit.unavailable_reason() is None
+    assert [p.name.startswith("cpu_kernels-") for p in tmp_path.glob("*.so")] == [True]
