@@ -129,12 +129,18 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
 
 
+def _compiler_identity(compiler: str) -> str:
+    """Which compiler binary this is, without running it: the resolved path, its size and mtime."""
+    real = os.path.realpath(compiler)
+    stat = os.stat(real)
+    return f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _build(source: bytes, compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     fallback_dir = Path(tempfile.gettempdir()) / f"qplug-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
     errors = []
     for flags in _FLAG_SETS:
-        parts = (compiler, version, " ".join(flags), _cpu_signature())
+        parts = (_compiler_identity(compiler), " ".join(flags), _cpu_signature())
         key = hashlib.sha256(b"\0".join([source, *(part.encode() for part in parts)])).hexdigest()[:24]
         for directory in (_cache_dir(), fallback_dir):
             target = directory / f"cpu_kernels-{key}.so"

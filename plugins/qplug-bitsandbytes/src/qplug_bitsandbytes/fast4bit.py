@@ -84,15 +84,13 @@ def _quant_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def _fast_path_applies(A, blocksize, quant_type) -> bool:
     return (
-        fast_path_enabled()
-        and type(A) is torch.Tensor
+        type(A) is torch.Tensor
         and A.device.type == "cpu"
         and A.layout == torch.strided
-        and A.dtype in _native.DTYPE_CODES
         and blocksize in _BLOCKSIZES
         and quant_type in _QUANT_TYPES
         and A.numel() // blocksize >= _MIN_BLOCKS
-        and _native.library() is not None
+        and fast_path_available(A.dtype)
     )
 
 
@@ -165,28 +163,13 @@ def quantize_4bit(
         packed = packed.squeeze().view(quant_storage).unsqueeze(1)
 
     # From here on: bitsandbytes.functional.quantize_4bit's own construction of the state.
-    code = F.get_4bit_type(quant_type, device=A.device)
+    nested = {}
     if compress_statistics:
         offset = _absmax.mean()
-        qabsmax, state2 = F.quantize_blockwise(_absmax - offset, blocksize=256)
-        del _absmax
-        state = F.QuantState(
-            absmax=qabsmax,
-            shape=A.shape,
-            dtype=A.dtype,
-            blocksize=blocksize,
-            code=code,
-            quant_type=quant_type,
-            offset=offset,
-            state2=state2,
-        )
-    else:
-        state = F.QuantState(
-            absmax=_absmax,
-            shape=A.shape,
-            dtype=A.dtype,
-            blocksize=blocksize,
-            code=code,
-            quant_type=quant_type,
-        )
+        _absmax, state2 = F.quantize_blockwise(_absmax - offset, blocksize=256)
+        nested = dict(offset=offset, state2=state2)
+    code = F.get_4bit_type(quant_type, device=A.device)
+    state = F.QuantState(
+        absmax=_absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code, quant_type=quant_type, **nested
+    )
     return packed, state
