@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from awq_testlib import calibration, logits, tokens
 from qplug_awq.algorithm import (
     AwqSettings,
@@ -177,7 +178,6 @@ def test_half_precision_model_quantizes():
 
 
 def test_qwen2_block_with_biases_and_full_attention():
-    transformers = pytest.importorskip("transformers")
     config = transformers.Qwen2Config(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False,

@@ -6,6 +6,7 @@ import json
 
 import attrs
 import pytest
+import transformers
 from qplug_awq.config import AwqConfig
 
 import qplug
@@ -163,7 +164,6 @@ def _written_configs():
 
 
 def test_what_qplug_writes_loads_in_the_installed_transformers():
-    transformers = pytest.importorskip("transformers")
     major = int(transformers.__version__.split(".")[0])
     for cfg in _written_configs():
         if cfg.backend == "llm-awq" and major < 5:
@@ -177,7 +177,6 @@ def test_what_qplug_writes_loads_in_the_installed_transformers():
 
 
 def test_transformers_fields_and_defaults_are_all_present():
-    transformers = pytest.importorskip("transformers")
     theirs = transformers.AwqConfig().to_dict()
     ours = AwqConfig().to_dict()
     missing = sorted(set(theirs) - set(ours))

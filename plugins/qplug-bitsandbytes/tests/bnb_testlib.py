@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import torch
 import transformers
+
+# Whether the C quantization kernels can be built here at all. Where a compiler exists they must
+# build: their tests skip only without one (and then the bitsandbytes fallback is what runs).
+HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
 # Sizes: every projection has a multiple of 32 output rows, so bitsandbytes' AVX512-BF16
 # CPU repack (the path behind the "save after forward" bug) is taken on capable CPUs.

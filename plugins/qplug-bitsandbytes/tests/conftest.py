@@ -12,9 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
+import bitsandbytes  # noqa: F401
+import torch
+import transformers
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()

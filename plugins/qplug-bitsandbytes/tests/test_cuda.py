@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bitsandbytes as bnb
+import peft
 import pytest
 import torch
 import transformers
@@ -93,7 +94,6 @@ def test_nf4_4096_matmul_is_close_to_bf16():
 
 
 def test_qlora_step_on_cuda(fresh_model, input_ids):
-    peft = pytest.importorskip("peft")
     model = qplug.quantize(fresh_model.cuda(), qplug_config(HF_ALL["nf4-dq-bf16"]))
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))

@@ -6,21 +6,18 @@ The C kernel is built (or found in the disk cache) once for the session (``warme
 from __future__ import annotations
 
 import logging
-import shutil
 
+import bitsandbytes.functional as F
 import pytest
-
-torch = pytest.importorskip("torch")
-F = pytest.importorskip("bitsandbytes.functional")
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from qplug_bitsandbytes import _native, fast4bit  # noqa: E402
+import torch
+from bnb_testlib import HAVE_CC
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from qplug_bitsandbytes import _native, fast4bit
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
 
 @pytest.fixture(scope="session")

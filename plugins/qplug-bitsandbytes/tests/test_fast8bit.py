@@ -5,13 +5,14 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
+from bnb_testlib import HAVE_CC
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qplug_bitsandbytes import _native, fast8bit, modules
+from qplug_bitsandbytes import fast8bit, modules
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-needs_kernels = pytest.mark.skipif(_native.library() is None, reason=f"no CPU kernels: {_native.unavailable_reason()}")
+needs_kernels = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the kernels cannot be built here")
 
 
 def library_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import bitsandbytes as bnb
+import peft
 import pytest
 import torch
 import transformers
@@ -314,7 +315,6 @@ def test_nf4_double_quant_stores_4_127_bits_per_parameter():
 
 
 def test_qlora_one_step_changes_only_adapter_weights(fresh_model, input_ids):
-    peft = pytest.importorskip("peft")
     model = qplug.quantize(fresh_model, BitsAndBytesConfig.from_dict(
         qplug.get_plugin_manager().get_backend("bnb").presets["nf4"]))
     logits(model, input_ids)  # an inference forward first: training must still work after it
@@ -345,7 +345,6 @@ def test_peft_merge_after_inference_sees_canonical_weights_once_moved(input_ids)
     """peft's merge reads ``weight.data``/``quant_state`` directly; after a CPU inference forward
     those hold bitsandbytes' repacked layout. ``model.to(device)`` restores the canonical layout
     exactly (our modules' ``_apply``), after which merging gives what it gives without a forward."""
-    peft = pytest.importorskip("peft")
     merged = []
     for infer_first in (False, True):
         model = qplug.quantize(make_tiny_llama(), BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))

@@ -227,9 +227,7 @@ def test_both_kernels_run_the_committed_fixture_alike(name, monkeypatch):
 
 def test_qplug_checkpoint_loads_in_transformers_v4(tmp_path):
     """transformers (<4.50) loads what qplug saved through its own GPTQ path (optimum + auto-gptq)."""
-    pytest.importorskip(
-        "optimum", reason="transformers v4 loads GPTQ checkpoints through optimum (1.24 pairs with 4.49)"
-    )
+    import optimum  # noqa: F401  (transformers v4 loads GPTQ checkpoints through optimum; 1.24 pairs with 4.49)
     import transformers
     from autogptq_ref import calibration_ids, eval_ids, seeded_llama
 
