@@ -34,6 +34,7 @@ from qplug.errors import (
     CheckpointError,
     ConfigFileError,
     IncompatibleModelError,
+    KernelUnavailableError,
     PluginError,
     QPlugError,
     QuantConfigError,
@@ -51,6 +52,7 @@ __all__ = [
     "CheckpointError",
     "ConfigFileError",
     "IncompatibleModelError",
+    "KernelUnavailableError",
     "PluginError",
     "QPlugError",
     "QuantConfig",
@@ -64,11 +66,26 @@ __all__ = [
     "get_config_class",
     "get_plugin_manager",
     "hookimpl",
+    "kernel_report",
     "load_config",
     "load_quantized",
+    "prepare_kernels",
     "quantize",
     "quantized_config",
     "register_plugin",
     "save_quantized",
+    "set_kernel",
     "unregister_plugin",
 ]
+
+
+# The kernel functions import torch; load them on first use so `import qplug` stays torch-free.
+_KERNEL_FUNCTIONS = ("kernel_report", "prepare_kernels", "set_kernel")
+
+
+def __getattr__(name: str):
+    if name in _KERNEL_FUNCTIONS:
+        from qplug import kernels
+
+        return getattr(kernels, name)
+    raise AttributeError(f"module 'qplug' has no attribute {name!r}")

@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "ConfigFileError",
     "IncompatibleModelError",
+    "KernelUnavailableError",
     "PluginError",
     "QPlugError",
     "QuantConfigError",
@@ -102,6 +103,10 @@ class IncompatibleModelError(QPlugError, ValueError):
 
 class CheckpointError(QPlugError, ValueError):
     """A checkpoint does not match the model: a missing, unexpected or mis-shaped tensor."""
+
+
+class KernelUnavailableError(QPlugError, RuntimeError):
+    """A kernel asked for (``qplug.set_kernel``, ``QPLUG_KERNEL``) cannot run a layer; says why."""
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:

@@ -1,0 +1,267 @@
+"""Run-time kernel choice for quantized layers: one mechanism every backend declares into.
+
+A quantized layer keeps two things apart:
+
+* its **checkpoint tensors**, exactly as the format stores them (what ``save_quantized`` writes,
+  however many forwards and device moves came before), and
+* a **run-time layout** for the kernel chosen for its device and input dtype, built once on
+  first use after a load or a move, and dropped whenever the checkpoint tensors change.
+
+A backend declares, per layer class, an ordered tuple of :class:`Kernel` records (first is
+preferred). Each record says *why not* for a given layer, device and dtype (``refuses``), builds
+its layout (``prepare``) and runs (``forward``). :class:`KernelLayer` walks the tuple, keeps the
+first kernel that does not refuse, and records which one ran and why the others were passed over,
+so ``qplug inspect``, :func:`kernel_report` and the one-line log (logger ``qplug.kernels``, level
+INFO) can all say it.
+
+Choosing by hand:
+
+* from Python, :func:`set_kernel` (a whole model, or some of its layers);
+* from the environment, ``QPLUG_KERNEL=name[,name...]``: each layer takes the first listed
+  kernel its class declares, and chooses by itself when it declares none of them.
+
+A requested kernel that refuses a layer raises :class:`~qplug.KernelUnavailableError` with its
+reason: a request is never silently ignored. Kernels marked ``opt_in`` (one that keeps a
+full-precision copy of the weight, say) run only when requested.
+
+Training: kernels have no backward of their own. When the input needs a gradient, the layer runs
+the kernel forward inside an autograd function whose backward multiplies by the dequantized
+weight (made for that call, then freed), so LoRA-style training on top gets correct input
+gradients. The quantized weights themselves never get gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import attrs
+import torch
+from torch import nn
+
+from qplug.errors import KernelUnavailableError
+
+__all__ = [
+    "KERNEL_ENV_VAR",
+    "Kernel",
+    "KernelLayer",
+    "kernel_report",
+    "prepare_kernels",
+    "requested_kernels",
+    "set_kernel",
+]
+
+log = logging.getLogger("qplug.kernels")
+
+#: Comma-separated kernel names to use wherever a layer declares one of them.
+KERNEL_ENV_VAR = "QPLUG_KERNEL"
+
+
+@attrs.frozen
+class Kernel:
+    """One way to run a quantized layer's forward.
+
+    :param name: unique within a layer class, shown by ``qplug inspect`` (``"tinygemm-int4-cpu"``).
+    :param refuses: ``(layer, device, dtype) -> str | None``: why this kernel cannot run the layer
+        for inputs of ``dtype`` on ``device``, or ``None`` when it can.
+    :param prepare: ``(layer, device, dtype) -> layout``: the run-time layout (any object), built
+        once per (device, dtype) from the layer's checkpoint tensors, which it must not modify.
+    :param forward: ``(layer, layout, x) -> y`` for a 2-D input ``x`` ``[tokens, in_features]`` of
+        ``dtype``; returns ``[tokens, out_features]`` of ``dtype``, bias included.
+    :param description: one line for listings.
+    :param opt_in: chosen only when requested (:func:`set_kernel` or ``QPLUG_KERNEL``).
+    """
+
+    name: str
+    refuses: Callable[[nn.Module, torch.device, torch.dtype], str | None]
+    prepare: Callable[[nn.Module, torch.device, torch.dtype], Any]
+    forward: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
+    description: str = ""
+    opt_in: bool = False
+
+
+def requested_kernels() -> tuple[str, ...]:
+    """The kernel names ``QPLUG_KERNEL`` asks for, in order (empty when unset)."""
+    value = os.environ.get(KERNEL_ENV_VAR, "")
+    return tuple(name.strip().lower() for name in value.split(",") if name.strip())
+
+
+class _DequantizedBackward(torch.autograd.Function):
+    """Kernel forward, input gradient through the dequantized weight (the kernels have no backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: KernelLayer, run: Callable[[torch.Tensor], torch.Tensor]):
+        ctx.layer = layer
+        return run(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.layer.float_weight(grad.dtype)  # [out, in], this call only
+        return grad @ weight, None, None
+
+
+class KernelLayer:
+    """Mixin for quantized ``nn.Module`` classes that run through declared :class:`Kernel` records.
+
+    A subclass sets :attr:`kernels`, implements :meth:`float_weight`, calls :meth:`run_kernel` from
+    its ``forward`` and :meth:`reset_kernel` wherever its checkpoint tensors change (loading, and
+    ``_apply`` is handled here).
+    """
+
+    #: The kernels this layer class can run on, most preferred first.
+    kernels: ClassVar[tuple[Kernel, ...]] = ()
+    #: A kernel name asked for from Python (:func:`set_kernel`); ``None``: choose automatically.
+    kernel_request: str | None = None
+    _kernel_state: tuple[tuple, Kernel, Any, str] | None = None  # (key, kernel, layout, reason)
+    _kernel_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    # -- to implement
+    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized ``[out_features, in_features]`` weight in ``dtype`` (the reference)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement float_weight(dtype)")
+
+    # -- what was chosen
+    @property
+    def kernel(self) -> str | None:
+        """The name of the kernel the last forward ran on (``None`` before the first one)."""
+        return None if self._kernel_state is None else self._kernel_state[1].name
+
+    @property
+    def kernel_reason(self) -> str:
+        """Why that kernel: the request it follows, and every preferred kernel passed over with its reason."""
+        return "" if self._kernel_state is None else self._kernel_state[3]
+
+    def reset_kernel(self) -> None:
+        """Drop the run-time layout; the next forward chooses and builds again."""
+        self._kernel_state = None
+
+    def choose_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple[Kernel, str]:
+        """The kernel for inputs of ``dtype`` on ``device``, and why (see :attr:`kernel_reason`).
+
+        :raises KernelUnavailableError: a requested kernel is unknown to this layer or refuses it.
+        """
+        names = {k.name for k in self.kernels}
+        request = self.kernel_request
+        source = "set_kernel"
+        if request is None:
+            request = next((name for name in requested_kernels() if name in names), None)
+            source = KERNEL_ENV_VAR
+        where = f"{type(self).__name__}({self.extra_repr()}) for {dtype} on {device}"  # type: ignore[attr-defined]
+        if request is not None:
+            kernel = next((k for k in self.kernels if k.name == request), None)
+            if kernel is None:
+                raise KernelUnavailableError(
+                    f"{where}: kernel {request!r} (from {source}) is not one of this layer's kernels: {sorted(names)}"
+                )
+            why = kernel.refuses(self, device, dtype)  # type: ignore[arg-type]
+            if why is not None:
+                raise KernelUnavailableError(f"{where}: kernel {request!r} (from {source}) cannot run: {why}")
+            return kernel, f"requested ({source})"
+        passed = []
+        for kernel in self.kernels:
+            why = "opt-in only" if kernel.opt_in else kernel.refuses(self, device, dtype)  # type: ignore[arg-type]
+            if why is None:
+                reason = "; ".join(f"not {name}: {w}" for name, w in passed) or "first choice"
+                return kernel, reason
+            passed.append((kernel.name, why))
+        detail = "; ".join(f"{name}: {w}" for name, w in passed)
+        raise KernelUnavailableError(f"{where}: no kernel can run it ({detail})")
+
+    def _kernel_for(self, device: torch.device, dtype: torch.dtype) -> tuple[Kernel, Any]:
+        key = (device, dtype, self.kernel_request, requested_kernels())
+        state = self._kernel_state
+        if state is None or state[0] != key:
+            with self._kernel_lock:  # two threads running one model build the layout once
+                state = self._kernel_state
+                if state is None or state[0] != key:
+                    kernel, reason = self.choose_kernel(device, dtype)
+                    with torch.no_grad():
+                        layout = kernel.prepare(self, device, dtype)  # type: ignore[arg-type]
+                    state = self._kernel_state = (key, kernel, layout, reason)
+                    log.info("%s(%s): kernel %s for %s on %s (%s)", type(self).__name__,
+                             self.extra_repr(), kernel.name, dtype, device, reason)  # type: ignore[attr-defined]
+        return state[1], state[2]
+
+    def run_kernel(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x @ W.T + bias`` for ``x`` of any leading shape, on the chosen kernel, in ``dtype``
+        (default: ``x``'s dtype)."""
+        dtype = dtype or x.dtype
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        kernel, layout = self._kernel_for(x.device, dtype)
+
+        def run(inp: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return kernel.forward(self, layout, inp)  # type: ignore[arg-type]
+
+        if torch.is_grad_enabled() and x2.requires_grad:
+            out = _DequantizedBackward.apply(x2, self, run)
+        else:
+            out = run(x2)
+        return out.reshape(*lead, out.shape[-1])
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the layout belongs to the old tensors
+        self.reset_kernel()
+        return super()._apply(fn, recurse)  # type: ignore[misc]
+
+
+def _layers(model: nn.Module, names: Iterable[str] | None) -> list[tuple[str, KernelLayer]]:
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, KernelLayer)]
+    if names is None:
+        return found
+    wanted = set(names)
+    chosen = [(name, m) for name, m in found if name in wanted]
+    missing = wanted - {name for name, _ in chosen}
+    if missing:
+        raise KeyError(f"no quantized layer named {sorted(missing)} in {type(model).__name__}")
+    return chosen
+
+
+def set_kernel(model: nn.Module, kernel: str | None, names: Iterable[str] | None = None) -> int:
+    """Run ``model``'s quantized layers (or those in ``names``) on ``kernel``; ``None`` chooses again.
+
+    Returns how many layers the request applies to: those whose class declares the kernel. A name
+    no layer declares raises :class:`~qplug.KernelUnavailableError` listing those that exist.
+    """
+    layers = _layers(model, names)
+    request = None if kernel is None else kernel.strip().lower()
+    count = 0
+    for _, layer in layers:
+        if request is None or any(k.name == request for k in layer.kernels):
+            layer.kernel_request = request
+            layer.reset_kernel()
+            count += 1
+    if request is not None and not count:
+        known = sorted({k.name for _, layer in layers for k in layer.kernels})
+        raise KernelUnavailableError(f"no quantized layer of {type(model).__name__} has a kernel {kernel!r}; "
+                                     f"kernels here: {known}")
+    return count
+
+
+def prepare_kernels(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Choose every quantized layer's kernel and build its layout now, for inputs of ``dtype``.
+
+    ``dtype`` defaults to the dtype of the model's first floating-point parameter or buffer. Each
+    layer is prepared on the device its tensors live on. Returns ``{layer name: kernel name}``.
+    """
+    if dtype is None:
+        dtype = next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+                     torch.get_default_dtype())
+    chosen = {}
+    for name, layer in _layers(model, None):
+        device = next(t.device for t in (*layer.parameters(), *layer.buffers()))  # type: ignore[attr-defined]
+        kernel, _ = layer._kernel_for(device, dtype)
+        chosen[name] = kernel.name
+    return chosen
+
+
+def kernel_report(model: nn.Module) -> dict[str, Mapping[str, str | None]]:
+    """``{layer name: {"kernel": name or None, "reason": why}}`` for every quantized layer.
+
+    A layer that has not run since it was loaded or moved shows ``None``; call
+    :func:`prepare_kernels` first to choose without running.
+    """
+    return {name: {"kernel": layer.kernel, "reason": layer.kernel_reason} for name, layer in _layers(model, None)}
