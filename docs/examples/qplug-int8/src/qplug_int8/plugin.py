@@ -1,7 +1,9 @@
 """The ``int8-weight`` backend: everything a qplug backend needs, in one file.
 
 Weights are stored as int8 with one float scale per output row (symmetric, absmax / 127);
-activations stay in floating point and the forward pass dequantizes on the fly.
+activations stay in floating point. The layer declares two kernels to the core's kernel choice
+(:mod:`qplug.kernels`): torch's int8 weight-only matmul on the CPU, and a dequantize-and-multiply
+that runs anywhere. ``qplug inspect`` shows which one each layer ran.
 """
 
 from __future__ import annotations
@@ -35,8 +37,29 @@ def _int8_linear_class():
     import torch
     from torch import nn
 
-    class Int8Linear(nn.Module):
+    from qplug.kernels import Kernel, KernelLayer
+
+    def cpu_only(layer, device, dtype):
+        return None if device.type == "cpu" else f"torch's int8 matmul is a CPU kernel, not for {device.type}"
+
+    def int8_mm(layer, scales, x):
+        out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.weight, scales)
+        return out if layer.bias is None else out + layer.bias.to(x.dtype)
+
+    def dequant_mm(layer, _layout, x):
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        return nn.functional.linear(x, layer.float_weight(x.dtype), bias)
+
+    class Int8Linear(KernelLayer, nn.Module):
         """A linear layer holding int8 weights and per-output-channel scales."""
+
+        kernels = (
+            # The run-time layout is just the scales in the input dtype, as the kernel wants them.
+            Kernel("int8pack-cpu", refuses=cpu_only, forward=int8_mm,
+                   prepare=lambda layer, device, dtype: layer.weight_scale.view(-1).to(dtype)),
+            Kernel("dequant", refuses=lambda layer, device, dtype: None, forward=dequant_mm,
+                   prepare=lambda layer, device, dtype: None),
+        )
 
         def __init__(self, in_features, out_features, bias, compute_dtype, device=None):
             super().__init__()
@@ -60,12 +83,17 @@ def _int8_linear_class():
             return module
 
         def dequantized_weight(self):
-            return (self.weight.float() * self.weight_scale).to(self.compute_dtype)
+            return self.float_weight(self.compute_dtype)
+
+        def float_weight(self, dtype):
+            return (self.weight.float() * self.weight_scale).to(dtype)
 
         def forward(self, x):
-            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-            out = nn.functional.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
-            return out.to(x.dtype)
+            return self.run_kernel(x, self.compute_dtype).to(x.dtype)
+
+        def _load_from_state_dict(self, *args, **kwargs):
+            self.reset_kernel()  # the layout was built from the tensors being replaced
+            super()._load_from_state_dict(*args, **kwargs)
 
         def to_linear(self):
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
