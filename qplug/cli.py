@@ -813,8 +813,16 @@ def _checkpoint_tensors(directory: Path) -> dict[str, dict[str, Any]]:
 
 def _module_rows(tensors: Mapping[str, Mapping[str, Any]], model: Any) -> list[dict[str, Any]]:
     groups: dict[str, dict[str, Mapping[str, Any]]] = {}
+    modules = set() if model is None else {name for name, _ in model.named_modules()}
     for name, info in tensors.items():
         module, _, leaf = name.rpartition(".")
+        # bitsandbytes nests its statistics under the weight (q_proj.weight.absmax, ...quant_state.*):
+        # a tensor belongs to the deepest module its name starts with, when the model is known
+        parts = name.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules),
+                     None)
+        if owner is not None:
+            module, leaf = owner, name[len(owner) + 1:]
         groups.setdefault(module, {})[leaf] = info
     if model is not None:  # model order reads better than the checkpoint's alphabetical one
         order = {m: i for i, m in enumerate(dict.fromkeys(k.rpartition(".")[0] for k in model.state_dict()))}
@@ -880,6 +888,28 @@ def _weight_errors(model: Any, source: Path, kinds: Mapping[str, str]) -> dict[s
     return errors
 
 
+def _inspect_kernels(model: Any, rows: list[dict[str, Any]], dtype_name: str | None) -> str:
+    """Choose each quantized layer's kernel for inputs of ``dtype_name`` (default: the model's dtype) and
+    put it, with the reason, in the rows. Returns the dtype used."""
+    import torch
+
+    from qplug.kernels import kernel_report, prepare_kernels
+
+    dtype = getattr(torch, dtype_name) if dtype_name else None
+    try:
+        prepare_kernels(model, dtype)
+    except QPlugError as exc:  # one layer no kernel can run: the others are still worth showing
+        _warn(_one_line(exc))
+    report = kernel_report(model)
+    for row in rows:
+        if row["module"] in report:
+            row["kernel"] = report[row["module"]]["kernel"]
+            row["kernel_reason"] = report[row["module"]]["reason"]
+    if dtype is None:
+        dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.get_default_dtype())
+    return str(dtype).removeprefix("torch.")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     if not directory.is_dir():
@@ -911,6 +941,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         method, provider = str(raw.get("quant_method", "?")), "backend not available"
         config_dict = config_diff = raw
     rows = _module_rows(tensors, model)
+    dtype = None
+    if model is not None:
+        dtype = _inspect_kernels(model, rows, args.dtype)
     errors: dict[str, dict[str, float]] = {}
     if args.source:
         if model is None:
@@ -932,6 +965,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "parameters": total_params,
             "bits_per_param": 8 * total_bytes / total_params if total_params else None,
         },
+        "kernels_for": None if dtype is None else {"dtype": dtype, "device": "cpu"},
         "load_error": load_error,
     }
     if load_error:
@@ -948,23 +982,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, show_footer=True)
     longest = max((len(r["module"]) for r in rows), default=6)
     table.add_column("module", footer=f"{len(rows)} modules", no_wrap=True, min_width=min(longest, 64))
-    table.add_column("kind")
+    table.add_column("kind", no_wrap=True)
     table.add_column("shape", justify="right", footer=f"{total_params:,} params", no_wrap=True)
     bits_total = report["totals"]["bits_per_param"]
     table.add_column("bits", justify="right", footer=f"{bits_total:.2f}" if bits_total else "-", no_wrap=True)
     table.add_column("bytes", justify="right", footer=f"{total_bytes:,}", no_wrap=True)
+    chosen = Counter(row["kernel"] for row in rows if row.get("kernel"))
+    kernels = bool(chosen) and not args.source  # with --source the error columns take the room
+    if kernels:
+        table.add_column("kernel", no_wrap=True)
     if args.source:
-        table.add_column("rel. error", justify="right")
-        table.add_column("max |Δw|", justify="right")
+        table.add_column("rel. error", justify="right", no_wrap=True)
+        table.add_column("max |Δw|", justify="right", no_wrap=True)
     for row in rows:
         cells = [_text(row["module"]), _text(row["kind"]), _text("×".join(map(str, row["shape"]))),
                  _text(f"{row['bits']:.2f}" if row["bits"] is not None else "-"), _text(f"{row['bytes']:,}")]
+        if kernels:
+            cells.append(_text(row.get("kernel") or ""))
         if args.source:
             has = "relative_error" in row
             cells += [_text(f"{row['relative_error']:.2e}" if has else ""),
                       _text(f"{row['max_abs_error']:.2e}" if has else "")]
         table.add_row(*cells)
     console.print(table)
+    if chosen:
+        console.print(f"kernels for {dtype} inputs on the CPU: "
+                      + ", ".join(f"{name} ×{count}" for name, count in chosen.most_common()), markup=False)
+    # Why any layer did not get its first-choice kernel, once per distinct reason
+    fallbacks = Counter((row["kernel"], row["kernel_reason"]) for row in rows
+                        if row.get("kernel_reason") not in (None, "", "first choice"))
+    for (kernel, reason), count in fallbacks.items():
+        console.print(f"{count} layer(s) run {kernel}: {reason}", markup=False)
     if args.source and errors:
         worst = max(errors.items(), key=lambda kv: kv[1]["relative_error"])
         mean = sum(e["relative_error"] for e in errors.values()) / len(errors)
@@ -1173,6 +1221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="the quantized checkpoint directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--source", metavar="FLOATDIR", help="the floating-point model DIR was quantized from")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="choose each layer's kernel for inputs of this dtype (default: the model's dtype)")
     p.set_defaults(handler=cmd_inspect)
 
     p = commands.add_parser(

@@ -435,12 +435,28 @@ def test_inspect_table_with_weight_error(quantized, float_dir):
     q_proj = next(line for line in lines if line.startswith("model.layers.0.self_attn.q_proj"))
     fields = q_proj.split()
     assert fields[1:5] == ["Int8Linear", "128×128", "8.25", "16,896"]
+    n_int8 = sum(line.split()[1:2] == ["Int8Linear"] for line in lines)
+    assert f"kernels for float32 inputs on the CPU: int8pack-cpu ×{n_int8}" in proc.stdout  # the model's dtype
     relative = float(fields[5])
     assert 0 < relative < 0.02
     skipped = next(line for line in lines if line.startswith("model.layers.0.mlp.down_proj")).split()
-    assert skipped[1:4] == ["Linear", "128×256", "32.00"] and len(skipped) == 5  # float: no error column
+    assert skipped[1:4] == ["Linear", "128×256", "32.00"] and len(skipped) == 5  # float: no kernel, no error
     assert re.search(r"^21 modules +361,088 params +\d+\.\d\d +[\d,]+", proc.stdout, re.MULTILINE), proc.stdout
     assert f"weight error vs {float_dir}: mean relative" in proc.stdout
+
+
+def test_inspect_json_names_each_layers_kernel_and_why(quantized):
+    _, dst = quantized
+    proc = qplug("inspect", dst, "--json", "--dtype", "bfloat16", env={**cli_env(), "QPLUG_KERNEL": "dequant"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["kernels_for"] == {"dtype": "bfloat16", "device": "cpu"}
+    q_proj = next(row for row in report["modules"] if row["module"] == "model.layers.0.self_attn.q_proj")
+    assert (q_proj["kernel"], q_proj["kernel_reason"]) == ("dequant", "requested (QPLUG_KERNEL)")
+    proc = qplug("inspect", dst, env={**cli_env(), "QPLUG_KERNEL": "dequant"})
+    q_proj = next(line for line in proc.stdout.splitlines() if line.startswith("model.layers.0.self_attn.q_proj"))
+    assert q_proj.split()[1:] == ["Int8Linear", "128×128", "8.25", "16,896", "dequant"]
+    assert re.search(r"^\d+ layer\(s\) run dequant: requested \(QPLUG_KERNEL\)$", proc.stdout, re.MULTILINE)
 
 
 def test_inspect_json_without_the_backend(quantized, tmp_path):
