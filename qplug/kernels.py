@@ -5,7 +5,8 @@ A quantized layer keeps two things apart:
 * its **checkpoint tensors**, exactly as the format stores them (what ``save_quantized`` writes,
   however many forwards and device moves came before), and
 * a **run-time layout** for the kernel chosen for its device and input dtype, built once on
-  first use after a load or a move, and dropped whenever the checkpoint tensors change.
+  first use after a load or a move, and dropped whenever the checkpoint tensors change (replaced,
+  or modified in place: the layout is keyed on each tensor's storage and version counter).
 
 A backend declares, per layer class, an ordered tuple of :class:`Kernel` records (first is
 preferred). Each record says *why not* for a given layer, device and dtype (``refuses``), builds
@@ -170,8 +171,13 @@ class KernelLayer:
         detail = "; ".join(f"{name}: {w}" for name, w in passed)
         raise KernelUnavailableError(f"{where}: no kernel can run it ({detail})")
 
+    def _tensor_versions(self) -> tuple:
+        # an in-place change (``layer.scales.mul_(2)``) or a reassigned tensor must rebuild the layout
+        tensors = (*self._buffers.items(), *self._parameters.items())  # type: ignore[attr-defined]
+        return tuple((name, t.data_ptr(), t._version) for name, t in tensors if t is not None)
+
     def _kernel_for(self, device: torch.device, dtype: torch.dtype) -> tuple[Kernel, Any]:
-        key = (device, dtype, self.kernel_request, requested_kernels())
+        key = (device, dtype, self.kernel_request, requested_kernels(), self._tensor_versions())
         state = self._kernel_state
         if state is None or state[0] != key:
             with self._kernel_lock:  # two threads running one model build the layout once

@@ -41,19 +41,26 @@ def test_forward_is_linear_with_the_dequantized_weight(dtype):
     x = torch.randn(3, 5, 64).to(dtype)
     out = layer(x)
     assert out.dtype == dtype and out.shape == (3, 5, 32)
-    assert torch.equal(out, F.linear(x, w.to(dtype).contiguous(), b.half().to(dtype)))
+    expected = F.linear(x.float(), w, b.half().float())
+    # float32/float16: the weight rounded to dtype, summed in another order (act-order permutes the
+    # inputs); bfloat16 runs tinygemm: a bfloat16 matmul's error
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * 4)
 
 
-def test_cache_is_rebuilt_when_a_buffer_changes_in_place():
+def test_layout_is_rebuilt_when_a_buffer_changes_in_place():
     layer, _ = _random_layer(bias=False)
     x = torch.randn(2, 64)
     first = layer(x)
     assert torch.equal(layer(x), first)
     layer.scales.mul_(2)
     assert torch.allclose(layer(x), 2 * first, rtol=1e-3, atol=1e-3)
+    layer.cache_weight = True  # the old flag: now the opt-in dequant-cached kernel
+    assert torch.allclose(layer(x), 2 * first, rtol=1e-3, atol=1e-3) and layer.kernel == "dequant-cached"
+    layer.scales.mul_(0.5)
+    assert torch.allclose(layer(x), first, rtol=1e-3, atol=1e-3)
     layer.cache_weight = False
-    assert layer._cache is None or layer(x) is not None
-    assert torch.allclose(layer(x), 2 * first, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(layer(x), first, rtol=1e-3, atol=1e-3) and layer.kernel == "dequant-blocked"
 
 
 def test_meta_skeleton_loads_with_assign_and_without_g_idx():

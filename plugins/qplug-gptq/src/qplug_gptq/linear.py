@@ -8,11 +8,13 @@ Buffers (names, shapes and dtypes as AutoGPTQ / transformers write them):
 * ``g_idx``   int32 ``[in_features]``
 * ``bias``    ``[out_features]`` or absent
 
-The forward pass unpacks, dequantizes and runs a dense matmul.  On CPU the unpack is
-the expensive part and a dense GEMM is as fast as anything we can write in PyTorch,
-so the dequantized weight is cached per (device, dtype) and rebuilt only when a
-buffer changes (the cache key holds each buffer's storage pointer and version
-counter).  Set ``cache_weight = False`` on a module to trade speed for memory.
+These are what ``state_dict()`` returns, byte for byte, however many forwards and moves came
+before. The forward runs on one of :attr:`GPTQLinear.kernels` (:mod:`qplug.int_kernels`), chosen per
+device and input dtype by :mod:`qplug.kernels`: torch's int4 tinygemm (CUDA, CPU) for 4 bits, its
+int8 weight-only matmul for 8 bits on the CPU, and a blocked dequantize-and-multiply for everything
+else. Each builds its run-time layout once from the plain integer form (:meth:`GPTQLinear.int_weight`,
+act-order folded into an input permutation). ``dequant-cached`` (opt-in: ``qplug.set_kernel(model,
+"dequant-cached")``, or ``cache_weight = True`` on a module) keeps a full-precision copy instead.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from qplug import int_kernels
 from qplug.errors import CheckpointError
+from qplug.kernels import KernelLayer
 
 from . import packing
 
@@ -44,10 +47,16 @@ def adopt_optional_bias(module: nn.Module, state_dict, prefix: str, out_features
         module.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
 
 
-class GPTQLinear(nn.Module):
+class GPTQLinear(KernelLayer, nn.Module):
     """Linear layer with GPTQ-packed weights; see the module docstring."""
 
-    kernel = "qplug-torch"
+    kernels = (
+        int_kernels.TINYGEMM_INT4_CUDA,
+        int_kernels.TINYGEMM_INT4_CPU,
+        int_kernels.INT8_WEIGHT_CPU,
+        int_kernels.DEQUANT_BLOCKED,
+        int_kernels.DEQUANT_CACHED,
+    )
 
     def __init__(
         self,
@@ -77,8 +86,6 @@ class GPTQLinear(nn.Module):
         self.sym = sym
         # dtype of the float layer this one stands for: what to_linear() gives back
         self.weight_dtype = weight_dtype or dtype
-        self.cache_weight = True
-        self._cache: tuple[tuple, torch.Tensor] | None = None
         gs = in_features if group_size == -1 else group_size
         n_groups = math.ceil(in_features / gs)
         rows = packing.packed_length(in_features, bits, f"in_features of {type(self).__name__}")
@@ -129,6 +136,7 @@ class GPTQLinear(nn.Module):
         mod.qzeros = packing.pack_qzeros(zeros, bits, checkpoint_format)
         mod.scales = scales.to(dtype).contiguous()
         mod.g_idx = g_idx.to(torch.int32).contiguous()
+        mod.check_g_idx()
         if bias is not None:
             mod.bias = bias.detach().to(dtype).clone()
         return mod
@@ -175,9 +183,20 @@ class GPTQLinear(nn.Module):
             self.g_idx = packing.default_g_idx(self.in_features, self.group_size, device=self.qweight.device)
         elif had_g_idx and self.g_idx.dtype != torch.int32:
             self.g_idx = self.g_idx.to(torch.int32)
-        self._cache = None
+        self.reset_kernel()
         if (prefix + "qzeros") in state_dict:
             self.check_zero_convention(where)
+        if had_g_idx:
+            self.check_g_idx(where)
+
+    def check_g_idx(self, name: str = "") -> None:
+        """Raise unless ``g_idx`` puts ``group_size`` input channels in each group (act-order permutes them)."""
+        if self.g_idx.device.type == "meta":
+            return
+        try:
+            int_kernels.plain_from_g_idx(self.g_idx, self.group_size)
+        except ValueError as exc:
+            raise CheckpointError(f"{name or 'GPTQ layer'}: {exc} (group_size={self.group_size})") from None
 
     def check_zero_convention(self, name: str = "") -> None:
         """Raise when the zero points contradict ``checkpoint_format`` in a detectable way.
@@ -216,26 +235,36 @@ class GPTQLinear(nn.Module):
             dtype=dtype or self.scales.dtype,
         )
 
-    def _key(self, dtype: torch.dtype) -> tuple:
-        bufs = (self.qweight, self.qzeros, self.scales, self.g_idx)
-        return (dtype, self.qweight.device, *((b.data_ptr(), b._version) for b in bufs))
+    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The reference weight (:meth:`dequantize_weight`), for :mod:`qplug.kernels`."""
+        return self.dequantize_weight(dtype)
 
-    def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
-        with torch.no_grad():
-            if not self.cache_weight:
-                self._cache = None
-                return self.dequantize_weight(dtype)
-            key = self._key(dtype)
-            if self._cache is None or self._cache[0] != key:
-                self._cache = (key, self.dequantize_weight(dtype))
-            return self._cache[1]
+    def int_weight(self) -> int_kernels.IntWeight:
+        """The plain integer form the kernels build their layouts from (new tensors, same device)."""
+        q = packing.unpack_qweight(self.qweight, self.bits).to(torch.uint8).t()  # [out, in]
+        zero = packing.unpack_qzeros(self.qzeros, self.bits, self.checkpoint_format).t().to(torch.int16)
+        perm = int_kernels.plain_from_g_idx(self.g_idx, self.group_size)
+        q = q.contiguous() if perm is None else q.index_select(1, perm).contiguous()
+        group = self.in_features if self.group_size == -1 else self.group_size
+        return int_kernels.IntWeight(q, self.scales.t(), zero.contiguous(), self.bits, group, perm)
+
+    @property
+    def cache_weight(self) -> bool:
+        """Whether this layer runs on ``dequant-cached`` (a full-precision copy of its weight)."""
+        return self.kernel_request == "dequant-cached"
+
+    @cache_weight.setter
+    def cache_weight(self, enabled: bool) -> None:
+        if enabled:
+            self.kernel_request = "dequant-cached"
+        elif self.kernel_request == "dequant-cached":
+            self.kernel_request = None
+        self.reset_kernel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this GPTQLinear expects {self.in_features}")
-        w = self.weight_for(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        return self.run_kernel(x)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantized weight, in the dtype of the layer it replaced."""
@@ -245,10 +274,6 @@ class GPTQLinear(nn.Module):
         if self.bias is not None:
             lin.bias = nn.Parameter(self.bias.detach().to(dtype).clone(), requires_grad=False)
         return lin
-
-    def _apply(self, fn, recurse=True):
-        self._cache = None
-        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (

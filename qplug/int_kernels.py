@@ -1,0 +1,358 @@
+"""Kernels for affine integer weights, shared by every backend that stores them (GPTQ, AWQ, ...).
+
+A backend converts its packing to the **plain form**, :class:`IntWeight`::
+
+    q      uint8 [out, in]      integer codes, 0 <= q < 2**bits, input columns in run-time order
+    scale  float [out, groups]
+    zero   int   [out, groups]  integer zero points
+    w[o, i] = (q[o, i] - zero[o, i // group_size]) * scale[o, i // group_size]
+
+plus an optional input permutation ``perm`` (GPTQ act-order: columns sorted by group, so groups
+are contiguous; the kernels read ``x[:, perm]``). This module knows nothing about any packing.
+
+A layer that uses these kernels is a :class:`~qplug.kernels.KernelLayer` with attributes
+``in_features``, ``out_features``, ``bits``, ``group_size`` (``-1``: one group per row) and
+``bias`` (tensor or ``None``), and a method ``int_weight() -> IntWeight`` (on the layer's device,
+never modifying its checkpoint tensors). It lists the records below in its ``kernels``:
+
+``tinygemm-int4-cpu``
+    torch's ``_weight_int4pack_mm_for_cpu``: 4-bit, bfloat16 inputs (its float16/float32 paths are
+    scalar loops 20-50x slower, and running float16 through bfloat16 would lose precision), output
+    features a multiple of 16, a group size (in_features for ``-1``) that a multiple of 32 divides.
+``tinygemm-int4-cuda``
+    torch's CUDA tinygemm ``_weight_int4pack_mm`` (sm80+, bfloat16 inputs), output features a multiple
+    of 8, the same group sizes.
+``int8-weight-cpu``
+    torch's ``_weight_int8pack_mm``: 8-bit, bfloat16 inputs, in_features and the group size multiples
+    of 16; one call per group when there are several.
+``dequant-blocked``
+    any bits, shape, device and dtype: dequantizes a block of output rows at a time and multiplies,
+    never holding the whole float weight.
+``dequant-cached`` (opt-in)
+    keeps ``float_weight(dtype)``: a full-precision copy (``out * in * 2`` bytes in bf16/fp16, 4 in
+    fp32), fastest for large batches where memory does not matter.
+
+Precision: the tinygemm and int8 kernels accumulate in float32 and round the result to bfloat16
+(tinygemm also holds ``scale`` and ``(8 - zero) * scale`` in bfloat16), so their error is that of a
+bfloat16 matmul of the dequantized weight (measured within 2x of ``F.linear`` on the bf16 weight); ``dequant-*`` compute the weight in float32, round it once to the input dtype and
+use torch's matmul.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+from torch.nn import functional as F
+
+from qplug.kernels import Kernel
+
+__all__ = [
+    "DEQUANT_BLOCKED",
+    "DEQUANT_CACHED",
+    "INT8_WEIGHT_CPU",
+    "TINYGEMM_INT4_CPU",
+    "TINYGEMM_INT4_CUDA",
+    "IntWeight",
+    "dequantize",
+    "plain_from_g_idx",
+]
+
+_TINYGEMM_GROUPS = (256, 128, 64, 32)
+_BLOCK_ELEMENTS = 1 << 18  # dequantized elements per block: 1 MiB of float32, stays in L2
+
+
+@attrs.frozen(eq=False)
+class IntWeight:
+    """A plain affine integer weight (see the module docstring)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    perm: torch.Tensor | None = None
+
+    def __attrs_post_init__(self) -> None:
+        out_f, in_f = self.q.shape
+        groups = math.ceil(in_f / self.group_size)
+        if self.q.dtype != torch.uint8:
+            raise TypeError(f"IntWeight.q must be uint8, got {self.q.dtype}")
+        for name in ("scale", "zero"):
+            shape = tuple(getattr(self, name).shape)
+            if shape != (out_f, groups):
+                raise ValueError(f"IntWeight.{name} has shape {shape}, expected {(out_f, groups)} "
+                                 f"for q {tuple(self.q.shape)} and group_size={self.group_size}")
+        if self.perm is not None and tuple(self.perm.shape) != (in_f,):
+            raise ValueError(f"IntWeight.perm has shape {tuple(self.perm.shape)}, expected {(in_f,)}")
+
+
+def plain_from_g_idx(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """The input permutation that makes ``g_idx``'s groups contiguous, ``None`` when they already are.
+
+    :raises ValueError: ``g_idx`` does not put ``group_size`` channels in each group (the last may be
+        shorter), so no permutation makes it contiguous.
+    """
+    n = g_idx.numel()
+    gs = n if group_size == -1 else group_size
+    default = torch.arange(n, device=g_idx.device) // gs
+    g = g_idx.long()
+    if torch.equal(g, default):
+        return None
+    perm = torch.argsort(g, stable=True)
+    if not torch.equal(g[perm], default):
+        raise ValueError(f"g_idx does not assign {gs} input channels to each group")
+    return perm
+
+
+def dequantize(w: IntWeight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+    """``(q - zero) * scale`` for ``rows`` (all by default), in run-time column order, in ``dtype``.
+
+    Formed in float32 (exact products of small integers and half-precision scales) and rounded once.
+    """
+    rows = rows or slice(None)
+    q, s, z = w.q[rows], w.scale[rows].float(), w.zero[rows].float()
+    n, k = q.shape
+    gs = w.group_size
+    if k % gs == 0:
+        out = q.view(n, k // gs, gs).float().sub_(z.unsqueeze(2)).mul_(s.unsqueeze(2)).view(n, k)
+    else:  # a shorter last group
+        out = (q.float() - z.repeat_interleave(gs, 1)[:, :k]) * s.repeat_interleave(gs, 1)[:, :k]
+    return out.to(dtype)
+
+
+def _permuted(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    return x if perm is None else x.index_select(1, perm)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y.add_(bias)
+
+
+def _bias(layer, dtype: torch.dtype) -> torch.Tensor | None:
+    bias = getattr(layer, "bias", None)
+    return None if bias is None else bias.detach().to(dtype=dtype, copy=True)
+
+
+def _group(layer) -> int:
+    return layer.in_features if layer.group_size == -1 else layer.group_size
+
+
+def _tinygemm_group(layer) -> int | None:
+    """The largest group tinygemm accepts that tiles the layer's groups exactly (scales repeated)."""
+    common = math.gcd(_group(layer), layer.in_features)
+    return next((t for t in _TINYGEMM_GROUPS if common % t == 0), None)
+
+
+def _tinygemm_scales_and_zeros(w: IntWeight, tiny: int) -> torch.Tensor:
+    """``[in / tiny, out, 2]`` bfloat16: tinygemm's ``w = (q - 8) * s + z_f``, so ``z_f = (8 - zero) * s``."""
+    in_f = w.q.shape[1]
+    repeat = w.group_size // tiny  # tiny divides the group size
+    s = w.scale.float().repeat_interleave(repeat, 1)[:, : in_f // tiny]
+    z = w.zero.float().repeat_interleave(repeat, 1)[:, : in_f // tiny]
+    return torch.stack((s, (8 - z) * s), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+
+
+def _refuse_common(layer, dtype: torch.dtype, bits: int) -> str | None:
+    if layer.bits != bits:
+        return f"{bits}-bit weights only (this layer has {layer.bits})"
+    if dtype != torch.bfloat16:
+        # float16 would run at bfloat16 precision; float16/float32 take torch's scalar loop (~20-50x slower)
+        return f"bfloat16 inputs only (got {dtype})"
+    return None
+
+
+# ---------------------------------------------------------------------------------- tinygemm, CPU
+def _tinygemm_cpu_refuses(layer, device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cpu":
+        return f"CPU only (inputs on {device})"
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
+    why = _refuse_common(layer, dtype, 4)
+    if why:
+        return why
+    if layer.out_features % 16:
+        return f"out_features={layer.out_features} is not a multiple of 16"
+    if _tinygemm_group(layer) is None:
+        return f"group_size={layer.group_size} with in_features={layer.in_features}: no multiple of 32 tiles it"
+    return None
+
+
+def _tinygemm_cpu_prepare(layer, device, dtype):
+    w = layer.int_weight()
+    tiny = _tinygemm_group(layer)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 8)
+    return packed, tiny, _tinygemm_scales_and_zeros(w, tiny), w.perm, _bias(layer, torch.bfloat16)
+
+
+def _tinygemm_cpu_forward(layer, layout, x):
+    packed, tiny, sz, perm, bias = layout
+    xb = _permuted(x.to(torch.bfloat16), perm).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, tiny, sz)
+    return _add_bias(y, bias).to(x.dtype)
+
+
+TINYGEMM_INT4_CPU = Kernel(
+    "tinygemm-int4-cpu",
+    refuses=_tinygemm_cpu_refuses,
+    prepare=_tinygemm_cpu_prepare,
+    forward=_tinygemm_cpu_forward,
+    description="torch's int4 CPU matmul (bfloat16)",
+)
+
+
+# --------------------------------------------------------------------------------- tinygemm, CUDA
+def _tinygemm_cuda_refuses(layer, device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda":
+        return f"CUDA only (inputs on {device})"
+    if torch.version.hip:
+        return "not on ROCm (its tile layout differs and is untested here)"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return f"needs compute capability 8.0+ (this GPU has {torch.cuda.get_device_capability(device)})"
+    why = _refuse_common(layer, dtype, 4)
+    if why:
+        return why
+    if layer.out_features % 8:
+        return f"out_features={layer.out_features} is not a multiple of 8"
+    if _tinygemm_group(layer) is None:
+        return f"group_size={layer.group_size} with in_features={layer.in_features}: no multiple of 32 tiles it"
+    return None
+
+
+def _tinygemm_cuda_prepare(layer, device, dtype):
+    w = layer.int_weight()
+    tiny = _tinygemm_group(layer)
+    in_f = w.q.shape[1]
+    inner_k_tiles = next(t for t in (8, 4, 2) if in_f % (16 * t) == 0)  # in_f % 32 == 0 holds
+    nibbles = (w.q[:, ::2] << 4 | w.q[:, 1::2]).contiguous()  # [out, in / 2]: first value high
+    packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, inner_k_tiles)
+    return packed, tiny, _tinygemm_scales_and_zeros(w, tiny), w.perm, _bias(layer, torch.bfloat16)
+
+
+def _tinygemm_cuda_forward(layer, layout, x):
+    packed, tiny, sz, perm, bias = layout
+    xb = _permuted(x.to(torch.bfloat16), perm).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm(xb, packed, tiny, sz)
+    return _add_bias(y, bias).to(x.dtype)
+
+
+TINYGEMM_INT4_CUDA = Kernel(
+    "tinygemm-int4-cuda",
+    refuses=_tinygemm_cuda_refuses,
+    prepare=_tinygemm_cuda_prepare,
+    forward=_tinygemm_cuda_forward,
+    description="torch's tinygemm int4 CUDA matmul (sm80+, bfloat16)",
+)
+
+
+# ---------------------------------------------------------------------------------------- int8, CPU
+def _int8_refuses(layer, device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cpu":
+        return f"CPU only (inputs on {device})"
+    why = _refuse_common(layer, dtype, 8)
+    if why:
+        return why
+    gs = _group(layer)
+    if layer.in_features % 16 or gs % 16 or layer.in_features % gs:
+        # torch's kernel reads out of bounds (or is wrong) for K not a multiple of 16
+        return f"in_features={layer.in_features} and group_size={layer.group_size} must be multiples of 16"
+    return None
+
+
+def _int8_prepare(layer, device, dtype):
+    w = layer.int_weight()
+    out_f = w.q.shape[0]
+    groups = w.scale.shape[1]
+    q = w.q.to(torch.int16)
+    zero = w.zero.to(torch.int16)
+    # codes relative to the zero point when they fit int8 (always for symmetric weights), else to 128
+    # and a correction term:  out = sum_g s_g * (x_g @ (q_g - o)^T) - sum_g s_g * (z_g - o) * sum(x_g)
+    rel = q.view(out_f, groups, -1) - zero.unsqueeze(2)
+    if int(rel.min()) >= -128 and int(rel.max()) <= 127:
+        offset, correction = rel, None
+    else:
+        offset = q.view(out_f, groups, -1) - 128
+        correction = (w.scale.float() * (zero.float() - 128)).t().contiguous()  # [groups, out]
+    codes = offset.to(torch.int8).transpose(0, 1).contiguous()  # [groups, out, gs]
+    scale = w.scale.float().t().contiguous()  # [groups, out]
+    ones = torch.ones(out_f, dtype=torch.bfloat16, device=device)
+    return codes, scale, correction, ones, w.perm, _bias(layer, torch.float32)
+
+
+def _int8_forward(layer, layout, x):
+    codes, scale, correction, ones, perm, bias = layout
+    groups, out_f, gs = codes.shape
+    xb = _permuted(x.to(torch.bfloat16), perm)
+    n = xb.shape[0]
+    xg = xb.reshape(n, groups, gs).transpose(0, 1).contiguous()  # [groups, n, gs]
+    out = torch.zeros(n, out_f, dtype=torch.float32, device=x.device) if bias is None else bias.repeat(n, 1)
+    for g in range(groups):  # the op takes one scale per output row: one call per group
+        out.addcmul_(torch.ops.aten._weight_int8pack_mm(xg[g], codes[g], ones), scale[g])
+    if correction is not None:
+        out.sub_(xg.float().sum(-1).t() @ correction)
+    return out.to(x.dtype)
+
+
+INT8_WEIGHT_CPU = Kernel(
+    "int8-weight-cpu",
+    refuses=_int8_refuses,
+    prepare=_int8_prepare,
+    forward=_int8_forward,
+    description="torch's int8 weight-only CPU matmul, one call per group (bfloat16)",
+)
+
+
+# ------------------------------------------------------------------------------ dequantize, blocked
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, k] codes below 16 -> [n, ceil(k/2)]: two per byte, low nibble first."""
+    if q.shape[1] % 2:
+        q = F.pad(q, (0, 1))
+    return (q[:, 0::2] | q[:, 1::2] << 4).contiguous()
+
+
+def _blocked_prepare(layer, device, dtype):
+    w = layer.int_weight()
+    in_f = w.q.shape[1]
+    packed = w.bits <= 4
+    codes = _nibbles(w.q) if packed else w.q  # 2/3/4-bit: half a byte per code
+    rows = max(16, _BLOCK_ELEMENTS // in_f // 16 * 16)
+    return codes, packed, w.scale, w.zero, w.group_size, w.bits, in_f, rows, w.perm, _bias(layer, dtype)
+
+
+def _blocked_forward(layer, layout, x):
+    codes, packed, scale, zero, gs, bits, in_f, rows, perm, bias = layout
+    out_f = codes.shape[0]
+    xp = _permuted(x, perm)
+    out = torch.empty(x.shape[0], out_f, dtype=x.dtype, device=x.device)
+    for start in range(0, out_f, rows):
+        block = slice(start, min(start + rows, out_f))
+        c = codes[block]
+        q = torch.stack((c & 15, c >> 4), dim=-1).flatten(1)[:, :in_f] if packed else c
+        w = dequantize(IntWeight(q, scale[block], zero[block], bits, gs), x.dtype)
+        out[:, block] = F.linear(xp, w)
+    return _add_bias(out, bias)
+
+
+DEQUANT_BLOCKED = Kernel(
+    "dequant-blocked",
+    refuses=lambda layer, device, dtype: None if dtype.is_floating_point else f"floating-point inputs only ({dtype})",
+    prepare=_blocked_prepare,
+    forward=_blocked_forward,
+    description="dequantize a block of output rows at a time and multiply (any bits, shape, device, dtype)",
+)
+
+
+# ------------------------------------------------------------------------------- dequantize, cached
+def _cached_prepare(layer, device, dtype):
+    return layer.float_weight(dtype).contiguous(), _bias(layer, dtype)
+
+
+DEQUANT_CACHED = Kernel(
+    "dequant-cached",
+    refuses=lambda layer, device, dtype: None if dtype.is_floating_point else f"floating-point inputs only ({dtype})",
+    prepare=_cached_prepare,
+    forward=lambda layer, layout, x: F.linear(x, layout[0], layout[1]),
+    description="keeps a full-precision copy of the weight (out * in * dtype bytes): opt-in",
+    opt_in=True,
+)
