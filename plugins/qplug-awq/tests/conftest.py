@@ -45,5 +45,5 @@ def fresh_plugin_manager():
 
 @pytest.fixture(autouse=True)
 def _torch_kernel(monkeypatch):
-    """Tests choose kernels explicitly; an exported QPLUG_AWQ_KERNEL must not change them."""
-    monkeypatch.delenv("QPLUG_AWQ_KERNEL", raising=False)
+    """Tests choose kernels explicitly; an exported QPLUG_KERNEL must not change them."""
+    monkeypatch.delenv("QPLUG_KERNEL", raising=False)

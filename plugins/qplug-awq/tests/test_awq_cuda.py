@@ -40,7 +40,7 @@ def test_cuda_forward_matches_cpu(version):
     gpu.load_state_dict(cpu.state_dict())
     gpu = gpu.cuda()
     out = gpu(x.cuda()).float().cpu()
-    kernel = "autoawq" if gpu._external[1] is not None else "torch"
+    kernel = gpu.kernel
     print(f"\n{version}: kernel={kernel} ({probe(version, 'cuda:0') or 'autoawq works'})")
     # float16 activations and matmul on the GPU: ~1e-3 relative
     assert relative_error(out, expected) < 1e-2
@@ -55,7 +55,7 @@ def test_cuda_speed_against_fp16():
         x = torch.randn(tokens, 4096, dtype=torch.float16, device="cuda")
         with torch.no_grad():
             t_fp16, t_awq = _ms(lambda x=x: dense(x)), _ms(lambda x=x: layer(x))
-        kernel = "autoawq" if layer._external[1] is not None else "torch"
+        kernel = layer.kernel
         print(f"\ntokens={tokens}: fp16 {t_fp16:.3f} ms, awq ({kernel}) {t_awq:.3f} ms, ratio {t_awq / t_fp16:.2f}")
         assert torch.isfinite(layer(x)).all()
 

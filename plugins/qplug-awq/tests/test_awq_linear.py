@@ -48,7 +48,9 @@ def test_weight_cache_is_dropped_when_buffers_change():
     layer.load_state_dict(other.state_dict())
     torch.testing.assert_close(layer(x), other(x))
     assert not torch.allclose(first, layer(x))
-    assert set_weight_cache(nn.Sequential(layer, other), False) == 2 and layer._cached is None
+    assert set_weight_cache(nn.Sequential(layer, other), False) == 2 and not layer.cache_weight
+    layer(x)
+    assert layer.kernel == "dequant-blocked"
 
 
 def test_quantization_error_is_at_most_half_a_step():
@@ -119,28 +121,31 @@ def test_invalid_layers_are_refused_with_the_reason(kwargs, message):
         AwqLinear(256, 128, **kwargs)
 
 
-def test_torch_kernel_is_used_on_cpu_by_default():
+def test_qplug_kernels_run_on_cpu_by_default():
     layer = AwqLinear.from_linear(_linear(), group_size=64)
+    layer(torch.randn(1, 256, dtype=torch.bfloat16))
+    assert layer.kernel == "tinygemm-int4-cpu"
+    assert "not autoawq" in layer.kernel_reason
     layer(torch.randn(1, 256))
-    assert layer._external[1] is None  # "auto" keeps the PyTorch path on the CPU
+    assert layer.kernel == "dequant-blocked" and "not tinygemm-int4-cpu: bfloat16 inputs only" in layer.kernel_reason
 
 
 def test_kernel_choice_follows_the_environment(monkeypatch):
-    from qplug_awq.autoawq import default_kernel
-
-    monkeypatch.setenv("QPLUG_AWQ_KERNEL", "Torch")
-    assert default_kernel() == "torch"
-    monkeypatch.setenv("QPLUG_AWQ_KERNEL", "cuda")
-    with pytest.raises(ValueError, match="QPLUG_AWQ_KERNEL='cuda'"):
-        default_kernel()
+    layer = AwqLinear.from_linear(_linear(), group_size=64)
+    monkeypatch.setenv("QPLUG_KERNEL", "dequant-cached")
+    layer(torch.randn(1, 256))
+    assert layer.kernel == "dequant-cached"
+    with pytest.raises(ValueError, match="kernel='torch'"):
+        AwqLinear(256, 128, kernel="torch")
 
 
 def test_asking_for_autoawq_where_it_cannot_run_says_why():
     from awq_testlib import autoawq_importable
-    from qplug_awq.autoawq import KernelUnavailableError
+
+    import qplug
 
     layer = AwqLinear.from_linear(_linear(), group_size=64, version="gemv", kernel="autoawq")
-    # GEMV: autoawq's module needs its CUDA extension; without autoawq: the install command
-    expected = "GEMV" if autoawq_importable() else "pip install"
-    with pytest.raises(KernelUnavailableError, match=expected):
+    # without autoawq: the install command; with it, on the CPU: its kernels are CUDA kernels
+    expected = "CUDA kernels" if autoawq_importable() else "pip install"
+    with pytest.raises(qplug.KernelUnavailableError, match=expected):
         layer(torch.randn(1, 256))

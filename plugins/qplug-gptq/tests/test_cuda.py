@@ -55,7 +55,7 @@ def test_kernel_speed_against_float16(tokens, record_property):
     x = torch.randn(tokens, n, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         torch.testing.assert_close(layer(x).cpu().float(), cpu(x.cpu().float()), rtol=2e-2, atol=2e-2)
-        kernels = {"qplug-torch (cached dequantized weight)": layer}
+        kernels = {f"qplug {layer.kernel}": layer}
         if autogptq.compiled_kernels_load():
             kernels["auto-gptq " + autogptq.quant_linear_class(4, gs, False).QUANT_TYPE] = autogptq.from_gptq_linear(
                 layer, desc_act=False

@@ -1,48 +1,28 @@
-"""autoawq's ``WQLinear_GEMM`` / ``WQLinear_GEMV`` as optional kernels behind :class:`AwqLinear`.
+"""autoawq's ``WQLinear_GEMM`` / ``WQLinear_GEMV`` as the ``autoawq`` kernel of :class:`AwqLinear`.
 
-autoawq is used only where it really works: it must import, and a small probe layer
-must produce the right numbers on the device in question. The probe matters because
-with triton installed ``WQLinear_GEMM`` hands even CPU tensors to Triton kernels
-(which fail), and ``WQLinear_GEMV`` needs autoawq's CUDA extension everywhere.
+autoawq is used only where it really works: on a CUDA device, where it imports and a small probe
+layer produces the right numbers. The probe matters because with triton installed ``WQLinear_GEMM``
+hands even CPU tensors to Triton kernels (which fail), and ``WQLinear_GEMV`` needs autoawq's CUDA
+extension everywhere. On the CPU autoawq's only path is dequantize + float16 matmul, which
+qplug's own kernels do faster and in the input's precision, so the kernel refuses the CPU.
 
-Kernel choice (``AwqLinear.kernel``, default from ``QPLUG_AWQ_KERNEL``):
-
-``auto``
-    autoawq's module on CUDA devices where its probe passes; qplug's own PyTorch path
-    everywhere else. On the CPU autoawq's only path is dequantize + float16 matmul,
-    which the PyTorch path does faster and in the input's precision.
-``autoawq``
-    autoawq's module wherever its probe passes; :class:`KernelUnavailableError` otherwise.
-``torch``
-    always qplug's own path.
+It is the first of :attr:`AwqLinear.kernels <qplug_awq.linear.AwqLinear.kernels>`; choose or avoid
+it like any kernel: ``qplug.set_kernel(model, "autoawq")``, ``QPLUG_KERNEL=autoawq`` (or
+``QPLUG_KERNEL=tinygemm-int4-cuda`` to pass it over). The former ``QPLUG_AWQ_KERNEL`` is gone.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["KERNELS", "KernelUnavailableError", "autoawq_importable", "default_kernel", "external_forward", "probe"]
+from qplug.errors import KernelUnavailableError
+from qplug.kernels import Kernel
 
-KERNELS = ("auto", "autoawq", "torch")
-_ENV = "QPLUG_AWQ_KERNEL"
-
-
-class KernelUnavailableError(RuntimeError):
-    """The kernel asked for cannot run here (autoawq missing, or failing its probe on the device)."""
-
-
-def default_kernel() -> str:
-    """The kernel ``QPLUG_AWQ_KERNEL`` names (``auto`` when unset)."""
-    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
-    if value not in KERNELS:
-        raise ValueError(f"{_ENV}={value!r}: expected one of {', '.join(KERNELS)}")
-    return value
+__all__ = ["AUTOAWQ", "KernelUnavailableError", "autoawq_importable", "probe"]
 
 
 def _import_modules():
@@ -98,14 +78,19 @@ def probe(version: str, device: str) -> str | None:
     return None
 
 
-def external_forward(layer: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """autoawq's forward for ``layer`` on ``device``, or ``None`` when qplug's own path should run."""
-    kernel = layer.kernel or default_kernel()
-    if kernel == "torch" or (kernel == "auto" and device.type == "cpu"):
-        return None
-    reason = probe(layer.version, str(device))
-    if reason is not None:
-        if kernel == "autoawq":
-            raise KernelUnavailableError(f"{layer.extra_repr()}: kernel='autoawq' requested, but {reason}")
-        return None
-    return _wrap(layer)
+def _refuses(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
+    if not autoawq_importable():
+        return "autoawq is not installed (pip install 'qplug-awq[autoawq]')"
+    if device.type != "cuda":
+        return f"its kernels are CUDA kernels (inputs on {device}); on the CPU it only dequantizes to float16"
+    return probe(layer.version, str(device))
+
+
+AUTOAWQ = Kernel(
+    "autoawq",
+    refuses=_refuses,
+    prepare=lambda layer, device, dtype: _wrap(layer),
+    # autoawq computes in float16 and may return a 3-D result
+    forward=lambda layer, ext, x: ext(x).reshape(x.shape[0], layer.out_features).to(x.dtype),
+    description="autoawq's WQLinear_GEMM/GEMV CUDA modules (float16), sharing the checkpoint tensors",
+)

@@ -1,30 +1,27 @@
 """``AwqLinear``: an ``nn.Module`` holding AWQ checkpoint tensors in their exact layout.
 
 Its buffers carry the names, shapes and dtypes that autoawq's ``WQLinear_GEMM`` /
-``WQLinear_GEMV`` (and transformers) save, so ``state_dict()`` is an AWQ checkpoint
-and an AWQ checkpoint loads into it. Its forward needs nothing but torch: it
-dequantises the packed weights (vectorised shifts and masks) and multiplies.
+``WQLinear_GEMV`` (and transformers) save, so ``state_dict()`` is an AWQ checkpoint, byte for
+byte after any number of forwards and moves, and an AWQ checkpoint loads into it.
 
-On the CPU the forward never materialises the float weight: it turns a few groups
-of packed nibbles at a time into floats (a cache-sized chunk), multiplies them by
-the input in a batched matmul, and applies scales and zero points to the small
-per-group partial products. Elsewhere (CUDA without autoawq's kernels) it
-dequantises and calls the device's matmul. ``cache_weight=True`` (per module, or
-:func:`set_weight_cache` for a model) keeps the dequantised weight instead: fastest,
-at the cost of a full-precision copy; the cache is dropped whenever the buffers
-change (``load_state_dict``, ``.to()``, ``.half()``...).
+The forward runs on one of :attr:`AwqLinear.kernels`, chosen per device and input dtype by
+:mod:`qplug.kernels`: autoawq's own CUDA module where it passes its probe
+(:mod:`qplug_awq.autoawq`), torch's int4 tinygemm (CUDA; CPU for bfloat16 inputs), and otherwise a
+blocked dequantize-and-multiply that never holds the whole float weight (:mod:`qplug.int_kernels`).
+``dequant-cached`` (opt-in: ``qplug.set_kernel(model, "dequant-cached")``, or
+:func:`set_weight_cache`) keeps a full-precision copy of the weight instead.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from qplug import int_kernels
+from qplug.kernels import KernelLayer
+
+from .autoawq import AUTOAWQ
 from .packing import (
-    AWQ_ORDER,
     PackingError,
     dequantize_unpacked,
     gemv_zeros_width,
@@ -37,35 +34,11 @@ from .quant import quantize_weight
 
 __all__ = ["VERSIONS", "AwqLinear", "set_weight_cache"]
 
-#: dequantised elements per chunk in the fused CPU forward (2 MiB of float32: stays in cache)
-_CHUNK_ELEMENTS = 1 << 19
-
-
-def _split_nibbles(b: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., n] -> uint8 [..., 2n]: low nibble, then high nibble, of each byte (little-endian words)."""
-    return torch.stack((b & 15, b >> 4), dim=-1).flatten(-2)
-
-
-@functools.cache
-def _gemm_nibble_columns(out_features: int, device: torch.device) -> torch.Tensor:
-    """Output column held by each nibble position of a GEMM row (AWQ's interleaved order)."""
-    base = torch.arange(0, out_features, 8).repeat_interleave(8)
-    return (base + torch.tensor(AWQ_ORDER).repeat(out_features // 8)).to(device)
-
-
-@functools.cache
-def _gemm_output_index(out_features: int, device: torch.device) -> torch.Tensor:
-    """Index that puts nibble-ordered outputs back in column order."""
-    cols = _gemm_nibble_columns(out_features, device)
-    index = torch.empty_like(cols)
-    index[cols] = torch.arange(out_features, device=device)
-    return index
-
 #: layouts AwqLinear stores (the GEMV_fast, exllama and ipex layouts are repacks made at load time by their kernels)
 VERSIONS = ("gemm", "gemv")
 
 
-class AwqLinear(nn.Module):
+class AwqLinear(KernelLayer, nn.Module):
     """A linear layer with 4-bit AWQ weights.
 
     :param in_features: input size (a multiple of ``group_size`` and of 8).
@@ -74,9 +47,9 @@ class AwqLinear(nn.Module):
     :param group_size: input channels per quantisation group; ``-1`` for one group per row.
     :param version: ``"gemm"`` or ``"gemv"``, the checkpoint layout.
     :param bias: whether the layer has a bias (stored as float16, like autoawq).
-    :param cache_weight: keep the dequantised weight between calls (fastest, full-precision memory).
-    :param kernel: ``"auto"``, ``"autoawq"`` or ``"torch"`` (see :mod:`qplug_awq.autoawq`);
-        ``None`` follows ``QPLUG_AWQ_KERNEL``.
+    :param cache_weight: run on the opt-in ``dequant-cached`` kernel (a full-precision copy of the weight).
+    :param kernel: one of :attr:`kernels` by name to insist on (like :func:`qplug.set_kernel`);
+        ``None`` or ``"auto"``: choose per device and dtype.
     :param device: where to allocate the (zero) buffers; ``"meta"`` for a skeleton that
         ``load_state_dict(..., assign=True)`` fills.
     """
@@ -95,6 +68,9 @@ class AwqLinear(nn.Module):
         kernel: str | None = None,
     ) -> None:
         super().__init__()
+        names = [k.name for k in self.kernels]
+        if kernel not in (None, "auto", *names):
+            raise ValueError(f"kernel={kernel!r}: expected None, 'auto' or one of {names}")
         version = str(version).lower()
         if version not in VERSIONS:
             raise ValueError(f"version={version!r}: AwqLinear stores one of {list(VERSIONS)}")
@@ -113,12 +89,9 @@ class AwqLinear(nn.Module):
         self.bits = bits
         self.group_size = group_size
         self.version = version
-        self.cache_weight = cache_weight
-        #: "auto", "autoawq" or "torch" (see qplug_awq.autoawq); None: QPLUG_AWQ_KERNEL's choice
-        self.kernel = kernel
-        self._cached: torch.Tensor | None = None
-        self._params: tuple | None = None
-        self._external: tuple | None = None
+        self.kernel_request = None if kernel == "auto" else kernel
+        if cache_weight:
+            self.cache_weight = True
         groups = in_features // group_size
         for name, shape, dtype in self._layout(groups):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
@@ -126,6 +99,14 @@ class AwqLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device))
         else:
             self.bias = None
+
+    kernels = (
+        AUTOAWQ,
+        int_kernels.TINYGEMM_INT4_CUDA,
+        int_kernels.TINYGEMM_INT4_CPU,
+        int_kernels.DEQUANT_BLOCKED,
+        int_kernels.DEQUANT_CACHED,
+    )
 
     # ------------------------------------------------------------------ layout
     def _layout(self, groups: int) -> list[tuple[str, tuple[int, int], torch.dtype]]:
@@ -159,14 +140,10 @@ class AwqLinear(nn.Module):
                     )
                 if dtype == torch.int32 and t.dtype != torch.int32:
                     raise PackingError(f"{key}: packed tensors must be int32, got {t.dtype}")
-        self._cached = self._params = self._external = None
+        self.reset_kernel()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-
-    def _apply(self, fn, recurse=True):
-        self._cached = self._params = self._external = None
-        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -212,7 +189,8 @@ class AwqLinear(nn.Module):
         layer = cls.from_unpacked(
             iweight, izeros, scales, linear.bias, group_size=group_size, bits=bits, version=version
         )
-        layer.kernel = kernel
+        if kernel not in (None, "auto"):
+            layer.kernel_request = kernel
         return layer.to(linear.weight.device)
 
     # ------------------------------------------------------------- dequantise
@@ -234,82 +212,35 @@ class AwqLinear(nn.Module):
             linear.bias = nn.Parameter(self.bias.to(dtype).clone(), requires_grad=False)
         return linear
 
-    # ----------------------------------------------------------------- forward
-    def _group_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``scales`` and ``zeros * scales`` as ``[groups, out]`` in ``dtype``, columns in the packed order."""
-        key = ("params", dtype, self.qweight.device)
-        if self._params is not None and self._params[0] == key:
-            return self._params[1], self._params[2]
-        _, izeros, scales = self.unpack()  # [out, groups], column order = output order
-        s = scales.t().to(dtype)
-        zs = izeros.t().to(dtype) * s
-        if self.version == "gemm":
-            # put output columns in the order the nibbles come out of the packed bytes
-            perm = _gemm_nibble_columns(self.out_features, self.qweight.device)
-            s, zs = s[:, perm].contiguous(), zs[:, perm].contiguous()
-        self._params = (key, s, zs)
-        return s, zs
+    # ----------------------------------------------------------------- kernels
+    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The reference weight for :mod:`qplug.kernels`: formed in float32, rounded once to ``dtype``."""
+        return self.dequantize(torch.float32).to(dtype)
 
-    def _forward_fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``x @ W^T`` without materialising W: per chunk of groups, integer nibbles -> float, batched matmul.
+    def int_weight(self) -> int_kernels.IntWeight:
+        """The plain integer form the kernels build their layouts from (new tensors, same device)."""
+        iweight, izeros, scales = self.unpack()
+        return int_kernels.IntWeight(
+            iweight.to(torch.uint8).contiguous(), scales, izeros.contiguous(), self.bits, self.group_size
+        )
 
-        out = sum_g (x_g @ q_g) * s_g  -  sum_g (sum_i x_gi) * (z_g * s_g)
-        """
-        groups, g, out_f = self.in_features // self.group_size, self.group_size, self.out_features
-        s, zs = self._group_params(dtype)
-        xs = x.reshape(-1, groups, g).to(dtype).transpose(0, 1).contiguous()  # [groups, n, g]
-        out = -(xs.sum(-1).t() @ zs)  # [n, out]
-        chunk = max(1, _CHUNK_ELEMENTS // (g * out_f))
-        if self.version == "gemm":
-            nibbles = self.qweight.view(torch.uint8).view(groups, g, out_f // 2)
-            if chunk == 1:  # one group per step: matmul, then scale-and-accumulate in one op
-                for c in range(groups):
-                    q = _split_nibbles(nibbles[c]).to(dtype)  # [g, out]
-                    out.addcmul_(xs[c] @ q, s[c])
-            else:
-                for c in range(0, groups, chunk):
-                    q = _split_nibbles(nibbles[c : c + chunk]).to(dtype).view(-1, g, out_f)
-                    out += (torch.bmm(xs[c : c + chunk], q) * s[c : c + chunk].unsqueeze(1)).sum(0)
-            out = out[:, _gemm_output_index(out_f, out.device)]
-        else:
-            # rows are output channels here: accumulate out^T [out, n] so each chunk stays contiguous
-            nibbles = self.qweight.view(torch.uint8).view(out_f, groups, g // 2)
-            xs_t = xs.transpose(1, 2)  # [groups, g, n]
-            out_t = out.t().contiguous()
-            for c in range(0, groups, chunk):
-                q = _split_nibbles(nibbles[:, c : c + chunk]).to(dtype).view(out_f, -1, g).transpose(0, 1)
-                part = torch.bmm(q.contiguous(), xs_t[c : c + chunk])  # [k, out, n]
-                out_t += (part * s[c : c + chunk].unsqueeze(-1)).sum(0)
-            out = out_t.t()
-        return out
+    @property
+    def cache_weight(self) -> bool:
+        """Whether this layer runs on ``dequant-cached`` (a full-precision copy of its weight)."""
+        return self.kernel_request == "dequant-cached"
+
+    @cache_weight.setter
+    def cache_weight(self, enabled: bool) -> None:
+        if enabled:
+            self.kernel_request = "dequant-cached"
+        elif self.kernel_request == "dequant-cached":
+            self.kernel_request = None
+        self.reset_kernel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel != "torch":
-            external = self._external
-            if external is None or external[0] != x.device:
-                from .autoawq import external_forward
-
-                external = self._external = (x.device, external_forward(self, x.device))
-            if external[1] is not None:
-                return external[1](x).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        in_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.cache_weight or x.device.type != "cpu":
-            # dequantise once per call (or once, cached) and let the device's matmul do the rest
-            w = self._cached
-            if w is None or w.dtype != in_dtype or w.device != self.qweight.device:
-                w = self.dequantize(in_dtype)
-                if self.cache_weight:
-                    self._cached = w
-            out = F.linear(x2.to(in_dtype), w)
-        else:
-            # half-precision sums of many terms lose digits on CPU: accumulate in float32 there
-            compute = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
-            out = self._forward_fused(x2, compute).to(in_dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(in_dtype)
-        return out.reshape(*lead, self.out_features)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, this AwqLinear expects {self.in_features}")
+        return self.run_kernel(x)
 
     def extra_repr(self) -> str:
         return (
@@ -319,12 +250,13 @@ class AwqLinear(nn.Module):
 
 
 def set_weight_cache(model: nn.Module, enabled: bool = True) -> int:
-    """Turn the dequantised-weight cache on or off for every ``AwqLinear`` in ``model``; return how many."""
+    """Run every ``AwqLinear`` in ``model`` on ``dequant-cached`` (or choose again); return how many.
+
+    Kept for old callers: ``qplug.set_kernel(model, "dequant-cached")`` does the same for every backend.
+    """
     count = 0
     for module in model.modules():
         if isinstance(module, AwqLinear):
             module.cache_weight = enabled
-            if not enabled:
-                module._cached = None
             count += 1
     return count
