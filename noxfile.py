@@ -107,12 +107,13 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks that print figures and ratios measured side by side (never timed tests): core, then each backend."""
+    """Figures and ratios measured side by side (never timed tests): core, streaming, decode, then each backend."""
     _install_core(session, "transformers", "plot")
     session.install("--no-deps", EXAMPLE_PLUGIN)
     session.install("-e", "plugins/qplug-bitsandbytes", "-e", "plugins/qplug-gptq", "-e", "plugins/qplug-awq")
     session.run("python", "benchmarks/bench_core.py")
     session.run("python", "benchmarks/run.py", *session.posargs)  # e.g. `nox -s bench -- --small`
+    session.run("python", "benchmarks/decode.py", *session.posargs)  # batch-1 decode of every quantized path
     for script in ("plugins/qplug-bitsandbytes/benchmarks/bench_bnb.py", "plugins/qplug-gptq/benchmarks/bench_gptq.py",
                    "plugins/qplug-awq/benchmarks/bench_awq.py"):
         session.run("python", script)
