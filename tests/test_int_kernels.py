@@ -1,0 +1,266 @@
+"""qplug.int_kernels: every kernel against the dequantize reference, on a layer that holds the plain form.
+
+Tolerances are worst-case rounding bounds, not measured noise: for inputs ``x`` and reference weight
+``W`` (float32), ``|y - x @ W.T| <= 2 eps (|x| @ (|W| + 2**bits * s).T) + eps |y|`` elementwise, with
+``eps`` the unit step of the compute dtype (2**-8 for bfloat16, 2**-10 float16, 2**-20 float32): each
+term's product and the weight's own rounding (tinygemm: scale and ``(8 - zero) * scale`` in bfloat16)
+cost at most a few units of the largest value involved, and the output is rounded once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+import qplug
+from qplug import int_kernels
+from qplug.int_kernels import IntWeight
+from qplug.kernels import KernelLayer
+
+EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
+CPU_KERNELS = ("tinygemm-int4-cpu", "int8-weight-cpu", "dequant-blocked", "dequant-cached")
+
+
+class PlainLinear(KernelLayer, nn.Module):
+    """A quantized linear layer whose checkpoint tensors *are* the plain form (what a backend converts to)."""
+
+    kernels = (
+        int_kernels.TINYGEMM_INT4_CUDA,
+        int_kernels.TINYGEMM_INT4_CPU,
+        int_kernels.INT8_WEIGHT_CPU,
+        int_kernels.DEQUANT_BLOCKED,
+        int_kernels.DEQUANT_CACHED,
+    )
+
+    def __init__(self, q, scale, zero, bits, group_size, perm=None, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.bits, self.group_size = bits, group_size
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", bias)
+
+    def int_weight(self):
+        gs = self.in_features if self.group_size == -1 else self.group_size
+        return IntWeight(self.q, self.scale, self.zero, self.bits, gs, self.perm)
+
+    def float_weight(self, dtype):
+        """Written out independently of int_kernels: W[:, perm[j]] = (q[:, j] - z[:, g(j)]) * s[:, g(j)]."""
+        gs = self.in_features if self.group_size == -1 else self.group_size
+        g = torch.arange(self.in_features, device=self.q.device) // gs
+        w_run = (self.q.float() - self.zero.float()[:, g]) * self.scale.float()[:, g]
+        if self.perm is None:
+            return w_run.to(dtype)
+        w = torch.empty_like(w_run)
+        w[:, self.perm] = w_run
+        return w.to(dtype)
+
+    def forward(self, x):
+        return self.run_kernel(x)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def make_layer(out_f, in_f, bits, group_size, *, act_order=False, sym=False, bias=True, seed=0,
+               scale_dtype=torch.float16):
+    g = torch.Generator().manual_seed(seed)
+    gs = in_f if group_size == -1 else group_size
+    groups = -(-in_f // gs)
+    q = torch.randint(0, 2**bits, (out_f, in_f), generator=g).to(torch.uint8)
+    if sym:
+        zero = torch.full((out_f, groups), 2 ** (bits - 1), dtype=torch.int16)
+    else:
+        zero = torch.randint(0, 2**bits, (out_f, groups), generator=g).to(torch.int16)
+    scale = (torch.rand(out_f, groups, generator=g) * 0.02 + 2e-3).to(scale_dtype)
+    perm = torch.randperm(in_f, generator=g) if act_order else None
+    b = (torch.randn(out_f, generator=g) * 0.1).half() if bias else None
+    return PlainLinear(q, scale, zero, bits, group_size, perm, b)
+
+
+def reference(layer, x):
+    """float32 ``x @ W.T + b`` and the elementwise magnitude the rounding bound scales with."""
+    w = layer.float_weight(torch.float32)
+    xf = x.float()
+    y = F.linear(xf, w, None if layer.bias is None else layer.bias.float())
+    gs = layer.in_features if layer.group_size == -1 else layer.group_size
+    g = torch.arange(layer.in_features) // gs
+    s = layer.scale.float()[:, g]
+    if layer.perm is not None:
+        s_orig = torch.empty_like(s)
+        s_orig[:, layer.perm] = s
+        s = s_orig
+    magnitude = xf.abs() @ (w.abs() + 2**layer.bits * s).t()
+    return y, magnitude
+
+
+def assert_within_bound(layer, x, out, compute_dtype):
+    y, magnitude = reference(layer, x)
+    eps = EPS[compute_dtype]
+    bound = 2 * eps * magnitude + eps * y.abs() + 1e-6
+    excess = (out.float() - y).abs() - bound
+    assert out.dtype == x.dtype and out.shape == y.shape
+    assert bool((excess <= 0).all()), f"worst excess over the bound: {float(excess.max()):.3g}"
+
+
+def run_on(layer, name, x):
+    layer.kernel_request = name
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.kernel == name
+    return out
+
+
+def compute_dtype(name, dtype):
+    return torch.bfloat16 if name in ("tinygemm-int4-cpu", "int8-weight-cpu") else dtype
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    out_f=st.sampled_from([16, 32, 48]),
+    group_size=st.sampled_from([32, 64, 128, 256, -1]),
+    groups=st.integers(1, 3),
+    act_order=st.booleans(),
+    sym=st.booleans(),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    batch=st.integers(1, 64),
+    seed=st.integers(0, 2**16),
+)
+def test_every_cpu_kernel_agrees_with_the_reference(bits, out_f, group_size, groups, act_order, sym, bias, dtype,
+                                                    batch, seed):
+    in_f = groups * (64 if group_size == -1 else group_size)
+    layer = make_layer(out_f, in_f, bits, group_size, act_order=act_order, sym=sym, bias=bias, seed=seed)
+    x = torch.randn(batch, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    ran = []
+    for kernel in layer.kernels:
+        if kernel.name in CPU_KERNELS and kernel.refuses(layer, x.device, dtype) is None:
+            assert_within_bound(layer, x, run_on(layer, kernel.name, x), compute_dtype(kernel.name, dtype))
+            ran.append(kernel.name)
+    assert "dequant-blocked" in ran and "dequant-cached" in ran
+    fast = {4: "tinygemm-int4-cpu", 8: "int8-weight-cpu"}.get(bits)
+    if dtype == torch.bfloat16 and fast:
+        assert fast in ran  # these shapes are all ones the fast kernels take
+    layer.kernel_request = None
+    with torch.no_grad():
+        layer(x)
+    assert layer.kernel == (fast if fast in ran else "dequant-blocked")  # automatic: first that accepts
+
+
+def test_a_shorter_last_group_and_unusual_shapes_fall_back_correctly():
+    # in_features 320 with groups of 128 (two full, one of 64): tinygemm tiles it with groups of 64
+    layer = make_layer(32, 320, 4, 128, act_order=True)
+    x = torch.randn(5, 320).bfloat16()
+    assert_within_bound(layer, x, run_on(layer, "tinygemm-int4-cpu", x), torch.bfloat16)
+    assert_within_bound(layer, x, run_on(layer, "dequant-blocked", x), torch.bfloat16)
+    odd = make_layer(24, 40, 3, 16)  # nothing but the dequantize kernels takes this
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        out = odd(x)
+    assert odd.kernel == "dequant-blocked"
+    assert_within_bound(odd, x, out, torch.float32)
+
+
+def test_error_is_that_of_a_bfloat16_matmul():
+    for bits, name in ((4, "tinygemm-int4-cpu"), (8, "int8-weight-cpu")):
+        layer = make_layer(256, 1024, bits, 128, seed=bits)
+        x = torch.randn(8, 1024).bfloat16()
+        exact = F.linear(x.double(), layer.float_weight(torch.float32).double(), layer.bias.double())
+        bf16 = F.linear(x, layer.float_weight(torch.bfloat16), layer.bias.bfloat16())
+
+        def err(y, exact=exact):
+            return float((y.double() - exact).norm() / exact.norm())
+
+        # measured: tinygemm 1.6e-3, int8 1.6e-3, bf16 F.linear 2.3e-3 (mostly the output's rounding)
+        assert err(run_on(layer, name, x)) <= 2 * err(bf16), name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "dtype", "kernel", "reason"),
+    [
+        ({"out_f": 24, "in_f": 128, "bits": 4, "group_size": 128}, torch.bfloat16, "tinygemm-int4-cpu",
+         "out_features=24 is not a multiple of 16"),
+        ({"out_f": 32, "in_f": 128, "bits": 4, "group_size": 16}, torch.bfloat16, "tinygemm-int4-cpu",
+         "group_size=16 with in_features=128: no multiple of 32 tiles it"),
+        ({"out_f": 32, "in_f": 128, "bits": 4, "group_size": 128}, torch.float16, "tinygemm-int4-cpu",
+         "bfloat16 inputs only"),
+        ({"out_f": 32, "in_f": 128, "bits": 3, "group_size": 128}, torch.bfloat16, "tinygemm-int4-cpu",
+         "4-bit weights only"),
+        ({"out_f": 32, "in_f": 40, "bits": 8, "group_size": -1}, torch.bfloat16, "int8-weight-cpu",
+         "must be multiples of 16"),
+        ({"out_f": 32, "in_f": 128, "bits": 4, "group_size": 128}, torch.bfloat16, "tinygemm-int4-cuda",
+         "CUDA only"),
+    ],
+)
+def test_a_requested_kernel_that_refuses_says_why(kwargs, dtype, kernel, reason):
+    layer = make_layer(**kwargs)
+    qplug.set_kernel(layer, kernel)
+    with pytest.raises(qplug.KernelUnavailableError, match=reason):
+        layer(torch.randn(2, layer.in_features).to(dtype))
+    qplug.set_kernel(layer, None)
+    layer(torch.randn(2, layer.in_features).to(dtype))
+    assert f"not {kernel}: " in layer.kernel_reason or kernel == "tinygemm-int4-cuda"
+
+
+@pytest.mark.parametrize("name", CPU_KERNELS)
+def test_checkpoint_tensors_stay_byte_identical(name):
+    layer = make_layer(32, 256, 8 if name == "int8-weight-cpu" else 4, 64, act_order=True)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for _ in range(3):
+        run_on(layer, name, torch.randn(4, 256).bfloat16())
+        layer.to(torch.device("cpu"))
+    after = layer.state_dict()
+    assert all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)) for k in before)
+    assert after.keys() == before.keys()
+
+
+@pytest.mark.parametrize("name", CPU_KERNELS)
+def test_input_gradients_come_from_the_dequantized_weight(name):
+    layer = make_layer(32, 256, 8 if name == "int8-weight-cpu" else 4, 64)
+    qplug.set_kernel(layer, name)
+    x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(3, 32, dtype=torch.bfloat16)
+    layer(x).backward(grad_out)
+    assert layer.kernel == name
+    expected = grad_out.float() @ layer.float_weight(torch.float32)
+    torch.testing.assert_close(x.grad.float(), expected, rtol=2e-2, atol=2e-2)  # a bfloat16 matmul
+
+
+def test_blocked_layout_is_smaller_than_the_float_weight():
+    layer = make_layer(64, 1024, 4, 128)
+    layer.kernel_request = "dequant-blocked"
+    with torch.no_grad():
+        layer(torch.randn(1, 1024))
+    codes = layer._kernel_state[2][0]
+    assert codes.dtype == torch.uint8 and codes.numel() == 64 * 1024 // 2  # half a byte per 4-bit code
+
+
+def test_plain_from_g_idx():
+    g_idx = torch.arange(8) // 4
+    assert int_kernels.plain_from_g_idx(g_idx, 4) is None
+    shuffled = g_idx[torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])]
+    perm = int_kernels.plain_from_g_idx(shuffled, 4)
+    assert torch.equal(shuffled[perm], g_idx)
+    with pytest.raises(ValueError, match="does not assign 4 input channels to each group"):
+        int_kernels.plain_from_g_idx(torch.tensor([0, 0, 0, 1, 1, 1, 1, 1]), 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_tinygemm_cuda_agrees_with_the_reference(act_order, group_size):
+    layer = make_layer(64, 512, 4, group_size, act_order=act_order).cuda()
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tinygemm needs sm80+")
+    x = torch.randn(7, 512, device="cuda").bfloat16()
+    out = run_on(layer, "tinygemm-int4-cuda", x).cpu()
+    layer = layer.cpu()
+    assert_within_bound(layer, x.cpu(), out, torch.bfloat16)
