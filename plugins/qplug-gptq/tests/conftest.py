@@ -50,5 +50,6 @@ def gen():
 
 @pytest.fixture(autouse=True)
 def _torch_kernel(monkeypatch):
-    # Tests choose kernels explicitly; a developer's QPLUG_GPTQ_KERNEL must not change them.
+    # Tests choose kernels explicitly; a developer's QPLUG_GPTQ_KERNEL / QPLUG_KERNEL must not change them.
     monkeypatch.delenv("QPLUG_GPTQ_KERNEL", raising=False)
+    monkeypatch.delenv("QPLUG_KERNEL", raising=False)
