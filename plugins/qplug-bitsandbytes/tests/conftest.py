@@ -70,3 +70,15 @@ def hf_quantized(float_checkpoint):
     return load
 
 
+
+
+@pytest.fixture
+def bnb_kernel(monkeypatch):
+    """qplug's bitsandbytes layers run bitsandbytes' own forward (``QPLUG_KERNEL=bitsandbytes``).
+
+    That is the forward transformers' modules run, so logits compare bit for bit with a
+    transformers-made model, and on AVX512-BF16 CPUs the in-place repack that this plugin's exact
+    export guards against really happens. (qplug's own CPU kernels agree with it within the
+    tolerances test_cpu_kernels.py states, not bit for bit: another summation order.)
+    """
+    monkeypatch.setenv("QPLUG_KERNEL", "bitsandbytes")

@@ -43,6 +43,7 @@ def _is_packed(model) -> bool:
     )
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 @params_sample
 def test_same_state_and_logits_as_transformers(fmt, fresh_model, hf_quantized, input_ids):
     hf = hf_quantized(**HF_WIDE[fmt])
@@ -52,6 +53,7 @@ def test_same_state_and_logits_as_transformers(fmt, fresh_model, hf_quantized, i
     assert torch.equal(logits(ours, input_ids), logits(hf, input_ids))
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 @params_wide
 def test_export_after_forward_is_exact(fmt, fresh_model, input_ids):
     model = quantize_with_modules(fresh_model, HF_WIDE[fmt])
@@ -93,6 +95,7 @@ def test_save_after_forward_then_load_gives_same_logits(fmt, fresh_model, input_
     assert torch.equal(logits(loaded, input_ids), expected)
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 @params_sample
 def test_transformers_checkpoint_loads_into_empty_modules(fmt, hf_quantized, input_ids, tmp_path):
     hf = hf_quantized(**HF_WIDE[fmt])
@@ -106,6 +109,7 @@ def test_transformers_checkpoint_loads_into_empty_modules(fmt, hf_quantized, inp
     assert torch.equal(logits(model, input_ids), expected)
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 @params_sample
 def test_checkpoint_written_here_loads_in_transformers(fmt, fresh_model, hf_quantized, input_ids, tmp_path):
     import transformers
@@ -148,6 +152,7 @@ def test_dequantize_8bit_equals_bitsandbytes(fresh_model, input_ids):
         assert torch.equal(modules.dequantize_module(ours.get_submodule(name)).weight, expected)
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 def test_bias_is_kept_and_used():
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 64, bias=True)

@@ -74,6 +74,7 @@ def test_unimportable_bitsandbytes_is_reported_with_pip_command(monkeypatch, fre
 # --- quantize: same as transformers ----------------------------------------------------------
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 @params_wide
 def test_quantize_gives_transformers_modules_state_and_logits(fmt, fresh_model, hf_quantized, input_ids):
     hf = hf_quantized(**HF_WIDE[fmt])
@@ -133,6 +134,7 @@ def _tiny():
 # --- checkpoints both ways --------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 @params_wide
 def test_qplug_checkpoint_after_forward_loads_in_transformers(fmt, fresh_model, hf_quantized, input_ids, tmp_path):
     model = qplug.quantize(fresh_model, qplug_config(HF_WIDE[fmt]))
@@ -145,6 +147,7 @@ def test_qplug_checkpoint_after_forward_loads_in_transformers(fmt, fresh_model, 
     assert torch.equal(logits(reloaded, input_ids), expected)
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 @pytest.mark.parametrize(
     ("fmt", "with_model"),
     [(fmt, False) for fmt in HF_WIDE] + [("nf4-dq-bf16", True), ("int8", True)],
@@ -161,6 +164,7 @@ def test_transformers_checkpoint_loads_in_qplug(fmt, with_model, hf_quantized, i
     assert torch.equal(logits(model, input_ids), expected)
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 @pytest.mark.parametrize("fmt", ["nf4-dq-bf16", "int8"])
 def test_quantize_on_load_matches_transformers(fmt, float_checkpoint, hf_quantized, input_ids):
     """Streaming a float checkpoint through the backend gives transformers' quantize-on-load model, bit for bit
@@ -178,6 +182,7 @@ def test_quantize_on_load_matches_transformers(fmt, float_checkpoint, hf_quantiz
     assert torch.equal(logits(model, input_ids), expected)
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 @pytest.mark.parametrize("skip", [["mlp.down_proj"], []], ids=["list", "empty-list"])
 def test_skip_list_checkpoint_keeps_head_float_in_transformers(skip, fresh_model, hf_quantized, input_ids, tmp_path):
     """transformers adds no default skips to a given list; qplug's saved list names the float head."""
@@ -193,6 +198,7 @@ def test_skip_list_checkpoint_keeps_head_float_in_transformers(skip, fresh_model
     assert torch.equal(logits(qplug.load_quantized(tmp_path), input_ids), expected)
 
 
+@pytest.mark.usefixtures("bnb_kernel")
 @pytest.mark.parametrize("skip", [["mlp.down_proj"], []], ids=["list", "empty-list"])
 def test_transformers_checkpoint_with_quantized_head_loads(skip, hf_quantized, input_ids, tmp_path):
     """Given a skip list without the head, transformers quantizes the head; such checkpoints load."""

@@ -36,8 +36,10 @@ CACHE_ENV_VAR = "QPLUG_CACHE_DIR"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _SOURCE = "cpu_kernels.c"
-# Tried in order; the first that builds is used. No -ffast-math: the float arithmetic must be IEEE.
-_FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+# Tried in order; the first that builds is used. No -ffast-math: the float arithmetic must be IEEE; and
+# no contraction of a*b+c into one FMA, which would change bitsandbytes' double-quant scales by a rounding.
+# The inference kernels' SIMD paths are target-attribute functions, so the plain "-O3" build has them too.
+_FLAG_SETS = (("-O3", "-march=native", "-ffp-contract=off"), ("-O3", "-ffp-contract=off"))
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -82,6 +84,18 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.qplug_quantize_4bit.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ctypes.c_int32, ptr, ptr]
     lib.qplug_int8_rowwise.restype = i64
     lib.qplug_int8_rowwise.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ptr]
+    f32, c_int = ctypes.c_float, ctypes.c_int
+    lib.qplug_cpu_isa.restype = c_int
+    lib.qplug_cpu_isa.argtypes = []
+    lib.qplug_dequant_4bit.restype = c_int
+    lib.qplug_dequant_4bit.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, f32, c_int, ptr, i64]
+    lib.qplug_gemv_4bit_input.restype = c_int
+    lib.qplug_gemv_4bit_input.argtypes = [ptr, c_int, i64, i64, ptr]
+    lib.qplug_gemv_4bit.restype = c_int
+    lib.qplug_gemv_4bit.argtypes = [c_int, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, f32,
+                                    ptr, i64]
+    lib.qplug_gemv_int8.restype = c_int
+    lib.qplug_gemv_int8.argtypes = [c_int, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64]
 
 
 def run_in_ranges(kernel: Callable[..., int], total: int, min_per_thread: int, *args) -> list[int]:

@@ -174,3 +174,418 @@ int64_t qplug_int8_rowwise(const void *src, int dtype, int64_t first_row, int64_
     free(values);
     return special;
 }
+
+
+/* ==========================================================================================
+ * Inference kernels (issue #12): y = x @ W^T for bitsandbytes' 4-bit and LLM.int8 weights,
+ * reading the checkpoint tensors as stored (no float copy of the weight is ever kept).
+ *
+ * One build holds three instruction-set paths -- AVX-512, AVX2+FMA and portable C -- chosen
+ * per call by `isa` (QPLUG_ISA_*; the caller checks qplug_cpu_isa() first), so a machine with
+ * AVX-512 also runs, and tests, the other two. The SIMD paths are GCC/clang target-attribute
+ * functions: they need no -march flag, which is why the build's fallback "-O3" still has them.
+ *
+ * 4-bit layout (bitsandbytes' canonical one): the [N, K] codes row-major, flattened, two per
+ * byte, element 2j in the high nibble of byte j; block b of `blocksize` consecutive flattened
+ * elements has scale absmax[b] (blocks may straddle rows). With double quantization the
+ * scale is code2[qabsmax[b]] * absmax2[b / nested_blocksize] + offset, the float32 operations
+ * bitsandbytes' dequantize_4bit does (built without contraction: -ffp-contract=off), decoded
+ * here once per block instead of being stored as float32 (that would cost 4 bytes a block).
+ * A weight's value is code[nibble] * scale, computed in float32 exactly as bitsandbytes does.
+ * ========================================================================================== */
+
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+enum { QPLUG_ISA_PORTABLE = 0, QPLUG_ISA_AVX2 = 1, QPLUG_ISA_AVX512 = 2 };
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define QPLUG_X86 1
+#include <immintrin.h>
+#define QPLUG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define QPLUG_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define QPLUG_X86 0
+#endif
+#define QPLUG_INLINE static inline __attribute__((always_inline))
+
+/* The best path this CPU (and OS) runs. */
+int qplug_cpu_isa(void) {
+#if QPLUG_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return QPLUG_ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return QPLUG_ISA_AVX2;
+#endif
+    return QPLUG_ISA_PORTABLE;
+}
+
+typedef struct {
+    const float *absmax;   /* float32 scales, or NULL when double-quantized */
+    const uint8_t *qabsmax; /* double quantization: the 8-bit scales ... */
+    const float *code2;    /* ... their 256-entry code book ... */
+    const float *absmax2;  /* ... its per-block scales ... */
+    int64_t nested_blocksize;
+    float offset;          /* ... and the mean added back */
+} qplug_scales;
+
+QPLUG_INLINE float block_scale(const qplug_scales *s, int64_t b) {
+    if (s->qabsmax == NULL) return s->absmax[b];
+    const float t = s->code2[s->qabsmax[b]] * s->absmax2[b / s->nested_blocksize];
+    return t + s->offset;
+}
+
+static uint16_t float_to_bf16(float f) { /* round to nearest even, NaN kept quiet: torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float load_float(const void *src, int dtype, int64_t i) {
+    if (dtype == QPLUG_FLOAT32) return ((const float *)src)[i];
+    uint16_t h = ((const uint16_t *)src)[i];
+    if (dtype == QPLUG_BFLOAT16) {
+        uint32_t u = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &u, sizeof(f));
+        return f;
+    }
+    _Float16 v;
+    memcpy(&v, &h, sizeof(v));
+    return (float)v;
+}
+
+/* Dequantize flattened elements [first, first + count) of a 4-bit weight into out[i - base]
+ * (float32, bfloat16 or float16: the float32 value rounded to nearest even), i.e. bitsandbytes'
+ * dequantize_4bit for those elements. Used for blocked (prefill) matmuls. Portable C: the loop
+ * is simple enough for the compiler, and the matmul that follows dominates. */
+int qplug_dequant_4bit(const uint8_t *packed, int64_t first, int64_t count, int64_t blocksize, const float *code,
+                       const float *absmax, const uint8_t *qabsmax, const float *code2, const float *absmax2,
+                       int64_t nested_blocksize, float offset, int dtype, void *out, int64_t base) {
+    if (blocksize <= 0 || (qabsmax != NULL && nested_blocksize <= 0)) return -1;
+    if (dtype != QPLUG_FLOAT32 && dtype != QPLUG_BFLOAT16 && dtype != QPLUG_FLOAT16) return -2;
+    const qplug_scales s = {absmax, qabsmax, code2, absmax2, nested_blocksize, offset};
+    float values[256];
+    int64_t i = first;
+    const int64_t end = first + count;
+    while (i < end) {
+        const int64_t b = i / blocksize;
+        int64_t stop = (b + 1) * blocksize;
+        if (stop > end) stop = end;
+        const float scale = block_scale(&s, b);
+        float lut[16];
+        for (int j = 0; j < 16; j++) lut[j] = code[j] * scale;
+        while (i < stop) {
+            int64_t n = stop - i < 256 ? stop - i : 256;
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t e = i + j;
+                const uint8_t byte = packed[e >> 1];
+                values[j] = lut[(e & 1) ? (byte & 15) : (byte >> 4)];
+            }
+            const int64_t o = i - base;
+            if (dtype == QPLUG_FLOAT32) {
+                memcpy((float *)out + o, values, (size_t)n * sizeof(float));
+            } else if (dtype == QPLUG_BFLOAT16) {
+                uint16_t *dst = (uint16_t *)out + o;
+                for (int64_t j = 0; j < n; j++) dst[j] = float_to_bf16(values[j]);
+            } else {
+                _Float16 *dst = (_Float16 *)out + o;
+                for (int64_t j = 0; j < n; j++) dst[j] = (_Float16)values[j];
+            }
+            i += n;
+        }
+    }
+    return 0;
+}
+
+/* The GEMV's input layout: x [M, K] (K a multiple of 32) as float32, each 32-element chunk
+ * reordered to its 16 even elements then its 16 odd ones, so that one 16-byte load of packed
+ * codes gives the even elements' weights (high nibbles) and the odd ones' (low nibbles) with no
+ * shuffle back to element order. */
+int qplug_gemv_4bit_input(const void *x, int dtype, int64_t M, int64_t K, float *xr) {
+    if (K % 32 != 0) return -1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < K; c += 32)
+            for (int j = 0; j < 16; j++) {
+                xr[m * K + c + j] = load_float(x, dtype, m * K + c + 2 * j);
+                xr[m * K + c + 16 + j] = load_float(x, dtype, m * K + c + 2 * j + 1);
+            }
+    return 0;
+}
+
+/* ---- 4-bit GEMV: out[m, n] = sum_k x[m, k] * code[q(n, k)] * scale(n, k), rows [first, first + count),
+ * for MR (1..4) input rows at a time; float32 accumulation, per-block scaled code book (16 multiplies a
+ * block instead of one a weight: the same float32 products). */
+
+QPLUG_INLINE void gemv4_portable_rows(const float *xr, int MR, int64_t K, const uint8_t *packed, int64_t first,
+                                      int64_t count, int64_t blocksize, const float *code, const qplug_scales *s,
+                                      float *out, int64_t N) {
+    for (int64_t n = first; n < first + count; n++) {
+        const uint8_t *p = packed + n * (K / 2);
+        const int64_t flat = n * K;
+        float acc[4] = {0, 0, 0, 0};
+        int64_t c = 0;
+        while (c < K) {
+            const int64_t b = (flat + c) / blocksize;
+            int64_t end = (b + 1) * blocksize - flat;
+            if (end > K) end = K;
+            const float scale = block_scale(s, b);
+            float lut[16];
+            for (int j = 0; j < 16; j++) lut[j] = code[j] * scale;
+            for (; c < end; c += 32) {
+                for (int m = 0; m < MR; m++) {
+                    const float *xe = xr + m * K + c;
+                    float a = 0.0f;
+                    for (int j = 0; j < 16; j++) {
+                        const uint8_t byte = p[c / 2 + j];
+                        a += lut[byte >> 4] * xe[j] + lut[byte & 15] * xe[16 + j];
+                    }
+                    acc[m] += a;
+                }
+            }
+        }
+        for (int m = 0; m < MR; m++) out[m * N + n] = acc[m];
+    }
+}
+
+#if QPLUG_X86
+QPLUG_AVX2 QPLUG_INLINE __m256 lookup16_avx2(__m256i idx, __m256 lo, __m256 hi) {
+    /* two 8-entry lookups (low 3 bits of idx), then bit 3 picks the table: moved to the sign bit for blendv */
+    const __m256 a = _mm256_permutevar8x32_ps(lo, idx);
+    const __m256 b = _mm256_permutevar8x32_ps(hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+QPLUG_AVX2 QPLUG_INLINE float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+QPLUG_AVX2 QPLUG_INLINE void gemv4_avx2_rows(const float *xr, const int MR, int64_t K, const uint8_t *packed,
+                                             int64_t first, int64_t count, int64_t blocksize, const float *code,
+                                             const qplug_scales *s, float *out, int64_t N) {
+    const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
+    for (int64_t n = first; n < first + count; n++) {
+        const uint8_t *p = packed + n * (K / 2);
+        const int64_t flat = n * K;
+        __m256 acc[2][2];
+        for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+        int64_t c = 0;
+        while (c < K) {
+            const int64_t b = (flat + c) / blocksize;
+            int64_t end = (b + 1) * blocksize - flat;
+            if (end > K) end = K;
+            const __m256 sc = _mm256_set1_ps(block_scale(s, b));
+            const __m256 lo = _mm256_mul_ps(code_lo, sc), hi = _mm256_mul_ps(code_hi, sc);
+            for (; c < end; c += 32) {
+                for (int half = 0; half < 2; half++) {
+                    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + c / 2 + 8 * half)));
+                    const __m256 w_odd = lookup16_avx2(idx, lo, hi);
+                    const __m256 w_even = lookup16_avx2(_mm256_srli_epi32(idx, 4), lo, hi);
+                    for (int m = 0; m < MR; m++) {
+                        const float *xe = xr + m * K + c + 8 * half;
+                        acc[m][0] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xe), acc[m][0]);
+                        acc[m][1] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xe + 16), acc[m][1]);
+                    }
+                }
+            }
+        }
+        for (int m = 0; m < MR; m++) out[m * N + n] = hsum_avx2(_mm256_add_ps(acc[m][0], acc[m][1]));
+    }
+}
+
+QPLUG_AVX512 QPLUG_INLINE void gemv4_avx512_rows(const float *xr, const int MR, int64_t K, const uint8_t *packed,
+                                                 int64_t first, int64_t count, int64_t blocksize, const float *code,
+                                                 const qplug_scales *s, float *out, int64_t N) {
+    const __m512 code16 = _mm512_loadu_ps(code);
+    for (int64_t n = first; n < first + count; n++) {
+        const uint8_t *p = packed + n * (K / 2);
+        const int64_t flat = n * K;
+        __m512 acc[4][4]; /* per row: even/odd elements x two chunks in flight (FMA latency) */
+        for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
+        int64_t c = 0;
+        while (c < K) {
+            const int64_t b = (flat + c) / blocksize;
+            int64_t end = (b + 1) * blocksize - flat;
+            if (end > K) end = K;
+            const __m512 lut = _mm512_mul_ps(code16, _mm512_set1_ps(block_scale(s, b)));
+            for (; c + 64 <= end; c += 64) {
+                const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + c / 2)));
+                const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + c / 2 + 16)));
+                const __m512 o0 = _mm512_permutexvar_ps(i0, lut), e0 = _mm512_permutexvar_ps(_mm512_srli_epi32(i0, 4), lut);
+                const __m512 o1 = _mm512_permutexvar_ps(i1, lut), e1 = _mm512_permutexvar_ps(_mm512_srli_epi32(i1, 4), lut);
+                for (int m = 0; m < MR; m++) {
+                    const float *xe = xr + m * K + c;
+                    acc[m][0] = _mm512_fmadd_ps(e0, _mm512_loadu_ps(xe), acc[m][0]);
+                    acc[m][1] = _mm512_fmadd_ps(o0, _mm512_loadu_ps(xe + 16), acc[m][1]);
+                    acc[m][2] = _mm512_fmadd_ps(e1, _mm512_loadu_ps(xe + 32), acc[m][2]);
+                    acc[m][3] = _mm512_fmadd_ps(o1, _mm512_loadu_ps(xe + 48), acc[m][3]);
+                }
+            }
+            for (; c < end; c += 32) {
+                const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + c / 2)));
+                const __m512 o0 = _mm512_permutexvar_ps(i0, lut), e0 = _mm512_permutexvar_ps(_mm512_srli_epi32(i0, 4), lut);
+                for (int m = 0; m < MR; m++) {
+                    const float *xe = xr + m * K + c;
+                    acc[m][0] = _mm512_fmadd_ps(e0, _mm512_loadu_ps(xe), acc[m][0]);
+                    acc[m][1] = _mm512_fmadd_ps(o0, _mm512_loadu_ps(xe + 16), acc[m][1]);
+                }
+            }
+        }
+        for (int m = 0; m < MR; m++)
+            out[m * N + n] = _mm512_reduce_add_ps(
+                _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+    }
+}
+
+QPLUG_AVX2 static void gemv4_avx2(const float *xr, int64_t M, int64_t K, const uint8_t *packed, int64_t first,
+                                  int64_t count, int64_t blocksize, const float *code, const qplug_scales *s,
+                                  float *out, int64_t N) {
+    for (int64_t m = 0; m < M; m += 2) {
+        if (M - m >= 2) gemv4_avx2_rows(xr + m * K, 2, K, packed, first, count, blocksize, code, s, out + m * N, N);
+        else gemv4_avx2_rows(xr + m * K, 1, K, packed, first, count, blocksize, code, s, out + m * N, N);
+    }
+}
+
+QPLUG_AVX512 static void gemv4_avx512(const float *xr, int64_t M, int64_t K, const uint8_t *packed, int64_t first,
+                                      int64_t count, int64_t blocksize, const float *code, const qplug_scales *s,
+                                      float *out, int64_t N) {
+    for (int64_t m = 0; m < M; m += 4) {
+        const float *x = xr + m * K;
+        float *o = out + m * N;
+        switch (M - m >= 4 ? 4 : M - m) {
+        case 4: gemv4_avx512_rows(x, 4, K, packed, first, count, blocksize, code, s, o, N); break;
+        case 3: gemv4_avx512_rows(x, 3, K, packed, first, count, blocksize, code, s, o, N); break;
+        case 2: gemv4_avx512_rows(x, 2, K, packed, first, count, blocksize, code, s, o, N); break;
+        default: gemv4_avx512_rows(x, 1, K, packed, first, count, blocksize, code, s, o, N); break;
+        }
+    }
+}
+#endif
+
+static void gemv4_portable(const float *xr, int64_t M, int64_t K, const uint8_t *packed, int64_t first, int64_t count,
+                           int64_t blocksize, const float *code, const qplug_scales *s, float *out, int64_t N) {
+    for (int64_t m = 0; m < M; m += 4) {
+        const int mr = M - m >= 4 ? 4 : (int)(M - m);
+        gemv4_portable_rows(xr + m * K, mr, K, packed, first, count, blocksize, code, s, out + m * N, N);
+    }
+}
+
+/* Output rows [first, first + count) of y [M, N] (float32) from xr (qplug_gemv_4bit_input's layout). */
+int qplug_gemv_4bit(int isa, int64_t first, int64_t count, const float *xr, int64_t M, int64_t K,
+                    const uint8_t *packed, int64_t blocksize, const float *code, const float *absmax,
+                    const uint8_t *qabsmax, const float *code2, const float *absmax2, int64_t nested_blocksize,
+                    float offset, float *out, int64_t N) {
+    if (K % 32 != 0 || blocksize % 32 != 0 || blocksize <= 0 || (qabsmax != NULL && nested_blocksize <= 0)) return -1;
+    if (isa > qplug_cpu_isa()) return -3;
+    const qplug_scales s = {absmax, qabsmax, code2, absmax2, nested_blocksize, offset};
+#if QPLUG_X86
+    if (isa == QPLUG_ISA_AVX512) {
+        gemv4_avx512(xr, M, K, packed, first, count, blocksize, code, &s, out, N);
+        return 0;
+    }
+    if (isa == QPLUG_ISA_AVX2) {
+        gemv4_avx2(xr, M, K, packed, first, count, blocksize, code, &s, out, N);
+        return 0;
+    }
+#endif
+    gemv4_portable(xr, M, K, packed, first, count, blocksize, code, &s, out, N);
+    return 0;
+}
+
+/* ---- LLM.int8 GEMV: out[m, n] = (sum_k x[m, k] * CB[n, k]) * scale[n], x float32 [M, K], rows [first, first + count). */
+
+static void gemv8_portable(const float *x, int64_t M, int64_t K, const int8_t *cb, const float *scale,
+                           int64_t first, int64_t count, float *out, int64_t N) {
+    for (int64_t n = first; n < first + count; n++) {
+        const int8_t *w = cb + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * K;
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) acc += (float)w[k] * xm[k];
+            out[m * N + n] = acc * scale[n];
+        }
+    }
+}
+
+#if QPLUG_X86
+QPLUG_AVX2 static void gemv8_avx2(const float *x, int64_t M, int64_t K, const int8_t *cb, const float *scale,
+                                  int64_t first, int64_t count, float *out, int64_t N) {
+    for (int64_t m0 = 0; m0 < M; m0 += 2) {
+        const int mr = M - m0 >= 2 ? 2 : 1;
+        for (int64_t n = first; n < first + count; n++) {
+            const int8_t *w = cb + n * K;
+            __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16) {
+                const __m128i b = _mm_loadu_si128((const __m128i *)(w + k));
+                const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+                const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+                for (int m = 0; m < mr; m++) {
+                    const float *xm = x + (m0 + m) * K + k;
+                    acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
+                    acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1]);
+                }
+            }
+            for (int m = 0; m < mr; m++) {
+                float a = hsum_avx2(_mm256_add_ps(acc[m][0], acc[m][1]));
+                const float *xm = x + (m0 + m) * K;
+                for (int64_t j = k; j < K; j++) a += (float)w[j] * xm[j];
+                out[(m0 + m) * N + n] = a * scale[n];
+            }
+        }
+    }
+}
+
+QPLUG_AVX512 static void gemv8_avx512(const float *x, int64_t M, int64_t K, const int8_t *cb, const float *scale,
+                                      int64_t first, int64_t count, float *out, int64_t N) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mr = M - m0 >= 4 ? 4 : (int)(M - m0);
+        for (int64_t n = first; n < first + count; n++) {
+            const int8_t *w = cb + n * K;
+            __m512 acc[4][2];
+            for (int m = 0; m < 4; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 32 <= K; k += 32) {
+                const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
+                const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16))));
+                for (int m = 0; m < mr; m++) {
+                    const float *xm = x + (m0 + m) * K + k;
+                    acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][0]);
+                    acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[m][1]);
+                }
+            }
+            for (int m = 0; m < mr; m++) {
+                float a = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+                const float *xm = x + (m0 + m) * K;
+                for (int64_t j = k; j < K; j++) a += (float)w[j] * xm[j];
+                out[(m0 + m) * N + n] = a * scale[n];
+            }
+        }
+    }
+}
+#endif
+
+int qplug_gemv_int8(int isa, int64_t first, int64_t count, const float *x, int64_t M, int64_t K, const int8_t *cb,
+                    const float *scale, float *out, int64_t N) {
+    if (isa > qplug_cpu_isa()) return -3;
+#if QPLUG_X86
+    if (isa == QPLUG_ISA_AVX512) {
+        gemv8_avx512(x, M, K, cb, scale, first, count, out, N);
+        return 0;
+    }
+    if (isa == QPLUG_ISA_AVX2) {
+        gemv8_avx2(x, M, K, cb, scale, first, count, out, N);
+        return 0;
+    }
+#endif
+    gemv8_portable(x, M, K, cb, scale, first, count, out, N);
+    return 0;
+}

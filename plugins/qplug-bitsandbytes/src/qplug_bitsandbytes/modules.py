@@ -39,12 +39,14 @@ from bitsandbytes.functional import QuantState
 from torch import nn
 
 from qplug.errors import CheckpointError
-from qplug_bitsandbytes import fast4bit, fast8bit
+from qplug.kernels import Kernel, KernelLayer, requested_kernels
+from qplug_bitsandbytes import cpu_linear, fast4bit, fast8bit
 
 __all__ = [
     "Linear4bit",
     "Linear8bitLt",
     "QuantStateError",
+    "bnb_dequantize_4bit",
     "dequantize_module",
     "dequantized_weight",
     "empty_4bit",
@@ -124,25 +126,62 @@ def _unpack_cpu_weight(packed: torch.Tensor, quant_state: QuantState) -> torch.T
     return canonical.view(storage) if storage is not None else canonical
 
 
-class Linear4bit(bnb.nn.Linear4bit):
-    """bitsandbytes ``Linear4bit`` with exact export after CPU forwards and import by assignment.
+def _bnb_forward_4bit(layer: Linear4bit, layout: None, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' own ``Linear4bit.forward``, keeping what it needs to export exactly afterwards."""
+    state = getattr(layer.weight, "quant_state", None)
+    if _is_cpu_packed(state):
+        if layer.training or x.requires_grad or x.device.type != "cpu":
+            layer.restore_canonical_layout()
+    elif state is not None:
+        # bitsandbytes may repack in this call; remember the canonical state first.
+        layer._canonical_state = _same_state(state)
+    return bnb.nn.Linear4bit.forward(layer, x)
 
-    Forward computation is bitsandbytes' own (same kernels, same results).
+
+def _bnb_prepare(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    if layer.kernel_request is None and "bitsandbytes" not in requested_kernels():
+        why = layer.kernels[0].refuses(layer, device, dtype)
+        if why is not None:
+            cpu_linear.warn_fallback(layer, device, f"{layer.kernels[0].name}: {why}")
+    return None
+
+
+def _never(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+_BNB_4BIT = Kernel(
+    "bitsandbytes", refuses=_never, prepare=_bnb_prepare, forward=_bnb_forward_4bit,
+    description="bitsandbytes' own Linear4bit forward (GPU/XPU kernels; on CPU dequantize or its AVX512-BF16 repack)",
+)
+_QPLUG_4BIT_CPU = Kernel(
+    "qplug-4bit-cpu", refuses=cpu_linear.refuses_4bit, prepare=cpu_linear.prepare_4bit,
+    forward=cpu_linear.forward_4bit,
+    description="qplug's C GEMV (decode) / blocked dequantize + matmul (prefill) on the stored NF4/FP4 bytes",
+)
+
+
+class Linear4bit(KernelLayer, bnb.nn.Linear4bit):
+    """bitsandbytes ``Linear4bit`` with exact export after CPU forwards, import by assignment, and
+    qplug's kernel choice (:mod:`qplug.kernels`).
+
+    Kernels, in order of preference: ``qplug-4bit-cpu`` (:mod:`qplug_bitsandbytes.cpu_linear`: CPU,
+    float32/bfloat16/float16 inputs) and ``bitsandbytes`` (bitsandbytes' own forward: every other
+    device, and the CPU where qplug's kernels cannot run, with one warning).
     """
+
+    kernels = (_QPLUG_4BIT_CPU, _BNB_4BIT)
 
     # The quant state as it was before bitsandbytes repacked the weight for its CPU kernel;
     # None while the weight is in the canonical layout.
     _canonical_state: QuantState | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = getattr(self.weight, "quant_state", None)
-        if _is_cpu_packed(state):
-            if self.training or x.requires_grad or x.device.type != "cpu":
-                self.restore_canonical_layout()
-        elif state is not None:
-            # bitsandbytes may repack in this call; remember the canonical state first.
-            self._canonical_state = _same_state(state)
-        return super().forward(x)
+        return self.run_kernel(x)
+
+    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """bitsandbytes' dequantization of the weight (:func:`dequantized_weight`), in ``dtype``."""
+        return dequantized_weight(self).to(dtype)
 
     def canonical_weight(self) -> tuple[torch.Tensor, QuantState | None]:
         """The 4-bit data and quant state in bitsandbytes' canonical (serialisable) layout.
@@ -174,7 +213,7 @@ class Linear4bit(bnb.nn.Linear4bit):
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
         # Moving (or casting) a repacked weight would carry the CPU-only layout along.
         self.restore_canonical_layout()
-        return super()._apply(fn, recurse)
+        return super()._apply(fn, recurse)  # KernelLayer's: drops the run-time layout
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
@@ -235,6 +274,7 @@ class Linear4bit(bnb.nn.Linear4bit):
         )
         self.weight = _quantize_param(param, weight.device)
         self._canonical_state = None
+        self.reset_kernel()
 
     def _load_quantized(self, weight: torch.Tensor, stats: dict[str, torch.Tensor], name: str) -> None:
         check_4bit_state(name, weight, stats, self.out_features, self.in_features, self.weight.quant_type)
@@ -246,6 +286,7 @@ class Linear4bit(bnb.nn.Linear4bit):
         self.quant_state = param.quant_state
         self.quant_storage = param.quant_storage
         self._canonical_state = None
+        self.reset_kernel()
 
 
 def check_4bit_state(
@@ -434,8 +475,36 @@ def empty_4bit(
 # --------------------------------------------------------------------------------------
 
 
-class Linear8bitLt(bnb.nn.Linear8bitLt):
-    """bitsandbytes ``Linear8bitLt`` that loads a checkpoint by assignment (meta device)."""
+def _bnb_forward_int8(layer: Linear8bitLt, layout: None, x: torch.Tensor) -> torch.Tensor:
+    return bnb.nn.Linear8bitLt.forward(layer, x)
+
+
+_BNB_INT8 = Kernel(
+    "bitsandbytes", refuses=_never, prepare=_bnb_prepare, forward=_bnb_forward_int8,
+    description="bitsandbytes' own Linear8bitLt forward (int8 inputs with float outliers; float weights in training)",
+)
+_QPLUG_INT8_CPU = Kernel(
+    "qplug-int8-cpu", refuses=cpu_linear.refuses_int8, prepare=cpu_linear.prepare_int8,
+    forward=cpu_linear.forward_int8,
+    description="qplug's C GEMV (decode) / blocked dequantize + matmul (prefill) on the stored int8 rows",
+)
+
+
+class Linear8bitLt(KernelLayer, bnb.nn.Linear8bitLt):
+    """bitsandbytes ``Linear8bitLt`` that loads a checkpoint by assignment (meta device), with qplug's
+    kernel choice: ``qplug-int8-cpu`` (:mod:`qplug_bitsandbytes.cpu_linear`), then ``bitsandbytes``.
+    """
+
+    kernels = (_QPLUG_INT8_CPU, _BNB_INT8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run_kernel(x)
+
+    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """bitsandbytes' ``int8_vectorwise_dequant`` of the weight (float weights as they are), in ``dtype``."""
+        if self.state.has_fp16_weights:
+            return self.weight.detach().to(dtype)
+        return bnb.functional.int8_vectorwise_dequant(self.weight.data, self._scb()).to(dtype)
 
     def _scb(self) -> torch.Tensor | None:
         scb = getattr(self.weight, "SCB", None)
@@ -445,7 +514,7 @@ class Linear8bitLt(bnb.nn.Linear8bitLt):
         # nn.Module._apply (behind .cuda(), .cpu(), .to()) swaps the weight's .data but leaves the
         # int8 matrix (CB) and row scales (SCB) that bitsandbytes' matmul reads from
         # `weight` or `state` on the old device; make them follow the weight.
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # KernelLayer's: drops the run-time layout
         if self.state.has_fp16_weights:
             return self
         weight = self.weight
@@ -512,6 +581,7 @@ class Linear8bitLt(bnb.nn.Linear8bitLt):
         self.state.has_fp16_weights = False
         self.state.CB = None
         self.state.SCB = None
+        self.reset_kernel()
 
     def _set_weight_from_float(self, weight: torch.Tensor) -> None:
         has_fp16 = self.state.has_fp16_weights
@@ -524,6 +594,7 @@ class Linear8bitLt(bnb.nn.Linear8bitLt):
             self.weight = param if has_fp16 else param._quantize(weight.device)
         self.state.CB = None
         self.state.SCB = None
+        self.reset_kernel()
 
 
 def _check_weight_format(name: str, weight_format: Any) -> None:
@@ -589,6 +660,29 @@ def empty_8bit(
 # --------------------------------------------------------------------------------------
 
 
+def bnb_dequantize_4bit(data: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """``bitsandbytes.functional.dequantize_4bit(data, state)``, through bitsandbytes' portable torch
+    implementation where its native CPU one is wrong.
+
+    bitsandbytes 0.50's native CPU dequantization (the AVX-512 build used below blocksize 2048) gives
+    wrong values when a row's length is not a multiple of the blocksize (blocks then straddle rows;
+    e.g. NF4 blocksize 1024 on a 5632-wide down projection). bitsandbytes' own default-backend code
+    (``_dequantize_4bit_compute``, which it uses itself for larger blocksizes and odd shapes) is right.
+    """
+    if data.device.type != "cpu" or len(state.shape) != 2 or int(state.shape[1]) % int(state.blocksize) == 0:
+        return bnb.functional.dequantize_4bit(data, state)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = state.absmax
+    if state.nested:  # as bitsandbytes.functional.dequantize_4bit decodes it
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+    flat = data.reshape(-1)
+    flat = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+    return _dequantize_4bit_compute(flat, absmax.float(), state.code.to(data.device), state.blocksize,
+                                    state.shape, state.dtype)
+
+
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """bitsandbytes' own dequantization of a 4-bit or 8-bit module's weight.
 
@@ -605,7 +699,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
                     f"{type(module).__name__}: weight repacked for the CPU kernel; its original scales are lost"
                 )
             data, state = module.weight.data, module.weight.quant_state
-        return bnb.functional.dequantize_4bit(data, state)
+        return bnb_dequantize_4bit(data, state)
     if isinstance(module, bnb.nn.Linear8bitLt):
         if module.state.has_fp16_weights:
             return module.weight.data.clone()
