@@ -155,6 +155,7 @@ def test_every_cpu_kernel_agrees_with_the_reference(bits, out_f, group_size, gro
 
 
 def test_a_shorter_last_group_and_unusual_shapes_fall_back_correctly():
+    torch.manual_seed(0)
     # in_features 320 with groups of 128 (two full, one of 64): tinygemm tiles it with groups of 64
     layer = make_layer(32, 320, 4, 128, act_order=True)
     x = torch.randn(5, 320).bfloat16()
@@ -169,6 +170,7 @@ def test_a_shorter_last_group_and_unusual_shapes_fall_back_correctly():
 
 
 def test_error_is_that_of_a_bfloat16_matmul():
+    torch.manual_seed(0)
     for bits, name in ((4, "tinygemm-int4-cpu"), (8, "int8-weight-cpu")):
         layer = make_layer(256, 1024, bits, 128, seed=bits)
         x = torch.randn(8, 1024).bfloat16()
@@ -225,12 +227,13 @@ def test_checkpoint_tensors_stay_byte_identical(name):
 def test_input_gradients_come_from_the_dequantized_weight(name):
     layer = make_layer(32, 256, 8 if name == "int8-weight-cpu" else 4, 64)
     qplug.set_kernel(layer, name)
-    x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
-    grad_out = torch.randn(3, 32, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 256, generator=g).bfloat16().requires_grad_()
+    grad_out = torch.randn(3, 32, generator=g).bfloat16()
     layer(x).backward(grad_out)
     assert layer.kernel == name
     expected = grad_out.float() @ layer.float_weight(torch.float32)
-    torch.testing.assert_close(x.grad.float(), expected, rtol=2e-2, atol=2e-2)  # a bfloat16 matmul
+    assert float((x.grad.float() - expected).norm() / expected.norm()) < 1e-2  # a bfloat16 matmul
 
 
 def test_blocked_layout_is_smaller_than_the_float_weight():

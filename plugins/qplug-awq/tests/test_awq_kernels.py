@@ -87,7 +87,7 @@ def test_state_dict_after_forwards_and_moves_is_what_was_loaded(name, version):
 
 def test_half_inputs_run_in_their_own_dtype():
     layer = awq_layer(256, 64, 64, "gemm")
-    x = torch.randn(4, 256)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = layer(x.half())
     assert layer.kernel == "dequant-blocked" and out.dtype == torch.float16
@@ -97,12 +97,13 @@ def test_half_inputs_run_in_their_own_dtype():
 
 def test_input_gradients():
     layer = awq_layer(256, 64, 64, "gemv")
-    x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
-    grad_out = torch.randn(3, 64, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 256, generator=g).bfloat16().requires_grad_()
+    grad_out = torch.randn(3, 64, generator=g).bfloat16()
     layer(x).backward(grad_out)
     assert layer.kernel == "tinygemm-int4-cpu"
     expected = grad_out.float() @ layer.float_weight(torch.float32)
-    torch.testing.assert_close(x.grad.float(), expected, rtol=2e-2, atol=2e-2)
+    assert float((x.grad.float() - expected).norm() / expected.norm()) < 1e-2  # a bfloat16 matmul
 
 
 @pytest.mark.cuda

@@ -22,7 +22,10 @@ from qplug.kernels import KernelLayer
 
 from .autoawq import AUTOAWQ
 from .packing import (
+    AWQ_ORDER,
+    AWQ_REVERSE_ORDER,
     PackingError,
+    _unpack_last,
     dequantize_unpacked,
     gemv_zeros_width,
     pack_gemm,
@@ -219,10 +222,17 @@ class AwqLinear(KernelLayer, nn.Module):
 
     def int_weight(self) -> int_kernels.IntWeight:
         """The plain integer form the kernels build their layouts from (new tensors, same device)."""
-        iweight, izeros, scales = self.unpack()
-        return int_kernels.IntWeight(
-            iweight.to(torch.uint8).contiguous(), scales, izeros.contiguous(), self.bits, self.group_size
-        )
+        # the codes straight from qweight's bytes (little-endian words, low nibble first): no int32 unpacking
+        b = self.qweight.contiguous().view(torch.uint8)
+        groups = self.in_features // self.group_size
+        if self.version == "gemm":  # [in, out / 8] words; position k of a word holds column 8c + AWQ_ORDER[k]
+            nib = torch.stack((b & 15, b >> 4), dim=-1).view(self.in_features, -1, 8)
+            q = nib[..., list(AWQ_REVERSE_ORDER)].reshape(self.in_features, self.out_features).t()
+            izeros, scales = _unpack_last(self.qzeros, self.bits, AWQ_ORDER).t(), self.scales.t()
+        else:  # [out, in / 8] words, in order
+            q = torch.stack((b & 15, b >> 4), dim=-1).view(self.out_features, self.in_features)
+            izeros, scales = _unpack_last(self.qzeros, self.bits, None)[:, :groups], self.scales[:, :groups]
+        return int_kernels.IntWeight(q.contiguous(), scales, izeros.contiguous(), self.bits, self.group_size)
 
     @property
     def cache_weight(self) -> bool:

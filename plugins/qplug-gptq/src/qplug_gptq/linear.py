@@ -47,6 +47,18 @@ def adopt_optional_bias(module: nn.Module, state_dict, prefix: str, out_features
         module.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
 
 
+def _codes_out_in(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``qweight`` -> uint8 codes ``[out, in]``: for 4 and 8 bits straight from its bytes (a few times faster)."""
+    rows, out_f = qweight.shape
+    if bits not in (4, 8) or not qweight.is_contiguous():
+        return packing.unpack_qweight(qweight, bits).to(torch.uint8).t()
+    # little-endian words: byte k of word (r, o) holds input rows r*per + k*(8/bits) ... (low nibble first)
+    b = qweight.view(torch.uint8).view(rows, out_f, 4).permute(1, 0, 2)  # [out, rows, 4]
+    if bits == 8:
+        return b.reshape(out_f, rows * 4)
+    return torch.stack((b & 15, b >> 4), dim=-1).reshape(out_f, rows * 8)
+
+
 class GPTQLinear(KernelLayer, nn.Module):
     """Linear layer with GPTQ-packed weights; see the module docstring."""
 
@@ -241,7 +253,7 @@ class GPTQLinear(KernelLayer, nn.Module):
 
     def int_weight(self) -> int_kernels.IntWeight:
         """The plain integer form the kernels build their layouts from (new tensors, same device)."""
-        q = packing.unpack_qweight(self.qweight, self.bits).to(torch.uint8).t()  # [out, in]
+        q = _codes_out_in(self.qweight, self.bits)  # [out, in] uint8
         zero = packing.unpack_qzeros(self.qzeros, self.bits, self.checkpoint_format).t().to(torch.int16)
         perm = int_kernels.plain_from_g_idx(self.g_idx, self.group_size)
         q = q.contiguous() if perm is None else q.index_select(1, perm).contiguous()
