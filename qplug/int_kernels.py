@@ -61,6 +61,8 @@ __all__ = [
 ]
 
 _TINYGEMM_GROUPS = (256, 128, 64, 32)
+# from this many tokens on (per channel, grouped), int8-weight-cpu dequantizes blocks instead: measured crossovers
+_INT8_DEQUANT_TOKENS = (32, 16)
 _BLOCK_ELEMENTS = 1 << 20  # dequantized elements per block (4 MiB of float32): fewer, larger ops
 
 
@@ -286,6 +288,8 @@ def _int8_forward(layer, layout, x):
     groups, out_f, gs = codes.shape
     xb = _permuted(x.to(torch.bfloat16), perm)
     n = xb.shape[0]
+    if n >= _INT8_DEQUANT_TOKENS[groups > 1]:
+        return _int8_dequant_forward(layout, xb).to(x.dtype)
     xg = xb.reshape(n, groups, gs).transpose(0, 1).contiguous()  # [groups, n, gs]
     out = torch.zeros(n, out_f, dtype=torch.float32, device=x.device) if bias is None else bias.repeat(n, 1)
     for g in range(groups):  # the op takes one scale per output row: one call per group
@@ -293,6 +297,22 @@ def _int8_forward(layer, layout, x):
     if correction is not None:
         out.sub_(xg.float().sum(-1).t() @ correction)
     return out.to(x.dtype)
+
+
+def _int8_dequant_forward(layout, xb):
+    """Many tokens: bfloat16 blocks of the weight from the int8 codes and torch's matmul (oneDNN) beat the op."""
+    codes, scale, correction, _, _, bias = layout
+    groups, out_f, gs = codes.shape
+    out = torch.empty(xb.shape[0], out_f, dtype=torch.bfloat16, device=xb.device)
+    rows = max(16, _BLOCK_ELEMENTS // (groups * gs) // 16 * 16)
+    for start in range(0, out_f, rows):
+        block = slice(start, min(start + rows, out_f))
+        w = codes[:, block].float().mul_(scale[:, block, None])
+        if correction is not None:
+            w.sub_(correction[:, block, None])
+        w = w.transpose(0, 1).reshape(-1, groups * gs).to(torch.bfloat16)
+        out[:, block] = F.linear(xb, w)
+    return out if bias is None else out.add_(bias)
 
 
 INT8_WEIGHT_CPU = Kernel(

@@ -184,6 +184,16 @@ def test_error_is_that_of_a_bfloat16_matmul():
         assert err(run_on(layer, name, x)) <= 2 * err(bf16), name
 
 
+@pytest.mark.parametrize("batch", [1, 8, 40])  # the op itself, and dequantized blocks from 16/32 tokens on
+@pytest.mark.parametrize("group_size", [64, -1])
+@pytest.mark.parametrize("sym", [True, False])  # asymmetric codes outside int8 around their zero: a correction
+def test_int8_paths_and_zero_point_schemes(batch, group_size, sym):
+    layer = make_layer(48, 256, 8, group_size, sym=sym, act_order=True, seed=batch)
+    x = torch.randn(batch, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert_within_bound(layer, x, run_on(layer, "int8-weight-cpu", x), torch.bfloat16)
+    assert (layer._kernel_state[2][2] is None) == sym  # the correction term only where it is needed
+
+
 @pytest.mark.parametrize(
     ("kwargs", "dtype", "kernel", "reason"),
     [
