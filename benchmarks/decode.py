@@ -20,7 +20,10 @@ Paths:
 * ``nf4``, ``fp4`` (double quant, bf16 compute), ``int8`` (LLM.int8, threshold 6.0): qplug checkpoints
   made by quantize-on-load; ``nf4-bnb``, ``int8-bnb``: the same checkpoints on bitsandbytes' own code
   (``qplug.set_kernel(model, "bitsandbytes")``; n/a where no layer declares that kernel);
-* ``floor``: imports the same libraries and builds nothing (the runtime floor of the RSS target).
+* ``floor``: imports the same libraries and builds nothing (the runtime floor of the RSS target);
+* only when asked for (``nox -s bench_gptqmodel``: GPTQModel 7.7 needs torch >= 2.14.1):
+  ``gptqmodel-4bit-sym``, ``gptqmodel-4bit-asym``, ``gptqmodel-4bit-actorder``, the same GPTQ
+  checkpoints loaded by ``GPTQModel.load(..., backend=BACKEND.GPTQ_TORCH_ATEN)`` (its TorchAtenLinear).
 
 Decode ms/token is the decode loop's time over its steps (what the targets use); the median step
 is shown beside it, as a check on a busy machine. The checkpoints are built once and cached under
@@ -49,10 +52,13 @@ from model import CACHE, model_dir  # noqa: E402
 
 PATHS = ("bf16", "fp32", "torch-int4", "gptq-4bit-sym", "gptq-4bit-asym", "gptq-4bit-actorder", "gptq-8bit",
          "awq-4bit", "nf4", "fp4", "int8", "nf4-bnb", "int8-bnb", "floor")
+#: also accepted by --paths: GPTQModel's TorchAtenLinear on the same GPTQ checkpoints (nox -s bench_gptqmodel)
+GPTQMODEL = ("gptqmodel-4bit-sym", "gptqmodel-4bit-asym", "gptqmodel-4bit-actorder")
 FLOATS = ("bf16", "fp32")
 QUANTIZED = tuple(p for p in PATHS if p not in (*FLOATS, "torch-int4", "floor"))
 #: the checkpoint each quantized path loads (the -bnb rows run another path's checkpoint)
-CHECKPOINTS = {p: p for p in QUANTIZED} | {"nf4-bnb": "nf4", "int8-bnb": "int8"}
+CHECKPOINTS = ({p: p for p in QUANTIZED} | {"nf4-bnb": "nf4", "int8-bnb": "int8"}
+               | {p: p.replace("gptqmodel-", "gptq-") for p in GPTQMODEL})
 FOUR_BIT = ("gptq-4bit-sym", "gptq-4bit-asym", "gptq-4bit-actorder", "awq-4bit")
 FASTER_FLOAT = "faster float"  # per repeat, the faster of bf16 and fp32
 
@@ -64,6 +70,8 @@ TARGETS = (
     + [(p, "bf16", "decode_ms", 0.45) for p in ("nf4", "fp4")]
     + [("nf4", "nf4-bnb", "decode_ms", 1.0), ("int8", "bf16", "decode_ms", 0.6), ("int8", "int8-bnb", "decode_ms", 1.0)]
     + [(p, FASTER_FLOAT, "prefill_s", 1.0) for p in QUANTIZED]
+    # reported, no target: qplug against GPTQModel on the same checkpoint
+    + [(CHECKPOINTS[p], p, metric, None) for p in GPTQMODEL for metric in ("decode_ms", "prefill_s")]
 )
 RSS_SLACK = 1.1  # RSS after decoding <= 1.1 x (quantized + non-quantized tensors + runtime floor)
 GIB = 2**30
@@ -77,9 +85,10 @@ def child_env(isa: str | None) -> dict[str, str]:
     return env
 
 
-def ensure_checkpoint(name: str, src: Path, env: dict[str, str]) -> Path | str:
-    """The cached checkpoint ``name``, built first when missing; on failure, the error (its paths fail)."""
-    dst = CACHE / f"{src.name}-decode-{name}"
+def ensure_checkpoint(name: str, src: Path, env: dict[str, str], stem: str | None = None) -> Path | str:
+    """The cached checkpoint ``name`` made from ``src``, built first when missing; on failure, the error
+    (its paths fail)."""
+    dst = CACHE / f"{stem or src.name}-decode-{name}"
     if not (dst / "config.json").is_file():
         print(f"building the {name} checkpoint in {dst} ...", flush=True)
         start = time.perf_counter()
@@ -159,16 +168,18 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a small model with the same structure (quick check)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--paths", default=",".join(PATHS),
-                        help=f"comma-separated subset of: {', '.join(PATHS)} (floor is always added)")
+                        help=f"comma-separated subset of: {', '.join(PATHS)} (floor is always added); "
+                        f"with GPTQModel installed also {', '.join(GPTQMODEL)}")
     parser.add_argument("--prompt", type=int, default=128, help="prompt (prefill) length in tokens")
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed")
+    parser.add_argument("--name", default="decode", help="results file name: benchmarks/results/NAME.json, .md")
     parser.add_argument("--isa", choices=("avx2",), default=None,
                         help="run the children with ATEN_CPU_CAPABILITY and QPLUG_BNB_ISA set to this")
     args = parser.parse_args()
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = sorted(set(paths) - set(PATHS))
+    unknown = sorted(set(paths) - set(PATHS) - set(GPTQMODEL))
     if unknown:
-        parser.error(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)}")
+        parser.error(f"unknown path(s) {unknown}; choose from {', '.join(PATHS + GPTQMODEL)}")
     if "floor" not in paths:
         paths.append("floor")
     env = child_env(args.isa)
@@ -182,7 +193,10 @@ def main() -> None:
     print(header, flush=True)
     targets: dict[str, Path | str] = {}
     for path in paths:
-        if path in CHECKPOINTS:
+        if path in GPTQMODEL:  # the GPTQ checkpoint plus the tokenizer GPTQModel.load insists on
+            base = ensure_checkpoint(CHECKPOINTS[path], src, env)
+            targets[path] = base if isinstance(base, str) else ensure_checkpoint(path, base, env, stem=src.name)
+        elif path in CHECKPOINTS:
             targets[path] = ensure_checkpoint(CHECKPOINTS[path], src, env)
         else:
             targets[path] = src
@@ -246,9 +260,13 @@ def main() -> None:
             continue
         what = f"{mine} {'decode' if metric == 'decode_ms' else 'prefill'} vs {ref}"
         ratio = paired_ratio(samples, mine, ref, metric, args.repeats)
-        result = "n/a" if ratio is None else ("pass" if ratio <= target else "MISS")
+        if ratio is None:
+            result = "n/a"
+        else:
+            result = "—" if target is None else ("pass" if ratio <= target else "MISS")
         verdicts.append({"what": what, "ratio": ratio, "target": target, "result": result})
-        lines.append(f"| {what} | {'n/a' if ratio is None else f'{ratio:.3f}'} | ≤ {target} | {result} |")
+        lines.append(f"| {what} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
+                     f"{'report' if target is None else f'≤ {target}'} | {result} |")
     for path in paths:
         st = stats[path]
         if path not in QUANTIZED or "na" in st or floor is None:
@@ -266,12 +284,12 @@ def main() -> None:
     print("\n" + report)
 
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "decode.json").write_text(json.dumps(
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"small": args.small, "repeats": args.repeats, "prompt": args.prompt, "tokens": args.tokens,
          "isa": args.isa, "header": header, "child_capabilities": child_caps, "samples": samples,
          "stats": stats, "ratios": ratios, "targets": verdicts, "floor_rss": floor}, indent=2) + "\n")
-    (RESULTS / "decode.md").write_text(report)
-    print(f"results: {RESULTS / 'decode.json'}, {RESULTS / 'decode.md'}")
+    (RESULTS / f"{args.name}.md").write_text(report)
+    print(f"results: {RESULTS / (args.name + '.json')}, {RESULTS / (args.name + '.md')}")
 
 
 if __name__ == "__main__":

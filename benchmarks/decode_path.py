@@ -64,11 +64,14 @@ BNB_PATHS = {
 #: rows that load another path's checkpoint and run it on bitsandbytes' own code
 LIBRARY_KERNEL_PATHS = {"nf4-bnb": "nf4", "int8-bnb": "int8"}
 LIBRARY_KERNEL = "bitsandbytes"
+#: GPTQModel (>= 7.7, torch >= 2.14.1) running qplug's GPTQ checkpoints on its TorchAtenLinear (nox -s bench_gptqmodel)
+GPTQMODEL_PATHS = {f"gptqmodel-{p.removeprefix('gptq-')}": p
+                   for p in ("gptq-4bit-sym", "gptq-4bit-asym", "gptq-4bit-actorder")}
 
 
 def checkpoint_of(path: str) -> str | None:
     """The cached checkpoint a path loads (``None``: the float model itself)."""
-    path = LIBRARY_KERNEL_PATHS.get(path, path)
+    path = LIBRARY_KERNEL_PATHS.get(path, GPTQMODEL_PATHS.get(path, path))
     return path if path in GPTQ_PATHS or path in BNB_PATHS or path == "awq-4bit" else None
 
 
@@ -112,7 +115,18 @@ def decoder_linears(model: nn.Module) -> list[str]:
 
 
 def load_float(src: Path, dtype: torch.dtype) -> nn.Module:
-    return transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cpu").eval()
+    """The float model with its weights in memory of its own.
+
+    transformers leaves bf16 tensors as views of the memory-mapped shards: file-backed pages that the
+    kernel may drop under page-cache pressure (then every decode step reads them from disk again) and
+    that stay mapped, counted in RSS, while any tensor of a shard lives. Copies avoid both.
+    """
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cpu").eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    release_memory()
+    return model
 
 
 def release_memory() -> None:
@@ -164,9 +178,43 @@ def act_order_g_idx(in_features: int, seed: int) -> torch.Tensor:
     return g_idx
 
 
+def build_gptqmodel_view(ckpt: Path, dst: Path) -> None:
+    """``dst``: links to the files of the GPTQ checkpoint ``ckpt`` plus a tokenizer, which GPTQModel.load requires.
+
+    The model is random, so any tokenizer of its vocabulary size will do: one word per token id.
+    config.json is a copy that names a GPTQModel release as producer (``meta.quantizer``): GPTQModel
+    loads asymmetric v1 checkpoints only from producers it knows write v1 zero points as ``zero - 1``,
+    which is what qplug writes (the greedy tokens of both paths are the same).
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    config = json.loads((ckpt / "config.json").read_text())
+    vocab = config["vocab_size"]
+    tmp = dst.with_name(dst.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for f in ckpt.iterdir():
+        if f.name != "config.json" and not (tmp / f.name).exists():
+            (tmp / f.name).symlink_to(f.resolve())
+    meta = config["quantization_config"].get("meta") or {}
+    config["quantization_config"]["meta"] = {**meta, "quantizer": ["gptqmodel:7.7.0"]}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    words = {"<unk>": 0, **{f"t{i}": i for i in range(1, vocab)}}
+    tokenizer = Tokenizer(WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="t2",
+                                                bos_token="t1")
+    fast.save_pretrained(tmp)
+    os.replace(tmp, dst)
+
+
 def build(path: str, src: Path, dst: Path) -> None:
     from qplug.modules import get_submodule, set_submodule
 
+    if path in GPTQMODEL_PATHS:  # src: the qplug GPTQ checkpoint
+        build_gptqmodel_view(src, dst)
+        return
     if path in BNB_PATHS:
         model = qplug.load_quantized(src, quantization_config={"quant_method": "bitsandbytes", **BNB_PATHS[path]})
         qplug.save_quantized(model, dst)
@@ -218,6 +266,13 @@ def load(path: str, model_dir: Path) -> nn.Module:
             set_submodule(model, name, AtenInt4Linear(get_submodule(model, name)))
         release_memory()
         return model
+    if path in GPTQMODEL_PATHS:
+        try:
+            from gptqmodel import BACKEND, GPTQModel
+        except ImportError as exc:
+            raise NotAvailable(f"gptqmodel does not import here ({exc}); nox -s bench_gptqmodel installs it") from exc
+        loaded = GPTQModel.load(str(model_dir), backend=BACKEND.GPTQ_TORCH_ATEN, device="cpu", dtype=torch.bfloat16)
+        return loaded.model.eval()
     model = qplug.load_quantized(model_dir)
     if path in LIBRARY_KERNEL_PATHS:
         try:
@@ -269,6 +324,8 @@ def kernels_used(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
             continue
         if isinstance(module, AtenInt4Linear):
             kernels[module.kernel_name] += 1
+        elif type(module).__module__.startswith("gptqmodel."):
+            kernels[f"gptqmodel {type(module).__name__}"] += 1
         elif name in report:
             kernels[str(report[name]["kernel"])] += 1
             if report[name]["reason"]:
@@ -281,6 +338,22 @@ def kernels_used(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
 def current_rss() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """This process's peak RSS: ``VmHWM``, the high-water mark of its own address space.
+
+    ``getrusage``'s max RSS would do, but Linux carries it over ``fork`` + ``exec``: a child starts at
+    its parent's RSS (1.1 GiB in a run that had just built the float model in the parent).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def generate(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float, list[float], list[int]]:
@@ -311,7 +384,8 @@ def run(path: str, model_dir: Path, prompt_len: int, tokens: int) -> dict:
             "threads": torch.get_num_threads(), "isa_env": {k: os.environ.get(k) for k in
                                                             ("ATEN_CPU_CAPABILITY", "QPLUG_BNB_ISA")}}
     if path == "floor":
-        return {**info, "rss": current_rss(), "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {**info, "rss": current_rss(), "max_rss": peak_rss(),
+                "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     start = time.perf_counter()
     try:
         model = load(path, model_dir)
@@ -334,7 +408,7 @@ def run(path: str, model_dir: Path, prompt_len: int, tokens: int) -> dict:
         "decode_ms": 1000 * sum(steps) / len(steps),
         "decode_step_ms_median": 1000 * sorted(steps)[len(steps) // 2],
         "rss": current_rss(),
-        "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "max_rss": peak_rss(), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         **sizes,
         "kernels": kernels,
         "kernel_reasons": reasons,
