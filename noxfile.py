@@ -117,3 +117,19 @@ def bench(session: nox.Session) -> None:
     for script in ("plugins/qplug-bitsandbytes/benchmarks/bench_bnb.py", "plugins/qplug-gptq/benchmarks/bench_gptq.py",
                    "plugins/qplug-awq/benchmarks/bench_awq.py"):
         session.run("python", script)
+
+
+GPTQMODEL_BENCH_PATHS = ("bf16,torch-int4,gptq-4bit-sym,gptqmodel-4bit-sym,gptq-4bit-asym,gptqmodel-4bit-asym,"
+                         "gptq-4bit-actorder,gptqmodel-4bit-actorder")
+
+
+@nox.session(name="bench_gptqmodel")
+def bench_gptqmodel(session: nox.Session) -> None:
+    """qplug's GPTQ decode beside GPTQModel 7.7's TorchAtenLinear on the same checkpoints (both on torch 2.14.1)."""
+    # GPTQModel 7.7 needs torch >= 2.14.1: the CUDA build (it runs on the CPU too), the only 2.14.1 wheel here.
+    session.install("torch==2.14.1")
+    session.install("-e", ".[transformers]")
+    session.install("-e", "plugins/qplug-bitsandbytes", "-e", "plugins/qplug-gptq", "-e", "plugins/qplug-awq")
+    session.install("gptqmodel==7.7.0")
+    session.run("python", "benchmarks/decode.py", "--paths", GPTQMODEL_BENCH_PATHS, "--name", "decode_gptqmodel",
+                *session.posargs)  # e.g. `nox -s bench_gptqmodel -- --small --repeats 1`
