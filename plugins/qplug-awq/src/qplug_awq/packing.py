@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from qplug.errors import CheckpointError
+
 __all__ = [
     "AWQ_ORDER",
     "AWQ_REVERSE_ORDER",
@@ -56,8 +58,11 @@ AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 SUPPORTED_BITS = (4,)
 
 
-class PackingError(ValueError):
-    """A tensor does not have the shape, dtype or value range that an AWQ layout requires."""
+class PackingError(CheckpointError):
+    """A tensor does not have the shape, dtype or value range that an AWQ layout requires.
+
+    A :class:`qplug.CheckpointError` (so also a ``ValueError``), like every other mis-shaped checkpoint tensor.
+    """
 
 
 def _check_bits(bits: int) -> int:
