@@ -361,18 +361,25 @@ def generate(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float
 
     Returns (prefill seconds, seconds of each decode step, the generated token ids).
     """
+    import inspect
+
     from transformers import DynamicCache
 
+    params = inspect.signature(model.forward).parameters
+    cache = DynamicCache()  # filled in place by every forward
+    # transformers 5.2x names it `cache` (`past_key_values` is deprecated); logits of the last position
+    # only, as model.generate asks for
+    kwargs = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True,
+              **({"logits_to_keep": 1} if "logits_to_keep" in params else {})}
     with torch.inference_mode():
-        cache = DynamicCache()
         start = time.perf_counter()
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=prompt, **kwargs)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         prefill = time.perf_counter() - start
         steps, ids = [], [int(token)]
         for _ in range(tokens):
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=token, **kwargs)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             steps.append(time.perf_counter() - start)
             ids.append(int(token))
