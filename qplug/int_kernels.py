@@ -351,7 +351,9 @@ def _blocked_prepare(layer, device, dtype):
         codes = _nibbles(w.q)
     else:
         codes = w.q
-    rows = max(16, _BLOCK_ELEMENTS // in_f // 16 * 16)
+    # a GPU pays per launch, not per cache miss: blocks of 16M elements (64 MiB of float32) there
+    elements = _BLOCK_ELEMENTS if device.type == "cpu" else _BLOCK_ELEMENTS << 4
+    rows = max(16, elements // in_f // 16 * 16)
     return codes, halves, w.bits <= 4, w.scale, w.zero, w.group_size, w.bits, in_f, rows, w.perm, _bias(layer, dtype)
 
 
