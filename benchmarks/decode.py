@@ -233,7 +233,8 @@ def main() -> None:
             lines.append(f"| floor | — | — | — | {fmt(st.get('rss'), GIB, 2)} | {fmt(st.get('max_rss'), GIB, 2)} "
                          "| — | — | — |")
         elif "na" in st:
-            lines.append(f"| {path} | n/a | n/a | n/a | n/a | n/a | n/a | n/a | {st['na'].splitlines()[-1][:200]} |")
+            why = (st["na"].splitlines() or ["?"])[-1][:200].replace("|", "/")
+            lines.append(f"| {path} | n/a | n/a | n/a | n/a | n/a | n/a | n/a | {why} |")
         else:
             lines.append(f"| {path} | {fmt(st['decode_ms'])} | {fmt(st.get('decode_step_ms_median'))} | "
                          f"{fmt(st['prefill_s'], digits=2)} | "
