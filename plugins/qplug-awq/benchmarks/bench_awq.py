@@ -107,28 +107,23 @@ def bench_forward(args) -> None:
 
     torch.manual_seed(0)
     linear = nn.Linear(4096, 4096, bias=False)
-    ours = AwqLinear.from_linear(linear, group_size=128, kernel="torch")
-    cached = AwqLinear.from_linear(linear, group_size=128, kernel="torch")
+    ours = AwqLinear.from_linear(linear, group_size=128)  # float32 inputs: dequant-blocked
+    cached = AwqLinear.from_linear(linear, group_size=128)
     cached.cache_weight = True
     print(f"\n== forward latency, 4096x4096 linear, AWQ GEMM g128, CPU, {torch.get_num_threads()} threads "
           f"(median of {args.repeat}, ms)")
-    header = f"{'tokens':>6} | {'float32':>9} | {'awq fused':>9} | {'ratio':>6} | {'awq cached':>10}"
-    external = None
-    if autoawq_available():
-        from qplug_awq.autoawq import probe
-
-        if probe("gemm", "cpu") is None:
-            external = AwqLinear.from_linear(linear, group_size=128, kernel="autoawq")
-            header += f" | {'autoawq fp16':>12}"
+    header = (f"{'tokens':>6} | {'float32':>9} | {'awq fp32':>9} | {'ratio':>6} | {'awq cached':>10} | "
+              f"{'bf16':>9} | {'awq bf16':>9} | {'ratio':>6}")
     print(header)
+    dense_bf16 = nn.Linear(4096, 4096, bias=False).to(torch.bfloat16)
     for tokens in args.tokens:
         x = torch.randn(1, tokens, 4096)
+        xb = x.bfloat16()
         row = [median_ms(lambda x=x: linear(x), args.repeat), median_ms(lambda x=x: ours(x), args.repeat)]
         line = f"{tokens:>6} | {row[0]:9.2f} | {row[1]:9.2f} | {row[1] / row[0]:6.2f} | "
-        line += f"{median_ms(lambda x=x: cached(x), args.repeat):10.2f}"
-        if external is not None:
-            xh = x.half()
-            line += f" | {median_ms(lambda xh=xh: external(xh), max(1, args.repeat // 2)):12.2f}"
+        line += f"{median_ms(lambda x=x: cached(x), args.repeat):10.2f} | "
+        bf = [median_ms(lambda xb=xb: dense_bf16(xb), args.repeat), median_ms(lambda xb=xb: ours(xb), args.repeat)]
+        line += f"{bf[0]:9.2f} | {bf[1]:9.2f} | {bf[1] / bf[0]:6.2f}"  # ours runs tinygemm-int4-cpu here
         print(line)
     print(f"weights: float32 {4096 * 4096 * 4 / 2**20:.0f} MiB, AWQ "
           f"{sum(t.numel() * t.element_size() for t in ours.state_dict().values()) / 2**20:.1f} MiB")
@@ -148,8 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
-        # on a loaded machine every parallel region waits for a busy core: the fused path runs a few
-        # small ops per group, so it suffers far more than one large matmul (compare --threads 1)
+        # on a loaded machine every parallel region waits for a busy core (compare --threads 1)
         torch.set_num_threads(args.threads)
     if not args.skip_quantization:
         bench_quantization(args)
