@@ -230,11 +230,26 @@ typedef struct {
     const float *absmax2;  /* ... its per-block scales ... */
     int64_t nested_blocksize;
     float offset;          /* ... and the mean added back */
+    int nested_shift;      /* log2(nested_blocksize) when a power of two (always, from bitsandbytes), else -1 */
 } qplug_scales;
 
+static int log2_exact(int64_t v) {
+    for (int i = 0; i < 63; i++)
+        if (((int64_t)1 << i) == v) return i;
+    return -1;
+}
+
+static qplug_scales make_scales(const float *absmax, const uint8_t *qabsmax, const float *code2, const float *absmax2,
+                                int64_t nested_blocksize, float offset) {
+    const qplug_scales s = {absmax, qabsmax, code2, absmax2, nested_blocksize, offset, log2_exact(nested_blocksize)};
+    return s;
+}
+
+/* Block b's scale. (A 64-bit division per block costs more than the block's 64 multiply-adds: shifts.) */
 QPLUG_INLINE float block_scale(const qplug_scales *s, int64_t b) {
     if (s->qabsmax == NULL) return s->absmax[b];
-    const float t = s->code2[s->qabsmax[b]] * s->absmax2[b / s->nested_blocksize];
+    const int64_t nb = s->nested_shift >= 0 ? b >> s->nested_shift : b / s->nested_blocksize;
+    const float t = s->code2[s->qabsmax[b]] * s->absmax2[nb];
     return t + s->offset;
 }
 
@@ -260,44 +275,133 @@ static float load_float(const void *src, int dtype, int64_t i) {
     return (float)v;
 }
 
-/* Dequantize flattened elements [first, first + count) of a 4-bit weight into out[i - base]
- * (float32, bfloat16 or float16: the float32 value rounded to nearest even), i.e. bitsandbytes'
- * dequantize_4bit for those elements. Used for blocked (prefill) matmuls. Portable C: the loop
- * is simple enough for the compiler, and the matmul that follows dominates. */
-int qplug_dequant_4bit(const uint8_t *packed, int64_t first, int64_t count, int64_t blocksize, const float *code,
-                       const float *absmax, const uint8_t *qabsmax, const float *code2, const float *absmax2,
-                       int64_t nested_blocksize, float offset, int dtype, void *out, int64_t base) {
+#if QPLUG_X86
+QPLUG_AVX2 QPLUG_INLINE __m256 lookup16_avx2(__m256i idx, __m256 lo, __m256 hi) {
+    /* two 8-entry lookups (low 3 bits of idx), then bit 3 picks the table: moved to the sign bit for blendv */
+    const __m256 a = _mm256_permutevar8x32_ps(lo, idx);
+    const __m256 b = _mm256_permutevar8x32_ps(hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+QPLUG_AVX2 QPLUG_INLINE float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#endif
+
+/* ---- Dequantization: flattened elements [first, first + count) of a 4-bit weight into out[i - base], float32,
+ * bfloat16 or float16 (the float32 value code[q] * scale rounded to nearest even, as torch's .to() does), i.e.
+ * bitsandbytes' dequantize_4bit for those elements. The blocked (prefill) matmul's producer. */
+
+QPLUG_INLINE void store_scalar(float v, int dtype, void *out, int64_t o) {
+    if (dtype == QPLUG_FLOAT32) ((float *)out)[o] = v;
+    else if (dtype == QPLUG_BFLOAT16) ((uint16_t *)out)[o] = float_to_bf16(v);
+    else ((_Float16 *)out)[o] = (_Float16)v;
+}
+
+#if QPLUG_X86
+/* 32 elements (16 bytes of codes) from element e (a multiple of 32), AVX-512. */
+QPLUG_AVX512 QPLUG_INLINE void dequant32_avx512(const uint8_t *p, __m512 lut, int dtype, void *out, int64_t o) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)p);
+    /* each byte twice, then the even copy shifted right by 4: element order, high nibble first */
+    const __m512i shifts = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    const __m512i i0 = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(bytes, bytes)), shifts);
+    const __m512i i1 = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(bytes, bytes)), shifts);
+    const __m512 f[2] = {_mm512_permutexvar_ps(i0, lut), _mm512_permutexvar_ps(i1, lut)};
+    for (int h = 0; h < 2; h++) {
+        if (dtype == QPLUG_FLOAT32) {
+            _mm512_storeu_ps((float *)out + o + 16 * h, f[h]);
+        } else if (dtype == QPLUG_BFLOAT16) {
+            const __m512i u = _mm512_castps_si512(f[h]);
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+            const __mmask16 nan = _mm512_cmp_ps_mask(f[h], f[h], _CMP_UNORD_Q);
+            r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out + o + 16 * h), _mm512_cvtepi32_epi16(r));
+        } else {
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out + o + 16 * h),
+                                _mm512_cvtps_ph(f[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+    }
+}
+
+QPLUG_AVX2 QPLUG_INLINE void dequant32_avx2(const uint8_t *p, __m256 lo, __m256 hi, int dtype, void *out, int64_t o) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)p);
+    const __m256i shifts = _mm256_set_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    for (int g = 0; g < 4; g++) {
+        __m128i part = bytes;
+        if (g == 1) part = _mm_srli_si128(bytes, 4);
+        if (g == 2) part = _mm_srli_si128(bytes, 8);
+        if (g == 3) part = _mm_srli_si128(bytes, 12);
+        const __m256i idx = _mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(part, part)), shifts);
+        const __m256 f = lookup16_avx2(idx, lo, hi);
+        const int64_t at = o + 8 * g;
+        if (dtype == QPLUG_FLOAT32) {
+            _mm256_storeu_ps((float *)out + at, f);
+        } else if (dtype == QPLUG_BFLOAT16) {
+            const __m256i u = _mm256_castps_si256(f);
+            const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+            const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+            const __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+            const __m256 nan = _mm256_cmp_ps(f, f, _CMP_UNORD_Q);
+            const __m256i v = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(q), nan));
+            const __m256i packed16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(v, v), 0x08);
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + at), _mm256_castsi256_si128(packed16));
+        } else {
+            _mm_storeu_si128((__m128i *)((uint16_t *)out + at),
+                             _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+    }
+}
+
+/* Elements [from, to) (multiples of 32, one block). */
+QPLUG_AVX512 static void dequant_run_avx512(const uint8_t *packed, int64_t from, int64_t to, const float *lut, int dtype,
+                                            void *out, int64_t base) {
+    const __m512 l = _mm512_loadu_ps(lut);
+    for (int64_t i = from; i < to; i += 32) dequant32_avx512(packed + (i >> 1), l, dtype, out, i - base);
+}
+
+QPLUG_AVX2 static void dequant_run_avx2(const uint8_t *packed, int64_t from, int64_t to, const float *lut, int dtype,
+                                        void *out, int64_t base) {
+    const __m256 lo = _mm256_loadu_ps(lut), hi = _mm256_loadu_ps(lut + 8);
+    for (int64_t i = from; i < to; i += 32) dequant32_avx2(packed + (i >> 1), lo, hi, dtype, out, i - base);
+}
+#endif
+
+int qplug_dequant_4bit(int isa, const uint8_t *packed, int64_t first, int64_t count, int64_t blocksize,
+                       const float *code, const float *absmax, const uint8_t *qabsmax, const float *code2,
+                       const float *absmax2, int64_t nested_blocksize, float offset, int dtype, void *out,
+                       int64_t base) {
     if (blocksize <= 0 || (qabsmax != NULL && nested_blocksize <= 0)) return -1;
     if (dtype != QPLUG_FLOAT32 && dtype != QPLUG_BFLOAT16 && dtype != QPLUG_FLOAT16) return -2;
-    const qplug_scales s = {absmax, qabsmax, code2, absmax2, nested_blocksize, offset};
-    float values[256];
+    if (isa > qplug_cpu_isa()) return -3;
+    const qplug_scales s = make_scales(absmax, qabsmax, code2, absmax2, nested_blocksize, offset);
     int64_t i = first;
     const int64_t end = first + count;
-    while (i < end) {
-        const int64_t b = i / blocksize;
+    for (int64_t b = first / blocksize; i < end; b++) {
         int64_t stop = (b + 1) * blocksize;
         if (stop > end) stop = end;
         const float scale = block_scale(&s, b);
         float lut[16];
         for (int j = 0; j < 16; j++) lut[j] = code[j] * scale;
-        while (i < stop) {
-            int64_t n = stop - i < 256 ? stop - i : 256;
-            for (int64_t j = 0; j < n; j++) {
-                const int64_t e = i + j;
-                const uint8_t byte = packed[e >> 1];
-                values[j] = lut[(e & 1) ? (byte & 15) : (byte >> 4)];
-            }
-            const int64_t o = i - base;
-            if (dtype == QPLUG_FLOAT32) {
-                memcpy((float *)out + o, values, (size_t)n * sizeof(float));
-            } else if (dtype == QPLUG_BFLOAT16) {
-                uint16_t *dst = (uint16_t *)out + o;
-                for (int64_t j = 0; j < n; j++) dst[j] = float_to_bf16(values[j]);
-            } else {
-                _Float16 *dst = (_Float16 *)out + o;
-                for (int64_t j = 0; j < n; j++) dst[j] = (_Float16)values[j];
-            }
-            i += n;
+        /* scalar up to a multiple of 32, 32 at a time with SIMD, scalar tail */
+        int64_t simd_from = (i + 31) & ~(int64_t)31, simd_to = stop & ~(int64_t)31;
+        if (isa == QPLUG_ISA_PORTABLE || simd_from >= simd_to) simd_from = simd_to = stop;
+        for (; i < simd_from; i++) {
+            const uint8_t byte = packed[i >> 1];
+            store_scalar(lut[(i & 1) ? (byte & 15) : (byte >> 4)], dtype, out, i - base);
+        }
+#if QPLUG_X86
+        if (isa == QPLUG_ISA_AVX512) dequant_run_avx512(packed, i, simd_to, lut, dtype, out, base);
+        else if (isa == QPLUG_ISA_AVX2) dequant_run_avx2(packed, i, simd_to, lut, dtype, out, base);
+        if (isa != QPLUG_ISA_PORTABLE) i = simd_to;
+#endif
+        for (; i < stop; i++) {
+            const uint8_t byte = packed[i >> 1];
+            store_scalar(lut[(i & 1) ? (byte & 15) : (byte >> 4)], dtype, out, i - base);
         }
     }
     return 0;
@@ -330,8 +434,7 @@ QPLUG_INLINE void gemv4_portable_rows(const float *xr, int MR, int64_t K, const 
         const int64_t flat = n * K;
         float acc[4] = {0, 0, 0, 0};
         int64_t c = 0;
-        while (c < K) {
-            const int64_t b = (flat + c) / blocksize;
+        for (int64_t b = flat / blocksize; c < K; b++) {
             int64_t end = (b + 1) * blocksize - flat;
             if (end > K) end = K;
             const float scale = block_scale(s, b);
@@ -354,20 +457,6 @@ QPLUG_INLINE void gemv4_portable_rows(const float *xr, int MR, int64_t K, const 
 }
 
 #if QPLUG_X86
-QPLUG_AVX2 QPLUG_INLINE __m256 lookup16_avx2(__m256i idx, __m256 lo, __m256 hi) {
-    /* two 8-entry lookups (low 3 bits of idx), then bit 3 picks the table: moved to the sign bit for blendv */
-    const __m256 a = _mm256_permutevar8x32_ps(lo, idx);
-    const __m256 b = _mm256_permutevar8x32_ps(hi, idx);
-    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
-QPLUG_AVX2 QPLUG_INLINE float hsum_avx2(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 QPLUG_AVX2 QPLUG_INLINE void gemv4_avx2_rows(const float *xr, const int MR, int64_t K, const uint8_t *packed,
                                              int64_t first, int64_t count, int64_t blocksize, const float *code,
                                              const qplug_scales *s, float *out, int64_t N) {
@@ -378,8 +467,7 @@ QPLUG_AVX2 QPLUG_INLINE void gemv4_avx2_rows(const float *xr, const int MR, int6
         __m256 acc[2][2];
         for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
         int64_t c = 0;
-        while (c < K) {
-            const int64_t b = (flat + c) / blocksize;
+        for (int64_t b = flat / blocksize; c < K; b++) {
             int64_t end = (b + 1) * blocksize - flat;
             if (end > K) end = K;
             const __m256 sc = _mm256_set1_ps(block_scale(s, b));
@@ -411,8 +499,7 @@ QPLUG_AVX512 QPLUG_INLINE void gemv4_avx512_rows(const float *xr, const int MR, 
         __m512 acc[4][4]; /* per row: even/odd elements x two chunks in flight (FMA latency) */
         for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
         int64_t c = 0;
-        while (c < K) {
-            const int64_t b = (flat + c) / blocksize;
+        for (int64_t b = flat / blocksize; c < K; b++) {
             int64_t end = (b + 1) * blocksize - flat;
             if (end > K) end = K;
             const __m512 lut = _mm512_mul_ps(code16, _mm512_set1_ps(block_scale(s, b)));
@@ -485,7 +572,7 @@ int qplug_gemv_4bit(int isa, int64_t first, int64_t count, const float *xr, int6
                     float offset, float *out, int64_t N) {
     if (K % 32 != 0 || blocksize % 32 != 0 || blocksize <= 0 || (qabsmax != NULL && nested_blocksize <= 0)) return -1;
     if (isa > qplug_cpu_isa()) return -3;
-    const qplug_scales s = {absmax, qabsmax, code2, absmax2, nested_blocksize, offset};
+    const qplug_scales s = make_scales(absmax, qabsmax, code2, absmax2, nested_blocksize, offset);
 #if QPLUG_X86
     if (isa == QPLUG_ISA_AVX512) {
         gemv4_avx512(xr, M, K, packed, first, count, blocksize, code, &s, out, N);

@@ -7,7 +7,7 @@ bfloat16). ``Linear8bitLt`` quantizes every input row to int8 and multiplies in 
 kernels here read the checkpoint tensors as they are stored instead:
 
 ``qplug-4bit-cpu``
-    * up to :data:`GEMV_MAX_ROWS` input rows (decode): a C GEMV (``cpu_kernels.c``) that looks each
+    * up to :data:`GEMV_MAX_ROWS` input rows (decode; 8 with AVX-512, 4 otherwise): a C GEMV (``cpu_kernels.c``) that looks each
       nibble up in the block's scaled 16-entry code book and accumulates in float32, over ranges of
       output rows on ``torch.get_num_threads()`` threads;
     * more rows (prefill): blocks of :data:`BLOCK_ELEMENTS` weights dequantized by a C kernel (the
@@ -68,8 +68,10 @@ __all__ = [
 #: Force an instruction-set path: ``avx512``, ``avx2`` or ``portable`` (default: the best the CPU runs).
 ISA_ENV_VAR = "QPLUG_BNB_ISA"
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
-#: Inputs of at most this many rows take the GEMV; more rows the blocked dequantize + matmul path.
-GEMV_MAX_ROWS = 8
+#: Inputs of at most this many rows take the GEMV, per path; more rows the blocked dequantize + matmul one.
+#: (Measured on a Zen 4 core: the AVX-512 GEMV costs ~0.25 ms per extra row of a 5632x2048 layer, about
+#: a bf16 matmul of 8 rows; the AVX2 one more than twice that.)
+GEMV_MAX_ROWS = {"avx512": 8, "avx2": 4, "portable": 4}
 #: Weights per dequantized block of the prefill path (4 MiB as float32).
 BLOCK_ELEMENTS = 1 << 20
 # Below this many output rows per thread one thread does the GEMV (a pool hand-off costs ~20 us).
@@ -114,8 +116,12 @@ def _native_bf16_matmul() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.bfloat16 if dtype == torch.bfloat16 and _native_bf16_matmul() else torch.float32
+def _matmul_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The blocked path's matmul dtype: bfloat16 where the input or the layer's declared compute dtype
+    (bitsandbytes' ``compute_dtype``, which bitsandbytes itself computes in) is bfloat16 and the CPU has
+    bfloat16 dot products; float32 otherwise (float16 and emulated bfloat16 matmuls are slower)."""
+    wants_bf16 = torch.bfloat16 in (dtype, compute_dtype)
+    return torch.bfloat16 if wants_bf16 and _native_bf16_matmul() else torch.float32
 
 
 def warn_fallback(layer, device: torch.device, why: str) -> None:
@@ -226,8 +232,8 @@ def dequantize_4bit(layout: Layout4bit, first: int, count: int, dtype: torch.dty
     out = torch.empty(count, dtype=dtype) if out is None else out
     args = (layout.blocksize, layout.code.data_ptr(), *layout.scale_args(), _native.DTYPE_CODES[dtype],
             out.data_ptr(), first)
-    packed = layout.packed.data_ptr()
-    status = _native.run_in_ranges(lambda start, n: lib.qplug_dequant_4bit(packed, first + start, n, *args),
+    packed, isa_code = layout.packed.data_ptr(), ISAS[isa()[0]]
+    status = _native.run_in_ranges(lambda start, n: lib.qplug_dequant_4bit(isa_code, packed, first + start, n, *args),
                                    count, _DEQUANT_ELEMENTS_PER_THREAD)
     if any(status):
         raise RuntimeError(f"qplug_dequant_4bit returned {status}")
@@ -251,9 +257,9 @@ def _gemv_4bit(layout: Layout4bit, x: torch.Tensor, isa_code: int) -> torch.Tens
     return out
 
 
-def _blocked_4bit(layout: Layout4bit, x: torch.Tensor) -> torch.Tensor:
+def _blocked_4bit(layout: Layout4bit, x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
     k, n = layout.k, layout.n
-    mm_dtype = _matmul_dtype(x.dtype)
+    mm_dtype = _matmul_dtype(x.dtype, compute_dtype)
     xm = x.to(mm_dtype)
     rows = max(1, min(n, BLOCK_ELEMENTS // k))
     out = torch.empty(x.shape[0], n, dtype=mm_dtype)
@@ -267,10 +273,10 @@ def _blocked_4bit(layout: Layout4bit, x: torch.Tensor) -> torch.Tensor:
 def forward_4bit(layer, layout: Layout4bit, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     name, _ = isa()
-    if x.shape[0] <= GEMV_MAX_ROWS and layout.k % 32 == 0:
+    if x.shape[0] <= GEMV_MAX_ROWS[name] and layout.k % 32 == 0:
         y = _gemv_4bit(layout, x, ISAS[name])
     else:
-        y = _blocked_4bit(layout, x)
+        y = _blocked_4bit(layout, x, getattr(layer, "compute_dtype", None))
     y = y.to(x.dtype)
     if layer.bias is not None:
         y += layer.bias.to(x.dtype)
@@ -310,9 +316,9 @@ def forward_int8(layer, layout: LayoutInt8, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     n, k = layout.cb.shape
     m = x.shape[0]
-    if m <= GEMV_MAX_ROWS:
+    name, _ = isa()
+    if m <= GEMV_MAX_ROWS[name]:
         lib = _native.library()
-        name, _ = isa()
         xf = x.to(torch.float32).contiguous()
         out = torch.empty(m, n, dtype=torch.float32)
         args = (xf.data_ptr(), m, k, layout.cb.data_ptr(), layout.scale.data_ptr(), out.data_ptr(), n)

@@ -671,16 +671,18 @@ def bnb_dequantize_4bit(data: torch.Tensor, state: QuantState) -> torch.Tensor:
     """
     if data.device.type != "cpu" or len(state.shape) != 2 or int(state.shape[1]) % int(state.blocksize) == 0:
         return bnb.functional.dequantize_4bit(data, state)
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-
+    # bitsandbytes' own arithmetic (its default backend's, spelled out here because that function is
+    # torch.compile'd: seconds of compilation per shape): code[q] * absmax in float32, then the dtype.
     absmax = state.absmax
     if state.nested:  # as bitsandbytes.functional.dequantize_4bit decodes it
         absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2)
         absmax += state.offset
+    n = math.prod(int(d) for d in state.shape)
     flat = data.reshape(-1)
     flat = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
-    return _dequantize_4bit_compute(flat, absmax.float(), state.code.to(data.device), state.blocksize,
-                                    state.shape, state.dtype)
+    codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n].int()
+    scales = absmax.float().repeat_interleave(int(state.blocksize))[:n]
+    return (state.code.float()[codes] * scales).reshape(state.shape).to(state.dtype)
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
