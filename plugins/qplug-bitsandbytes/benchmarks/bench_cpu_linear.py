@@ -69,20 +69,20 @@ def main() -> None:
                 reference = x.float() @ reference_weight.T
                 inner = args.inner or (20 if batch <= 8 else 3)
 
-                def run_qplug(isa_name):
+                def run_qplug(isa_name, layer=layer, x=x):
                     def call():
                         os.environ[cpu_linear.ISA_ENV_VAR] = isa_name
                         return layer(x)
                     return call
 
                 methods = {
-                    "F.linear bf16": lambda: torch.nn.functional.linear(x.to(torch.bfloat16), w_bf16),
-                    "F.linear fp32": lambda: torch.nn.functional.linear(x.float(), w_f32),
+                    "F.linear bf16": lambda x=x, w=w_bf16: torch.nn.functional.linear(x.to(torch.bfloat16), w),
+                    "F.linear fp32": lambda x=x, w=w_f32: torch.nn.functional.linear(x.float(), w),
                 }
                 for name in isas:
                     methods[f"qplug {name}"] = run_qplug(name)
                 if not args.no_bnb:
-                    def bnb_call():
+                    def bnb_call(layer=layer, x=x):
                         os.environ.pop(cpu_linear.ISA_ENV_VAR, None)
                         qplug.set_kernel(layer, "bitsandbytes")
                         try:

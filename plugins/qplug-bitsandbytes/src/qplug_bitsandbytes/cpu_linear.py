@@ -7,9 +7,9 @@ bfloat16). ``Linear8bitLt`` quantizes every input row to int8 and multiplies in 
 kernels here read the checkpoint tensors as they are stored instead:
 
 ``qplug-4bit-cpu``
-    * up to :data:`GEMV_MAX_ROWS` input rows (decode; 8 with AVX-512, 4 otherwise): a C GEMV (``cpu_kernels.c``) that looks each
-      nibble up in the block's scaled 16-entry code book and accumulates in float32, over ranges of
-      output rows on ``torch.get_num_threads()`` threads;
+    * up to :data:`GEMV_MAX_ROWS` input rows (decode; 8 with AVX-512, 4 otherwise): a C GEMV
+      (``cpu_kernels.c``) that looks each nibble up in the block's scaled 16-entry code book and
+      accumulates in float32, over ranges of output rows on ``torch.get_num_threads()`` threads;
     * more rows (prefill): blocks of :data:`BLOCK_ELEMENTS` weights dequantized by a C kernel (the
       very values bitsandbytes' ``dequantize_4bit`` gives) into a reused buffer, each multiplied by
       torch's matmul -- in bfloat16 for bfloat16 inputs on CPUs with native bfloat16 dot products,
