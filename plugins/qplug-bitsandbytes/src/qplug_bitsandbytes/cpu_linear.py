@@ -251,7 +251,7 @@ def _gemv_4bit(layout: Layout4bit, x: torch.Tensor, isa_code: int) -> torch.Tens
             *layout.scale_args(), out.data_ptr(), n)
     rows_per_thread = max(1, _GEMV_WEIGHTS_PER_THREAD // k)
     status = _native.run_in_ranges(lambda first, count: lib.qplug_gemv_4bit(isa_code, first, count, *args),
-                                   n, rows_per_thread)
+                                   n, rows_per_thread, inline_first=True)
     if any(status):
         raise RuntimeError(f"qplug_gemv_4bit returned {status}")
     return out
@@ -323,7 +323,7 @@ def forward_int8(layer, layout: LayoutInt8, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(m, n, dtype=torch.float32)
         args = (xf.data_ptr(), m, k, layout.cb.data_ptr(), layout.scale.data_ptr(), out.data_ptr(), n)
         status = _native.run_in_ranges(lambda first, count: lib.qplug_gemv_int8(ISAS[name], first, count, *args),
-                                       n, max(1, _GEMV_WEIGHTS_PER_THREAD // k))
+                                       n, max(1, _GEMV_WEIGHTS_PER_THREAD // k), inline_first=True)
         if any(status):
             raise RuntimeError(f"qplug_gemv_int8 returned {status}")
         y = out
