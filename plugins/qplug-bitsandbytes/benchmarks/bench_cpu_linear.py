@@ -15,6 +15,7 @@ float32 matmul.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -82,18 +83,17 @@ def main() -> None:
                 for name in isas:
                     methods[f"qplug {name}"] = run_qplug(name)
                 if not args.no_bnb:
-                    def bnb_call(layer=layer, x=x):
-                        os.environ.pop(cpu_linear.ISA_ENV_VAR, None)
-                        qplug.set_kernel(layer, "bitsandbytes")
-                        try:
-                            return layer(x)
-                        finally:
-                            qplug.set_kernel(layer, None)
-                    methods["bitsandbytes"] = bnb_call
+                    # A copy of its own: switching one layer between kernels rebuilds its layout each time
+                    # (and undoes bitsandbytes' repack), which would be timed instead of the kernels.
+                    bnb_layer = copy.deepcopy(layer)
+                    qplug.set_kernel(bnb_layer, "bitsandbytes")
+                    methods["bitsandbytes"] = lambda x=x, layer=bnb_layer: layer(x)
                 times: dict[str, list[float]] = {m: [] for m in methods}
                 errors = {}
                 with torch.no_grad():
                     for name, fn in methods.items():  # warm-up: builds layouts, bitsandbytes' repack
+                        if name == "bitsandbytes":
+                            os.environ.pop(cpu_linear.ISA_ENV_VAR, None)
                         out = fn()
                         if name.startswith(("qplug", "bitsandbytes")):
                             errors[name] = ((out.float() - reference).norm() / reference.norm()).item()

@@ -80,6 +80,7 @@ _DEQUANT_ELEMENTS_PER_THREAD = 1 << 17
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 _warned: set[str] = set()
+_scratch = threading.local()
 _warn_lock = threading.Lock()
 
 
@@ -152,7 +153,6 @@ class Layout4bit:
     """What the 4-bit kernels read: views of the checkpoint tensors (no copies) and the code book."""
 
     __slots__ = (
-        "_buffers",
         "absmax",
         "absmax2",
         "blocksize",
@@ -184,7 +184,6 @@ class Layout4bit:
             self.absmax = quant_state.absmax.to(torch.float32).contiguous()
             self.qabsmax = self.code2 = self.absmax2 = None
             self.nested_blocksize, self.offset = 0, 0.0
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def scale_args(self) -> tuple:
         def ptr(t):
@@ -194,10 +193,12 @@ class Layout4bit:
                 self.offset)
 
     def buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        """A scratch block reused across calls of this layer (never more than BLOCK_ELEMENTS weights)."""
-        buf = self._buffers.get(dtype)
+        """The dequantized block's scratch space: one per thread and dtype, shared by every layer (a
+        buffer per layer would add megabytes a layer to the model's memory)."""
+        buffers = _scratch.__dict__.setdefault("buffers", {})
+        buf = buffers.get(dtype)
         if buf is None or buf.numel() < numel:
-            buf = self._buffers[dtype] = torch.empty(numel, dtype=dtype)
+            buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
         return buf[:numel]
 
 
