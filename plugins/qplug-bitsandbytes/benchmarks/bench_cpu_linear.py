@@ -70,6 +70,8 @@ def main() -> None:
                 reference = x.float() @ reference_weight.T
                 inner = args.inner or (20 if batch <= 8 else 3)
 
+                qplug.set_kernel(layer, "qplug-4bit-cpu" if FORMATS[fmt] else "qplug-int8-cpu")
+
                 def run_qplug(isa_name, layer=layer, x=x):
                     def call():
                         os.environ[cpu_linear.ISA_ENV_VAR] = isa_name

@@ -173,6 +173,7 @@ def test_4bit_forward_matches_bitsandbytes_dequantize_matmul(n, k, blocksize, qu
     layer = _quantized_linear(n, k, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
                               dtype=dtype, bias=bias)
     x = torch.randn(rows, k).to(dtype)
+    qplug.set_kernel(layer, "qplug-4bit-cpu")  # bfloat16 would take bitsandbytes' kernel on AVX512-BF16 CPUs
     with torch.no_grad(), forced_isa(isa):
         y = layer(x)
     assert layer.kernel == "qplug-4bit-cpu"
@@ -187,6 +188,7 @@ def test_4bit_forward_matches_bitsandbytes_dequantize_matmul(n, k, blocksize, qu
 def test_4bit_every_path_agrees_and_is_deterministic(quant_type, dtype, monkeypatch):
     layer = _quantized_linear(96, 256, quant_type=quant_type, double_quant=True, blocksize=64, dtype=dtype)
     x = torch.randn(3, 256).to(dtype)
+    qplug.set_kernel(layer, "qplug-4bit-cpu")
     outs = []
     with torch.no_grad():
         for isa in available_isas():
@@ -283,7 +285,20 @@ def test_kernel_choice_is_reported(fresh_model):
     assert set(chosen.values()) == {"qplug-4bit-cpu"}
     report = qplug.kernel_report(model)
     assert {entry["kernel"] for entry in report.values()} == {"qplug-4bit-cpu"}
-    assert all(entry["reason"] == "first choice" for entry in report.values())
+    assert all(entry["reason"].startswith("not bitsandbytes-avx512bf16: ") for entry in report.values())
+
+
+def test_bfloat16_inference_on_avx512bf16_cpus_takes_bitsandbytes_kernel():
+    layer = _quantized_linear(64, 128, quant_type="nf4", double_quant=True, blocksize=64, dtype=torch.bfloat16)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    has = modules._refuses_bnb_avx512bf16(layer, torch.device("cpu"), torch.bfloat16) is None
+    assert layer.kernel == ("bitsandbytes-avx512bf16" if has else "qplug-4bit-cpu")
+    assert_close_to_reference(layer, x, y, bf16_matmul=True)
+    layer.train()
+    layer(x)
+    assert layer.kernel == "qplug-4bit-cpu"
 
 
 def test_unrunnable_isa_falls_back_to_bitsandbytes_once_with_a_warning(monkeypatch):
@@ -387,5 +402,5 @@ def test_quantized_layers_keep_no_float_weight(fresh_model, input_ids):
 def test_bitsandbytes_layer_classes_still_hold():
     layer = _quantized_linear(32, 64, quant_type="nf4", double_quant=False, blocksize=64)
     assert isinstance(layer, bnb.nn.Linear4bit) and isinstance(layer, KernelLayer)
-    assert [k.name for k in type(layer).kernels] == ["qplug-4bit-cpu", "bitsandbytes"]
+    assert [k.name for k in type(layer).kernels] == ["bitsandbytes-avx512bf16", "qplug-4bit-cpu", "bitsandbytes"]
     assert [k.name for k in modules.Linear8bitLt.kernels] == ["qplug-int8-cpu", "bitsandbytes"]

@@ -140,10 +140,30 @@ def _bnb_forward_4bit(layer: Linear4bit, layout: None, x: torch.Tensor) -> torch
 
 def _bnb_prepare(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     if layer.kernel_request is None and "bitsandbytes" not in requested_kernels():
-        why = layer.kernels[0].refuses(layer, device, dtype)
+        ours = next(k for k in layer.kernels if k.name.startswith("qplug-"))
+        why = ours.refuses(layer, device, dtype)
         if why is not None:
-            cpu_linear.warn_fallback(layer, device, f"{layer.kernels[0].name}: {why}")
+            cpu_linear.warn_fallback(layer, device, f"{ours.name}: {why}")
     return None
+
+
+def _refuses_bnb_avx512bf16(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
+    # Measured faster than qplug-4bit-cpu for bfloat16 inference on AVX512-BF16 CPUs (README); it computes
+    # in bfloat16 with bfloat16 block scales, so it is not used for float32/float16 inputs.
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return "bfloat16 inputs on the CPU only"
+    if layer.training:
+        return "inference only (bitsandbytes repacks the weight for it)"
+    probe = getattr(bnb.functional, "has_avx512bf16", None)
+    if not (probe and probe()):
+        return "this CPU (or bitsandbytes) has no AVX512-BF16 kernel"
+    return None
+
+
+def _bnb_forward_4bit_inference(layer: Linear4bit, layout: None, x: torch.Tensor) -> torch.Tensor:
+    # The core runs kernels without autograd (input gradients go through the dequantized weight), so a
+    # detached input takes bitsandbytes' repacked inference kernel even when x requires grad.
+    return _bnb_forward_4bit(layer, layout, x.detach())
 
 
 def _never(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -153,6 +173,11 @@ def _never(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> str | 
 _BNB_4BIT = Kernel(
     "bitsandbytes", refuses=_never, prepare=_bnb_prepare, forward=_bnb_forward_4bit,
     description="bitsandbytes' own Linear4bit forward (GPU/XPU kernels; on CPU dequantize or its AVX512-BF16 repack)",
+)
+_BNB_4BIT_AVX512BF16 = Kernel(
+    "bitsandbytes-avx512bf16", refuses=_refuses_bnb_avx512bf16, prepare=_bnb_prepare,
+    forward=_bnb_forward_4bit_inference,
+    description="bitsandbytes' repacked bfloat16 CPU kernel (AVX512-BF16 CPUs, bfloat16 inference)",
 )
 _QPLUG_4BIT_CPU = Kernel(
     "qplug-4bit-cpu", refuses=cpu_linear.refuses_4bit, prepare=cpu_linear.prepare_4bit,
@@ -165,12 +190,14 @@ class Linear4bit(KernelLayer, bnb.nn.Linear4bit):
     """bitsandbytes ``Linear4bit`` with exact export after CPU forwards, import by assignment, and
     qplug's kernel choice (:mod:`qplug.kernels`).
 
-    Kernels, in order of preference: ``qplug-4bit-cpu`` (:mod:`qplug_bitsandbytes.cpu_linear`: CPU,
-    float32/bfloat16/float16 inputs) and ``bitsandbytes`` (bitsandbytes' own forward: every other
-    device, and the CPU where qplug's kernels cannot run, with one warning).
+    Kernels, in order of preference: ``bitsandbytes-avx512bf16`` (bitsandbytes' repacked kernel, for
+    bfloat16 inference on AVX512-BF16 CPUs, where it measured fastest), ``qplug-4bit-cpu``
+    (:mod:`qplug_bitsandbytes.cpu_linear`: CPU, float32/bfloat16/float16 inputs) and ``bitsandbytes``
+    (bitsandbytes' own forward: every other device, and the CPU where qplug's kernels cannot run, with
+    one warning).
     """
 
-    kernels = (_QPLUG_4BIT_CPU, _BNB_4BIT)
+    kernels = (_BNB_4BIT_AVX512BF16, _QPLUG_4BIT_CPU, _BNB_4BIT)
 
     # The quant state as it was before bitsandbytes repacked the weight for its CPU kernel;
     # None while the weight is in the canonical layout.
