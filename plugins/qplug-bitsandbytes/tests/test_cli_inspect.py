@@ -1,0 +1,43 @@
+"""`qplug inspect` on bitsandbytes checkpoints, whose statistics nest under the weight's name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import qplug
+
+
+def _inspect(*args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPLUG_")}
+    env.update({"COLUMNS": "200", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"})
+    return subprocess.run([sys.executable, "-m", "qplug", "inspect", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("settings", [
+    {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    {"load_in_8bit": True},
+], ids=["nf4-dq", "int8"])
+def test_inspect_groups_the_statistics_with_their_layer(float_checkpoint, tmp_path, settings):
+    model = qplug.load_quantized(float_checkpoint, quantization_config={"quant_method": "bitsandbytes", **settings})
+    qplug.save_quantized(model, tmp_path / "q")
+    proc = _inspect(tmp_path / "q", "--json", "--source", float_checkpoint)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    rows = {row["module"]: row for row in report["modules"]}
+    assert not [name for name in rows if ".weight" in name]  # no "module" named after a tensor
+    q_proj = rows["model.layers.0.self_attn.q_proj"]
+    kind = "Linear4bit" if settings.get("load_in_4bit") else "Linear8bitLt"
+    assert q_proj["kind"] == kind and q_proj["shape"] == [128, 128]
+    assert "weight" in q_proj["tensors"] and q_proj["kernel"]
+    assert (4 < q_proj["bits"] < 5.5) if kind == "Linear4bit" else (8 < q_proj["bits"] < 9)
+    assert 0 < q_proj["relative_error"] < 0.2
+    assert report["totals"]["parameters"] < 2 * sum(p.numel() for p in model.parameters()) + 10**6
+    table = _inspect(tmp_path / "q")
+    assert table.returncode == 0, table.stderr
+    assert "kernels for float32 inputs on the CPU:" in table.stdout
