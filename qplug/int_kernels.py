@@ -50,6 +50,7 @@ from torch.nn import functional as F
 from qplug.kernels import Kernel
 
 __all__ = [
+    "CACHE_WEIGHT_SWITCH",
     "DEQUANT_BLOCKED",
     "DEQUANT_CACHED",
     "INT8_WEIGHT_CPU",
@@ -410,3 +411,21 @@ DEQUANT_CACHED = Kernel(
     description="keeps a full-precision copy of the weight (out * in * dtype bytes): opt-in",
     opt_in=True,
 )
+
+
+def _cache_weight_get(layer) -> bool:
+    """Whether this layer runs on ``dequant-cached`` (a full-precision copy of its weight)."""
+    return layer.kernel_request == DEQUANT_CACHED.name
+
+
+def _cache_weight_set(layer, enabled: bool) -> None:
+    if enabled:
+        layer.kernel_request = DEQUANT_CACHED.name
+    elif layer.kernel_request == DEQUANT_CACHED.name:
+        layer.kernel_request = None
+    layer.reset_kernel()
+
+
+#: ``layer.cache_weight = True/False`` as a request for (or against) ``dequant-cached``; a layer class
+#: that used to cache its float weight assigns this property to keep that switch working.
+CACHE_WEIGHT_SWITCH = property(_cache_weight_get, _cache_weight_set)

@@ -234,18 +234,8 @@ class AwqLinear(KernelLayer, nn.Module):
             izeros, scales = _unpack_last(self.qzeros, self.bits, None)[:, :groups], self.scales[:, :groups]
         return int_kernels.IntWeight(q.contiguous(), scales, izeros.contiguous(), self.bits, self.group_size)
 
-    @property
-    def cache_weight(self) -> bool:
-        """Whether this layer runs on ``dequant-cached`` (a full-precision copy of its weight)."""
-        return self.kernel_request == "dequant-cached"
-
-    @cache_weight.setter
-    def cache_weight(self, enabled: bool) -> None:
-        if enabled:
-            self.kernel_request = "dequant-cached"
-        elif self.kernel_request == "dequant-cached":
-            self.kernel_request = None
-        self.reset_kernel()
+    # the old per-layer switch, kept for compatibility: on means the opt-in dequant-cached kernel
+    cache_weight = int_kernels.CACHE_WEIGHT_SWITCH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

@@ -260,18 +260,8 @@ class GPTQLinear(KernelLayer, nn.Module):
         group = self.in_features if self.group_size == -1 else self.group_size
         return int_kernels.IntWeight(q, self.scales.t(), zero.contiguous(), self.bits, group, perm)
 
-    @property
-    def cache_weight(self) -> bool:
-        """Whether this layer runs on ``dequant-cached`` (a full-precision copy of its weight)."""
-        return self.kernel_request == "dequant-cached"
-
-    @cache_weight.setter
-    def cache_weight(self, enabled: bool) -> None:
-        if enabled:
-            self.kernel_request = "dequant-cached"
-        elif self.kernel_request == "dequant-cached":
-            self.kernel_request = None
-        self.reset_kernel()
+    # the old per-layer switch, kept for compatibility: on means the opt-in dequant-cached kernel
+    cache_weight = int_kernels.CACHE_WEIGHT_SWITCH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
