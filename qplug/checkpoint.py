@@ -274,7 +274,7 @@ def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
             "installed: pip install 'qplug[transformers]' (or pass model=...)",
             install="pip install 'qplug[transformers]'",
         ) from exc
-    from qplug.modules import empty_weights
+    from qplug.modules import build_empty
 
     # Private keys record how the saving process ran (transformers < 4.50 writes
     # "_attn_implementation_autoset", which would force eager attention here): leave them out.
@@ -288,9 +288,10 @@ def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
         raise ConfigFileError(f"config.json: transformers cannot build a {model_type!r} config: {exc}") from exc
     architectures = fields.get("architectures") or []
     model_cls = getattr(transformers, architectures[0], None) if architectures else None
-    with empty_weights():
-        if model_cls is not None:
-            model = model_cls(hf_config)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    # On the meta device through torch's per-thread device context: no global patching, so other
+    # threads (another load, an nn.Linear built meanwhile) are unaffected.
+    if model_cls is not None:
+        model = build_empty(lambda: model_cls(hf_config))
+    else:
+        model = build_empty(lambda: transformers.AutoModelForCausalLM.from_config(hf_config))
     return model.eval()

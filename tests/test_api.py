@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -208,3 +209,41 @@ def test_quantize_on_load_is_refused_for_backends_that_do_not_stream(tmp_path):
     tiny_llama(seed=0).save_pretrained(tmp_path / "float")
     with pytest.raises(qplug.QPlugError, match="cannot quantize a checkpoint while loading"):
         qplug.load_quantized(tmp_path / "float", quantization_config={"quant_method": "toy"})
+
+
+# Issue 13, item 1: loads from several threads at once, while another thread builds modules.
+def test_concurrent_loads_work_and_leave_other_threads_modules_on_the_cpu(int8_plugin, model, tmp_path):
+    qplug.quantize(model, {"quant_method": "int8-weight"})
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    tokens = example_tokens(model)
+    expected = logits(model, tokens)
+    loaded, errors, devices = [], [], set()
+    start = threading.Barrier(5)
+    loading = threading.Event()
+
+    def load():
+        start.wait()
+        try:
+            for _ in range(3):
+                loaded.append(qplug.load_quantized(tmp_path / "ckpt"))
+        except Exception as exc:  # reported below, with the others
+            errors.append(exc)
+
+    def build():
+        start.wait()
+        while loading.is_set():
+            devices.add(nn.Linear(8, 8).weight.device.type)
+
+    loading.set()
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    builder = threading.Thread(target=build)
+    for t in [*threads, builder]:
+        t.start()
+    for t in threads:
+        t.join()
+    loading.clear()
+    builder.join()
+    assert errors == []
+    assert devices == {"cpu"}
+    assert len(loaded) == 12 and all(torch.equal(logits(m, tokens), expected) for m in loaded)
+    assert nn.Linear(2, 2).weight.device.type == "cpu"

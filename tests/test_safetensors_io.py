@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import qplug
 from qplug import safetensors_io
-from qplug.checkpoint import CheckpointWeights, read_tensors
+from qplug.checkpoint import read_tensors
 from qplug.safetensors_io import SafetensorsFile
 from qplug.testing import example_tokens, tiny_llama
 
@@ -430,6 +430,8 @@ class CheckpointWeightsCheck:
         self._directory = directory
 
     def __enter__(self):
+        from qplug.checkpoint import CheckpointWeights
+
         return CheckpointWeights(self._directory, self._stack).names()
 
     def __exit__(self, *exc):
