@@ -222,8 +222,11 @@ def load_quantized(
     :param on_module: with ``quantization_config``: called with each module name once quantized.
     :raises CheckpointError: a tensor is missing, unexpected or mis-shaped (named).
     """
+    from qplug._io import recover_directory
     from qplug.checkpoint import read_model_config
 
+    # A save killed between its two renames leaves the checkpoint beside its path: finish that save.
+    directory = recover_directory(directory)
     model_config = read_model_config(directory)
     saved = model_config.get("quantization_config")
     if saved is not None and quantization_config is not None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -80,23 +81,34 @@ def write_checkpoint(
     with atomic_directory(target) as staging:
         if target.is_dir():
             _carry_over(target, staging)
-        save_file(dict(tensors), str(staging / WEIGHTS_NAME), metadata=meta)
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(dict(tensors), str(staging / WEIGHTS_NAME), metadata=meta)
+        # safetensors writes through a private temporary file (mode 0600); give the weights the mode
+        # an ordinary new file gets here (0666 less the umask), which config.json just got.
+        os.chmod(staging / WEIGHTS_NAME, stat.S_IMODE(os.stat(staging / CONFIG_NAME).st_mode))
     return target
 
 
 def _carry_over(old: Path, new: Path) -> None:
+    """Bring the other files of ``old`` (a tokenizer, a README) into ``new``.
+
+    Symbolic links are copied as links, never followed: a link to a file or directory elsewhere
+    never brings that file's contents into the checkpoint. Sockets, FIFOs and devices are left out.
+    """
     for entry in old.iterdir():
         if entry.name in _OWN_FILES or entry.suffix in {".safetensors", ".bin", ".pt", ".pth"}:
             continue
         dest = new / entry.name
-        if entry.is_dir():
+        mode = entry.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            os.symlink(os.readlink(entry), dest)
+        elif stat.S_ISDIR(mode):
             shutil.copytree(entry, dest, symlinks=True)
-        else:
+        elif stat.S_ISREG(mode):
             try:
-                os.link(entry, dest)
+                os.link(entry, dest, follow_symlinks=False)
             except OSError:
-                shutil.copy2(entry, dest)
+                shutil.copy2(entry, dest, follow_symlinks=False)
 
 
 def read_model_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
