@@ -75,9 +75,16 @@ def check_tensor(
 def _sum_is_finite(tensor: torch.Tensor) -> bool:
     """Whether the sum of ``tensor`` is finite: then so is every value (NaN and infinities propagate).
 
-    A reduction is many times faster than ``isfinite(t).all()`` (no boolean tensor; measured 17 us
-    against 800 us for float16 ``[44, 2048]`` scales). A sum that overflows though every value is
-    finite only sends the caller to the exact count.
+    A reduction is much cheaper than ``isfinite(t).all()`` (no boolean tensor). It runs in chunks
+    below torch's parallel grain size: each chunk is summed on this thread, where one parallel
+    reduction over a statistic this small costs milliseconds waiting for busy cores (measured on a
+    2-core machine under load: 16 ms instead of 15 us for float16 ``[44, 2048]`` scales). A sum that
+    overflows though every value is finite only sends the caller to the exact count.
     """
     wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    return bool(torch.isfinite(tensor.sum(dtype=wide)))
+    flat = tensor.reshape(-1)
+    partial = [chunk.sum(dtype=wide) for chunk in flat.split(_CHUNK)]
+    return bool(torch.isfinite(torch.stack(partial).sum()))
+
+
+_CHUNK = 16384  # elements; at::internal::GRAIN_SIZE is 32768
