@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import time
 
 import pytest
 import torch
@@ -370,17 +369,14 @@ def fuzz_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzzed")
 
 
-_FUZZ_SECONDS = 30.0  # about 4000 examples take 15 s here
-
-
+# 4000 examples take about 15 s on a 2-core machine: bounded for CI, the same examples on every run
+# with the sessions' fixed seed.
 @settings(max_examples=4000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(data=st.data())
 def test_fuzzed_checkpoints_raise_only_qplug_errors_and_never_allocate_past_the_file(real_checkpoint, fuzz_dir, data):
     # Each example is a mutated copy of a real checkpoint: structured edits of its JSON header, then
     # raw byte flips, truncation or extension anywhere in the file. Reading every tensor (through the
     # same path load_quantized takes) either works or raises a QPlugError; every allocation fits the file.
-    if time.monotonic() - _fuzz_started() > _FUZZ_SECONDS:
-        return  # a bounded budget for CI; the seeded examples before it are the same on every run
     header, payload = real_checkpoint
     if data.draw(st.booleans(), label="edit header"):
         header = data.draw(_mutations(header, len(payload)), label="header")
@@ -420,12 +416,3 @@ def test_fuzzed_checkpoints_raise_only_qplug_errors_and_never_allocate_past_the_
     finally:
         safetensors_io._allocate = original
         path.unlink()
-
-
-_STARTED: list[float] = []
-
-
-def _fuzz_started() -> float:
-    if not _STARTED:
-        _STARTED.append(time.monotonic())
-    return _STARTED[0]
