@@ -83,8 +83,9 @@ def _sum_is_finite(tensor: torch.Tensor) -> bool:
     """
     wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     flat = tensor.reshape(-1)
-    partial = [chunk.sum(dtype=wide) for chunk in flat.split(_CHUNK)]
-    return bool(torch.isfinite(torch.stack(partial).sum()))
+    if flat.numel() <= _CHUNK:
+        return bool(flat.sum(dtype=wide).isfinite())
+    return bool(torch.stack([chunk.sum(dtype=wide) for chunk in flat.split(_CHUNK)]).sum().isfinite())
 
 
 _CHUNK = 16384  # elements; at::internal::GRAIN_SIZE is 32768
