@@ -10,6 +10,10 @@ error must also stay under ``1.25 eps`` relative (a bfloat16 matmul's is about `
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -61,6 +65,11 @@ class PlainLinear(KernelLayer, nn.Module):
         w = torch.empty_like(w_run)
         w[:, self.perm] = w_run
         return w.to(dtype)
+
+    code_tensors = ("q",)
+
+    def checkpoint_from_codes(self, q):
+        return {"q": q if self.perm is None else q.index_select(1, self.perm).contiguous()}
 
     def forward(self, x):
         return self.run_kernel(x)
@@ -257,6 +266,50 @@ def test_blocked_layout_is_smaller_than_the_float_weight():
         layer(torch.randn(1, 1024))
     codes = layer._kernel_state[2][0]
     assert codes.dtype == torch.uint8 and codes.numel() == 64 * 1024 // 2  # half a byte per 4-bit code
+
+
+@pytest.mark.parametrize("name", ["tinygemm-int4-cpu", "int8-weight-cpu", "dequant-blocked"])
+def test_a_layout_that_can_restore_the_codes_holds_them_once(name):
+    layer = make_layer(32, 256, 8 if name == "int8-weight-cpu" else 4, 64, act_order=True)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    run_on(layer, name, torch.randn(2, 256).bfloat16())
+    assert "q" not in dict(layer.named_buffers()) and layer._released == ("q",)
+    assert torch.equal(layer.q, before["q"])  # rebuilt on access, bit for bit
+    assert list(layer.state_dict()) == list(before)  # in the order it was loaded
+    layer.q = before["q"].flip(0).contiguous()  # assigning it back makes it the layer's own again
+    assert layer._released == () and torch.equal(dict(layer.named_buffers())["q"], before["q"].flip(0))
+    run_on(layer, name, torch.randn(2, 256).bfloat16())
+    layer.load_state_dict(before)  # and so does loading
+    assert torch.equal(layer.q, before["q"]) and layer._released == ()
+    x = torch.ones(1, 256).bfloat16()
+    assert torch.equal(run_on(layer, name, x), run_on(make_layer(32, 256, layer.bits, 64, act_order=True), name, x))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40).map(lambda r: 16 * r), cols=st.integers(1, 80).map(lambda c: 2 * c),
+       seed=st.integers(0, 2**16))
+def test_torchs_cpu_int4_packing_is_read_back_exactly(rows, cols, seed):
+    q = torch.randint(0, 16, (rows, cols), dtype=torch.int32, generator=torch.Generator().manual_seed(seed))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+    unpacked = int_kernels._int4pack_cpu_unpack_with(int_kernels._int4pack_cpu_rows(rows), packed, rows, cols)
+    assert torch.equal(unpacked, q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_the_int4_packing_is_read_back_on_every_isa_torch_dispatches_to(isa):
+    # torch packs in blocks of 64 rows on AVX-512, 32 on AVX2 and without vectors: each must read back
+    script = (
+        "import torch\nfrom qplug import int_kernels as k\n"
+        "for n in (16, 48, 64, 80, 96, 304):\n"
+        "    q = torch.randint(0, 16, (n, 96), dtype=torch.int32)\n"
+        "    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)\n"
+        "    assert torch.equal(k._int4pack_cpu_unpack_with(k._int4pack_cpu_rows(n), p, n, 96), q.byte()), n\n"
+        "print(torch.backends.cpu.get_cpu_capability())\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().lower() == isa
 
 
 def test_plain_from_g_idx():

@@ -85,6 +85,19 @@ def test_state_dict_after_forwards_and_moves_is_what_was_loaded(name, version):
         assert saved[key].dtype == tensor.dtype and torch.equal(saved[key].view(torch.uint8), tensor.view(torch.uint8))
 
 
+@pytest.mark.parametrize("version", ["gemm", "gemv"])
+def test_a_layer_holds_its_codes_once(version):
+    layer = awq_layer(1024, 256, 128, version)
+    checkpoint = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    for dtype in (torch.bfloat16, torch.float32):
+        with torch.no_grad():
+            layer(torch.randn(2, 1024, dtype=dtype))
+        assert "qweight" not in dict(layer.named_buffers()), layer.kernel
+        layout = [t for t in layer._kernel_state[2] if isinstance(t, torch.Tensor)]
+        held = sum(t.numel() * t.element_size() for t in (*layer.buffers(), *layout))
+        assert held <= 1.15 * checkpoint, (layer.kernel, held, checkpoint)  # the codes once, not twice
+
+
 def test_half_inputs_run_in_their_own_dtype():
     layer = awq_layer(256, 64, 64, "gemm")
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))

@@ -115,6 +115,26 @@ def test_no_float_copy_is_kept_by_default():
     assert layer.kernel == "dequant-cached"
 
 
+def held_bytes(layer) -> int:
+    """Bytes the layer holds: its tensors and its run-time layout's."""
+    layout = layer._kernel_state[2] if layer._kernel_state else ()
+    tensors = [*layer.buffers(), *(t for t in layout if isinstance(t, torch.Tensor))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, False), (3, False), (2, True)])
+def test_a_layer_holds_its_codes_once(bits, act_order):
+    layer = gptq_layer(bits, 1024, 256, 128, act_order=act_order)
+    checkpoint = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    for dtype in (torch.bfloat16, torch.float32):
+        with torch.no_grad():
+            layer(torch.randn(2, 1024, dtype=dtype))
+        assert "qweight" not in dict(layer.named_buffers()), layer.kernel
+        # the codes once (in the kernel's packing) plus per-group scales: close to the checkpoint's size,
+        # 2/3-bit codes held as nibbles
+        assert held_bytes(layer) <= 1.15 * checkpoint * max(1, 4 / bits), (layer.kernel, held_bytes(layer))
+
+
 def test_a_g_idx_that_is_no_permutation_of_groups_is_refused_at_load():
     source = gptq_layer(4, 128, 32, 32)
     state = source.state_dict()
