@@ -29,7 +29,7 @@ Decode ms/token is the decode loop's time over its steps (what the targets use);
 is shown beside it, as a check on a busy machine. The checkpoints are built once and cached under
 benchmarks/.cache. Ratios are medians of per-repeat ratios of two paths of the same repeat.
 ``--isa avx2`` runs the children with ``ATEN_CPU_CAPABILITY=avx2`` (torch's dispatch) and
-``QPLUG_BNB_ISA=avx2`` (qplug-bitsandbytes' kernels), for AVX2-only figures on an AVX-512 machine.
+``QPLUG_ISA=avx2`` (qplug-bitsandbytes' kernels), for AVX2-only figures on an AVX-512 machine.
 Writes benchmarks/results/decode.json and decode.md.
 """
 
@@ -81,7 +81,7 @@ def child_env(isa: str | None) -> dict[str, str]:
     env = dict(os.environ)
     if isa:
         env["ATEN_CPU_CAPABILITY"] = isa
-        env["QPLUG_BNB_ISA"] = isa
+        env["QPLUG_ISA"] = isa
     return env
 
 
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed")
     parser.add_argument("--name", default="decode", help="results file name: benchmarks/results/NAME.json, .md")
     parser.add_argument("--isa", choices=("avx2",), default=None,
-                        help="run the children with ATEN_CPU_CAPABILITY and QPLUG_BNB_ISA set to this")
+                        help="run the children with ATEN_CPU_CAPABILITY and QPLUG_ISA set to this")
     args = parser.parse_args()
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = sorted(set(paths) - set(PATHS) - set(GPTQMODEL))
@@ -188,7 +188,7 @@ def main() -> None:
 
     src = model_dir(args.small)
     header = (f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()} "
-              f"(children: {'ATEN_CPU_CAPABILITY=QPLUG_BNB_ISA=' + args.isa if args.isa else 'native ISA'}), "
+              f"(children: {'ATEN_CPU_CAPABILITY=QPLUG_ISA=' + args.isa if args.isa else 'native ISA'}), "
               f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     print(header, flush=True)
     targets: dict[str, Path | str] = {}
