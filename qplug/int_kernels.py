@@ -28,6 +28,10 @@ such a layer holds its codes once, in the kernel's packing (see :mod:`qplug.kern
 ``tinygemm-int4-cuda``
     torch's CUDA tinygemm ``_weight_int4pack_mm`` (sm80+, bfloat16 inputs), output features a multiple
     of 8, the same group sizes.
+``qplug-int4-cpu``
+    qplug's C kernels (:mod:`qplug.lut4`): 4-bit, float32/float16/bfloat16 inputs, whole groups per
+    row; a GEMV accumulating in float32 over the exact float32 weights for a few input rows (decode),
+    blocks dequantized by C and multiplied by torch's matmul for more (prefill).
 ``int8-weight-cpu``
     torch's ``_weight_int8pack_mm``: 8-bit, bfloat16 inputs, in_features and the group size multiples
     of 16; one call per group when there are several.
@@ -54,6 +58,7 @@ import attrs
 import torch
 from torch.nn import functional as F
 
+from qplug import lut4
 from qplug.kernels import Kernel
 
 __all__ = [
@@ -61,6 +66,7 @@ __all__ = [
     "DEQUANT_BLOCKED",
     "DEQUANT_CACHED",
     "INT8_WEIGHT_CPU",
+    "QPLUG_INT4_CPU",
     "TINYGEMM_INT4_CPU",
     "TINYGEMM_INT4_CUDA",
     "IntWeight",
@@ -331,6 +337,50 @@ TINYGEMM_INT4_CUDA = Kernel(
     prepare=_tinygemm_cuda_prepare,
     forward=_tinygemm_cuda_forward,
     description="torch's tinygemm int4 CUDA matmul (sm80+, bfloat16)",
+)
+
+
+# --------------------------------------------------------------------------- 4-bit code book, CPU
+_AFFINE_CODE = torch.arange(16, dtype=torch.float32)  # an affine integer weight is the code book 0..15 with zeros
+
+
+def _lut4_refuses(layer, device: torch.device, dtype: torch.dtype) -> str | None:
+    if layer.bits != 4:
+        return f"4-bit weights only (this layer has {layer.bits})"
+    if layer.in_features % 2 or layer.in_features % _group(layer):
+        return f"in_features={layer.in_features} must be even and hold whole groups of {_group(layer)}"
+    return lut4.refuses(device, dtype)
+
+
+def _lut4_prepare(layer, device, dtype):
+    w = layer.int_weight()
+    n, k = w.q.shape
+    codes = (w.q[:, 0::2] << 4 | w.q[:, 1::2]).contiguous()  # element 2j in the high nibble
+    weight = lut4.Lut4Weight(codes, n, k, w.group_size, _AFFINE_CODE, absmax=w.scale.float().contiguous(),
+                             zeros=w.zero.float().contiguous())
+    return weight, w.perm, _bias(layer, dtype)
+
+
+def _lut4_forward(layer, layout, x):
+    weight, perm, bias = layout
+    y = lut4.matmul(weight, _permuted(x, perm).contiguous()).to(x.dtype)
+    return _add_bias(y, bias)
+
+
+def _lut4_codes(layout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight, perm, _ = layout
+    codes = weight.packed.view(weight.n, weight.k // 2)
+    return torch.stack((codes >> 4, codes & 15), dim=-1).reshape(weight.n, weight.k), perm
+
+
+QPLUG_INT4_CPU = Kernel(
+    "qplug-int4-cpu",
+    refuses=_lut4_refuses,
+    prepare=_lut4_prepare,
+    forward=_lut4_forward,
+    description="qplug's C 4-bit kernels (GEMV for decode, blocked dequantize + matmul for prefill; any float dtype)",
+    releases=_code_tensors,
+    restore=_restorer(_lut4_codes),
 )
 
 

@@ -22,12 +22,12 @@ from torch import nn
 from torch.nn import functional as F
 
 import qplug
-from qplug import int_kernels
+from qplug import int_kernels, native
 from qplug.int_kernels import IntWeight
 from qplug.kernels import KernelLayer
 
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
-CPU_KERNELS = ("tinygemm-int4-cpu", "int8-weight-cpu", "dequant-blocked", "dequant-cached")
+CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "int8-weight-cpu", "dequant-blocked", "dequant-cached")
 
 
 class PlainLinear(KernelLayer, nn.Module):
@@ -36,6 +36,7 @@ class PlainLinear(KernelLayer, nn.Module):
     kernels = (
         int_kernels.TINYGEMM_INT4_CUDA,
         int_kernels.TINYGEMM_INT4_CPU,
+        int_kernels.QPLUG_INT4_CPU,
         int_kernels.INT8_WEIGHT_CPU,
         int_kernels.DEQUANT_BLOCKED,
         int_kernels.DEQUANT_CACHED,
@@ -161,10 +162,12 @@ def test_every_cpu_kernel_agrees_with_the_reference(bits, out_f, group_size, gro
     fast = {4: "tinygemm-int4-cpu", 8: "int8-weight-cpu"}.get(bits)
     if dtype == torch.bfloat16 and fast:
         assert fast in ran  # these shapes are all ones the fast kernels take
+    if bits == 4:
+        assert "qplug-int4-cpu" in ran  # every float dtype, whole groups
     layer.kernel_request = None
     with torch.no_grad():
         layer(x)
-    assert layer.kernel == (fast if fast in ran else "dequant-blocked")  # automatic: first that accepts
+    assert layer.kernel == next(k.name for k in layer.kernels if k.name in ran)  # automatic: first that accepts
 
 
 def test_a_shorter_last_group_and_unusual_shapes_fall_back_correctly():
@@ -268,7 +271,7 @@ def test_blocked_layout_is_smaller_than_the_float_weight():
     assert codes.dtype == torch.uint8 and codes.numel() == 64 * 1024 // 2  # half a byte per 4-bit code
 
 
-@pytest.mark.parametrize("name", ["tinygemm-int4-cpu", "int8-weight-cpu", "dequant-blocked"])
+@pytest.mark.parametrize("name", ["tinygemm-int4-cpu", "qplug-int4-cpu", "int8-weight-cpu", "dequant-blocked"])
 def test_a_layout_that_can_restore_the_codes_holds_them_once(name):
     layer = make_layer(32, 256, 8 if name == "int8-weight-cpu" else 4, 64, act_order=True)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -334,3 +337,43 @@ def test_tinygemm_cuda_agrees_with_the_reference(act_order, group_size):
     out = run_on(layer, "tinygemm-int4-cuda", x).cpu()
     layer = layer.cpu()
     assert_within_bound(layer, x.cpu(), out, torch.bfloat16)
+
+
+def _fresh_native_state(monkeypatch, cache_dir):
+    """As if in a new process, with ``cache_dir`` as the kernel cache."""
+    monkeypatch.setenv(native.CACHE_ENV_VAR, str(cache_dir))
+    monkeypatch.setattr(native.CPU_KERNELS, "_library", None)
+    monkeypatch.setattr(native.CPU_KERNELS, "_unavailable", None)
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
+def test_the_c_kernels_build_once_per_machine(monkeypatch, tmp_path):
+    runs = []
+    real = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda cmd, *a, **k: runs.append(cmd) or real(cmd, *a, **k))
+    _fresh_native_state(monkeypatch, tmp_path)
+    layer = make_layer(32, 256, 4, 64)
+    run_on(layer, "qplug-int4-cpu", torch.randn(2, 256))
+    assert len(runs) == 1 and len(list(tmp_path.glob("cpu_kernels-*.so"))) == 1
+    _fresh_native_state(monkeypatch, tmp_path)  # "the next process" loads the cached library
+    run_on(make_layer(32, 256, 4, 64), "qplug-int4-cpu", torch.randn(2, 256))
+    assert len(runs) == 1 and native.CPU_KERNELS.unavailable_reason() is None
+
+
+def test_without_a_compiler_the_c_kernels_refuse_and_the_layer_falls_back(monkeypatch, caplog, tmp_path):
+    _fresh_native_state(monkeypatch, tmp_path)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    layer = make_layer(32, 256, 4, 64)
+    with caplog.at_level("WARNING", logger=native.__name__), torch.no_grad():
+        layer(torch.randn(2, 256))
+        layer.reset_kernel()
+        layer(torch.randn(2, 256))
+    assert layer.kernel == "dequant-blocked"
+    assert "not qplug-int4-cpu: qplug's C kernels are unavailable (RuntimeError: no C compiler" in layer.kernel_reason
+    assert caplog.text.count("qplug's CPU kernels unavailable") == 1  # one warning, one attempt
+
+
+def test_a_forced_isa_the_cpu_lacks_is_a_refusal_that_names_it(monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV_VAR, "sse9")
+    layer = make_layer(32, 256, 4, 64)
+    assert "QPLUG_ISA='sse9' is not one of" in layer.choose_kernel(torch.device("cpu"), torch.float32)[1]

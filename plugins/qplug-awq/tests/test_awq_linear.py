@@ -50,7 +50,7 @@ def test_weight_cache_is_dropped_when_buffers_change():
     assert not torch.allclose(first, layer(x))
     assert set_weight_cache(nn.Sequential(layer, other), False) == 2 and not layer.cache_weight
     layer(x)
-    assert layer.kernel == "dequant-blocked"
+    assert layer.kernel == "qplug-int4-cpu"
 
 
 def test_quantization_error_is_at_most_half_a_step():
@@ -127,7 +127,7 @@ def test_qplug_kernels_run_on_cpu_by_default():
     assert layer.kernel == "tinygemm-int4-cpu"
     assert "not autoawq" in layer.kernel_reason
     layer(torch.randn(1, 256))
-    assert layer.kernel == "dequant-blocked" and "not tinygemm-int4-cpu: bfloat16 inputs only" in layer.kernel_reason
+    assert layer.kernel == "qplug-int4-cpu" and "not tinygemm-int4-cpu: bfloat16 inputs only" in layer.kernel_reason
 
 
 def test_kernel_choice_follows_the_environment(monkeypatch):

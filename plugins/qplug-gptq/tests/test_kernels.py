@@ -22,7 +22,7 @@ import qplug
 from qplug.testing import example_tokens, tiny_llama
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-CPU_KERNELS = ("tinygemm-int4-cpu", "int8-weight-cpu", "dequant-blocked", "dequant-cached")
+CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "int8-weight-cpu", "dequant-blocked", "dequant-cached")
 
 
 def gptq_layer(bits, in_f, out_f, group_size, *, fmt="gptq", sym=False, act_order=False, bias=True, seed=0):
@@ -76,6 +76,8 @@ def test_every_kernel_agrees_with_the_dequantize_reference(bits, group_size, fmt
             ran.add(kernel.name)
     if dtype == torch.bfloat16 and bits in (4, 8):
         assert {4: "tinygemm-int4-cpu", 8: "int8-weight-cpu"}[bits] in ran
+    if bits == 4:
+        assert "qplug-int4-cpu" in ran  # any float dtype
 
 
 @pytest.mark.parametrize("name", CPU_KERNELS)

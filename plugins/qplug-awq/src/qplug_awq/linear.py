@@ -107,6 +107,7 @@ class AwqLinear(KernelLayer, nn.Module):
         AUTOAWQ,
         int_kernels.TINYGEMM_INT4_CUDA,
         int_kernels.TINYGEMM_INT4_CPU,
+        int_kernels.QPLUG_INT4_CPU,
         int_kernels.DEQUANT_BLOCKED,
         int_kernels.DEQUANT_CACHED,
     )
