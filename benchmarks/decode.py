@@ -190,8 +190,9 @@ def main() -> None:
     import torch
 
     src = model_dir(args.small)
+    children = f"ATEN_CPU_CAPABILITY=QPLUG_ISA={args.isa}, ONEDNN_MAX_CPU_ISA" if args.isa else "native ISA"
     header = (f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()} "
-              f"(children: {'ATEN_CPU_CAPABILITY=QPLUG_ISA=' + args.isa + ', ONEDNN_MAX_CPU_ISA' if args.isa else 'native ISA'}), "
+              f"(children: {children}), "
               f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     print(header, flush=True)
     targets: dict[str, Path | str] = {}

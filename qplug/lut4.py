@@ -110,8 +110,13 @@ def dequantize(weight: Lut4Weight, first: int, count: int, dtype: torch.dtype,
     args = (weight.blocksize, weight.code.data_ptr(), *weight.scale_args(), native.DTYPE_CODES[dtype],
             out.data_ptr(), first)
     packed, isa_code = weight.packed.data_ptr(), native.ISAS[native.isa()[0]]
-    status = native.run_in_ranges(lambda start, n: lib.qplug_dequant_4bit(isa_code, packed, first + start, n, *args),
-                                  count, _DEQUANT_ELEMENTS_PER_THREAD)
+    if lib.qplug_openmp():  # on torch's own threads (see qplug.native.run_parallel)
+        threads = native.threads_for(count, _DEQUANT_ELEMENTS_PER_THREAD)
+        status = [lib.qplug_dequant_4bit_parallel(isa_code, threads, packed, first, count, *args)]
+    else:
+        status = native.run_in_ranges(lambda start, n: lib.qplug_dequant_4bit(isa_code, packed, first + start, n,
+                                                                              *args), count,
+                                      _DEQUANT_ELEMENTS_PER_THREAD)
     if any(status):
         raise RuntimeError(f"qplug_dequant_4bit returned {status}")
     return out
@@ -126,9 +131,8 @@ def _gemv(weight: Lut4Weight, x: torch.Tensor, isa_code: int) -> torch.Tensor:
     out = torch.empty(m, n, dtype=torch.float32)
     args = (xr.data_ptr(), m, k, weight.packed.data_ptr(), weight.blocksize, weight.code.data_ptr(),
             *weight.scale_args(), out.data_ptr(), n)
-    rows_per_thread = max(1, _GEMV_WEIGHTS_PER_THREAD // k)
-    status = native.run_in_ranges(lambda first, count: lib.qplug_gemv_4bit(isa_code, first, count, *args),
-                                  n, rows_per_thread, inline_first=True)
+    status = native.run_parallel(lib, "qplug_gemv_4bit", n, max(1, _GEMV_WEIGHTS_PER_THREAD // k), isa_code, *args,
+                                 inline_first=True)
     if any(status):
         raise RuntimeError(f"qplug_gemv_4bit returned {status}")
     return out

@@ -57,10 +57,16 @@ ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 ISA_ENV_VAR = "QPLUG_ISA"
 _OLD_ISA_ENV_VAR = "QPLUG_BNB_ISA"  # its name while only qplug-bitsandbytes had kernels; still honoured
 
-# Tried in order; the first that builds is used. No -ffast-math: the float arithmetic must be IEEE; and
-# no contraction of a*b+c into one FMA, which would change bitsandbytes' double-quant scales by a rounding.
-# SIMD paths are target-attribute functions, so the plain "-O3" build has them too.
-_FLAG_SETS = (("-O3", "-march=native", "-ffp-contract=off"), ("-O3", "-ffp-contract=off"))
+# Tried in order; the first that builds and loads is used. No -ffast-math: the float arithmetic must be
+# IEEE; and no contraction of a*b+c into one FMA, which would change bitsandbytes' double-quant scales by
+# a rounding. SIMD paths are target-attribute functions, so the plain "-O3" builds have them too.
+# -fopenmp: libgomp resolves to the copy torch loaded, so parallel kernels share torch's threads.
+_FLAG_SETS = (
+    ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp"),
+    ("-O3", "-ffp-contract=off", "-fopenmp"),
+    ("-O3", "-march=native", "-ffp-contract=off"),
+    ("-O3", "-ffp-contract=off"),
+)
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -95,17 +101,26 @@ class NativeLibrary:
             if self._library is not None or self._unavailable is not None:
                 return self._library
             try:
-                compiler = _compiler()
-                if compiler is None:
-                    raise RuntimeError("no C compiler found ($CC, cc, gcc or clang)")
-                source = resources.files(self.package).joinpath(self.source).read_bytes()
-                lib = ctypes.CDLL(str(_build(source, Path(self.source).stem, compiler)))
-                self.declare(lib)
-                self._library = lib
-            except Exception as exc:  # no compiler, failed build, unloadable library: the caller's fallback
+                self._library = self._load()
+            except Exception as exc:  # no compiler, failed builds, unloadable library: the caller's fallback
                 self._unavailable = f"{type(exc).__name__}: {exc}"
                 log.warning("%s unavailable (%s)", self.what, self._unavailable.splitlines()[0])
         return self._library
+
+    def _load(self) -> ctypes.CDLL:
+        compiler = _compiler()
+        if compiler is None:
+            raise RuntimeError("no C compiler found ($CC, cc, gcc or clang)")
+        source = resources.files(self.package).joinpath(self.source).read_bytes()
+        errors = []
+        for flags in _FLAG_SETS:
+            try:
+                lib = ctypes.CDLL(str(_build(source, Path(self.source).stem, compiler, flags)))
+                self.declare(lib)
+                return lib
+            except (OSError, RuntimeError, AttributeError) as exc:  # these flags fail here: the next set
+                errors.append(f"{' '.join(flags)}: {exc}")
+        raise RuntimeError(f"could not build or load {self.source}: " + " | ".join(errors))
 
 
 def _declare_cpu_kernels(lib: ctypes.CDLL) -> None:
@@ -122,6 +137,15 @@ def _declare_cpu_kernels(lib: ctypes.CDLL) -> None:
                                     f32, ptr, i64]
     lib.qplug_gemv_int8.restype = c_int
     lib.qplug_gemv_int8.argtypes = [c_int, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64]
+    lib.qplug_openmp.restype = c_int
+    lib.qplug_openmp.argtypes = []
+    # the same kernels over `threads` ranges on the OpenMP pool: (isa, threads, <the rest>)
+    for name in ("qplug_gemv_4bit", "qplug_gemv_int8"):
+        parallel = getattr(lib, f"{name}_parallel")
+        parallel.restype = c_int
+        parallel.argtypes = [c_int, c_int, *getattr(lib, name).argtypes[3:]]
+    lib.qplug_dequant_4bit_parallel.restype = c_int
+    lib.qplug_dequant_4bit_parallel.argtypes = [c_int, c_int, *lib.qplug_dequant_4bit.argtypes[1:]]
 
 
 #: qplug's CPU inference kernels (``qplug/cpu_kernels.c``).
@@ -160,6 +184,24 @@ def native_bf16_matmul() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def threads_for(total: int, min_per_thread: int) -> int:
+    """How many of ``torch.get_num_threads()`` threads to split ``total`` items over, each at least
+    ``min_per_thread`` (a hand-off costs more than a few microseconds of work)."""
+    return max(1, min(torch.get_num_threads(), total // max(1, min_per_thread)))
+
+
+def run_parallel(lib: ctypes.CDLL, name: str, total: int, min_per_thread: int, *args,
+                 inline_first: bool = False) -> list[int]:
+    """``lib.<name>`` over ``total`` rows: its ``_parallel`` entry point on the OpenMP pool torch uses,
+    where the library was built with OpenMP (``name_parallel(isa, threads, *args[1:])``), else
+    :func:`run_in_ranges` with ``name(isa, first, count, *args[1:])``. ``args[0]`` is the ISA code."""
+    if lib.qplug_openmp():
+        return [getattr(lib, f"{name}_parallel")(args[0], threads_for(total, min_per_thread), *args[1:])]
+    kernel = getattr(lib, name)
+    return run_in_ranges(lambda first, count: kernel(args[0], first, count, *args[1:]), total, min_per_thread,
+                         inline_first=inline_first)
+
+
 def run_in_ranges(kernel: Callable[..., int], total: int, min_per_thread: int, *args,
                   inline_first: bool = False) -> list[int]:
     """``kernel(first, count, *args)`` over ``[0, total)`` split across ``torch.get_num_threads()`` threads.
@@ -170,7 +212,7 @@ def run_in_ranges(kernel: Callable[..., int], total: int, min_per_thread: int, *
     pool waits for them (measured: 0.9 -> 0.55 ms for a 5632x2048 4-bit GEMV after a float32 matmul).
     """
     global _pool, _pool_pid
-    threads = max(1, min(torch.get_num_threads(), total // max(1, min_per_thread)))
+    threads = threads_for(total, min_per_thread)
     if threads == 1:
         return [kernel(0, total, *args)]
     if _pool is None or _pool_pid != os.getpid():
@@ -218,29 +260,28 @@ def _compiler_identity(compiler: str) -> str:
     return f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _build(source: bytes, stem: str, compiler: str) -> Path:
+def _build(source: bytes, stem: str, compiler: str, flags: tuple[str, ...]) -> Path:
+    """The library built from ``source`` with ``flags``: from the cache, else compiled into it."""
     fallback_dir = Path(tempfile.gettempdir()) / f"qplug-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    parts = (_compiler_identity(compiler), " ".join(flags), _cpu_signature())
+    key = hashlib.sha256(b"\0".join([source, *(part.encode() for part in parts)])).hexdigest()[:24]
     errors = []
-    for flags in _FLAG_SETS:
-        parts = (_compiler_identity(compiler), " ".join(flags), _cpu_signature())
-        key = hashlib.sha256(b"\0".join([source, *(part.encode() for part in parts)])).hexdigest()[:24]
-        for directory in (_cache_dir(), fallback_dir):
-            target = directory / f"{stem}-{key}.so"
-            if target.exists():
-                return target
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=directory) as work:
-                    src = Path(work) / f"{stem}.c"
-                    src.write_bytes(source)
-                    built = Path(work) / "kernels.so"
-                    cmd = [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(src)]
-                    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                    if result.returncode != 0:
-                        errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-500:]}")
-                        break  # these flags fail whatever the directory: try the next set
-                    os.replace(built, target)  # atomic: concurrent builders never see half a file
-                return target
-            except OSError as exc:  # unwritable cache directory: try the next one
-                errors.append(f"{directory}: {exc}")
-    raise RuntimeError(f"could not build {stem}.c: " + " | ".join(errors))
+    for directory in (_cache_dir(), fallback_dir):
+        target = directory / f"{stem}-{key}.so"
+        if target.exists():
+            return target
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=directory) as work:
+                src = Path(work) / f"{stem}.c"
+                src.write_bytes(source)
+                built = Path(work) / "kernels.so"
+                cmd = [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(src)]
+                result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                if result.returncode != 0:  # these flags fail whatever the directory
+                    raise RuntimeError(f"{' '.join(cmd)}: {result.stderr.strip()[-500:]}")
+                os.replace(built, target)  # atomic: concurrent builders never see half a file
+            return target
+        except OSError as exc:  # unwritable cache directory: try the next one
+            errors.append(f"{directory}: {exc}")
+    raise RuntimeError(" | ".join(errors))

@@ -180,8 +180,8 @@ def forward_int8(layer, layout: LayoutInt8, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.float32).contiguous()
         out = torch.empty(m, n, dtype=torch.float32)
         args = (xf.data_ptr(), m, k, layout.cb.data_ptr(), layout.scale.data_ptr(), out.data_ptr(), n)
-        status = native.run_in_ranges(lambda first, count: lib.qplug_gemv_int8(ISAS[name], first, count, *args),
-                                      n, max(1, _GEMV_WEIGHTS_PER_THREAD // k), inline_first=True)
+        status = native.run_parallel(lib, "qplug_gemv_int8", n, max(1, _GEMV_WEIGHTS_PER_THREAD // k), ISAS[name],
+                                     *args, inline_first=True)
         if any(status):
             raise RuntimeError(f"qplug_gemv_int8 returned {status}")
         y = out
