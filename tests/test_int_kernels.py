@@ -377,3 +377,16 @@ def test_a_forced_isa_the_cpu_lacks_is_a_refusal_that_names_it(monkeypatch):
     monkeypatch.setenv(native.ISA_ENV_VAR, "sse9")
     layer = make_layer(32, 256, 4, 64)
     assert "QPLUG_ISA='sse9' is not one of" in layer.choose_kernel(torch.device("cpu"), torch.float32)[1]
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
+def test_a_build_without_openmp_splits_rows_on_its_own_threads_with_the_same_results(monkeypatch, tmp_path):
+    layer = make_layer(64, 512, 4, 128, act_order=True)
+    x = torch.randn(3, 512)
+    threaded = run_on(layer, "qplug-int4-cpu", x)
+    assert native.CPU_KERNELS.get().qplug_openmp() == 1  # the default build shares torch's OpenMP threads
+    _fresh_native_state(monkeypatch, tmp_path)
+    monkeypatch.setattr(native, "_FLAG_SETS", (("-O3", "-ffp-contract=off"),))
+    layer.reset_kernel()
+    assert torch.equal(run_on(layer, "qplug-int4-cpu", x), threaded)
+    assert native.CPU_KERNELS.get().qplug_openmp() == 0
