@@ -38,6 +38,7 @@ gradients. The quantized weights themselves never get gradients.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -97,7 +98,11 @@ class Kernel:
 
 def requested_kernels() -> tuple[str, ...]:
     """The kernel names ``QPLUG_KERNEL`` asks for, in order (empty when unset)."""
-    value = os.environ.get(KERNEL_ENV_VAR, "")
+    return _parse_requested(os.environ.get(KERNEL_ENV_VAR, ""))
+
+
+@functools.lru_cache(maxsize=8)  # read on every forward of every layer: parse each value once
+def _parse_requested(value: str) -> tuple[str, ...]:
     return tuple(name.strip().lower() for name in value.split(",") if name.strip())
 
 
@@ -248,8 +253,8 @@ class KernelLayer:
 
     def _tensor_versions(self) -> tuple:
         # an in-place change (``layer.scales.mul_(2)``) or a reassigned tensor must rebuild the layout
-        tensors = (*self._buffers.items(), *self._parameters.items())  # type: ignore[attr-defined]
-        return tuple((name, t.data_ptr(), t._version) for name, t in tensors if t is not None)
+        tensors = (*self._buffers.values(), *self._parameters.values())  # type: ignore[attr-defined]
+        return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
     def _kernel_key(self, device: torch.device, dtype: torch.dtype) -> tuple:
         return device, dtype, self.kernel_request, requested_kernels(), self._tensor_versions()
@@ -281,14 +286,18 @@ class KernelLayer:
         (default: ``x``'s dtype)."""
         dtype = dtype or x.dtype
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
         kernel, layout = self._kernel_for(x.device, dtype)
 
         def run(inp: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return kernel.forward(self, layout, inp)  # type: ignore[arg-type]
 
-        if torch.is_grad_enabled() and x2.requires_grad:
+        if not torch.is_grad_enabled():  # inference: no autograd to keep out (the common, per-token case)
+            out = kernel.forward(self, layout, x2)  # type: ignore[arg-type]
+        elif x2.requires_grad:
             out = _DequantizedBackward.apply(x2, self, run)
         else:
             out = run(x2)
