@@ -405,3 +405,13 @@ def test_bitsandbytes_layer_classes_still_hold():
     assert isinstance(layer, bnb.nn.Linear4bit) and isinstance(layer, KernelLayer)
     assert [k.name for k in type(layer).kernels] == ["bitsandbytes-avx512bf16", "qplug-4bit-cpu", "bitsandbytes"]
     assert [k.name for k in modules.Linear8bitLt.kernels] == ["qplug-int8-cpu", "bitsandbytes"]
+
+
+def test_an_isa_cap_passes_bitsandbytes_avx512bf16_kernel_over(monkeypatch):
+    # QPLUG_ISA=avx2 makes an AVX-512 machine choose as an AVX2-only one would (the benchmark's --isa avx2)
+    monkeypatch.setenv(cpu_linear.ISA_ENV_VAR, "avx2")
+    layer = _quantized_linear(64, 128, quant_type="nf4", double_quant=True, blocksize=64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(torch.randn(2, 128).to(torch.bfloat16))
+    assert layer.kernel == "qplug-4bit-cpu"
+    assert "bitsandbytes-avx512bf16: " in layer.kernel_reason
