@@ -310,8 +310,8 @@ QPLUG_AVX2 QPLUG_INLINE void gemv4_avx2_rows(const float *xr, const int MR, int6
     for (int64_t n = first; n < first + count; n++) {
         const uint8_t *p = packed + n * (K / 2);
         const int64_t flat = n * K;
-        __m256 acc[2][2];
-        for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+        __m256 acc[2][4]; /* per row: even/odd elements x the two halves of a chunk (four FMA chains in flight) */
+        for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
         int64_t c = 0;
         for (int64_t b = flat / blocksize; c < K; b++) {
             int64_t end = (b + 1) * blocksize - flat;
@@ -327,13 +327,15 @@ QPLUG_AVX2 QPLUG_INLINE void gemv4_avx2_rows(const float *xr, const int MR, int6
                     const __m256 w_even = lookup16_avx2(_mm256_srli_epi32(idx, 4), lo, hi);
                     for (int m = 0; m < MR; m++) {
                         const float *xe = xr + m * K + c + 8 * half;
-                        acc[m][0] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xe), acc[m][0]);
-                        acc[m][1] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xe + 16), acc[m][1]);
+                        acc[m][2 * half] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xe), acc[m][2 * half]);
+                        acc[m][2 * half + 1] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xe + 16), acc[m][2 * half + 1]);
                     }
                 }
             }
         }
-        for (int m = 0; m < MR; m++) out[m * N + n] = hsum_avx2(_mm256_add_ps(acc[m][0], acc[m][1]));
+        for (int m = 0; m < MR; m++)
+            out[m * N + n] = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]),
+                                                     _mm256_add_ps(acc[m][2], acc[m][3])));
     }
 }
 

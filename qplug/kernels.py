@@ -81,6 +81,8 @@ class Kernel:
         ``dtype``; returns ``[tokens, out_features]`` of ``dtype``, bias included.
     :param description: one line for listings.
     :param opt_in: chosen only when requested (:func:`set_kernel` or ``QPLUG_KERNEL``).
+    :param passed_over: ``(layer, device, dtype) -> str | None``: why the automatic choice skips this kernel
+        although it could run (a later one is faster there), or ``None``; a request still gets it.
     :param releases: ``layer -> names``: the checkpoint tensors (buffers) ``restore`` rebuilds for this
         layer; the layer drops them once the layout is built.
     :param restore: ``(layer, layout) -> {name: tensor}``: those tensors, bit for bit as loaded.
@@ -92,6 +94,7 @@ class Kernel:
     forward: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
     description: str = ""
     opt_in: bool = False
+    passed_over: Callable[[nn.Module, torch.device, torch.dtype], str | None] | None = None
     releases: Callable[[nn.Module], tuple[str, ...]] = lambda layer: ()
     restore: Callable[[nn.Module, Any], Mapping[str, torch.Tensor]] | None = None
 
@@ -244,6 +247,8 @@ class KernelLayer:
         passed = []
         for kernel in self.kernels:
             why = "opt-in only" if kernel.opt_in else kernel.refuses(self, device, dtype)  # type: ignore[arg-type]
+            if why is None and kernel.passed_over is not None:
+                why = kernel.passed_over(self, device, dtype)  # type: ignore[arg-type]
             if why is None:
                 reason = "; ".join(f"not {name}: {w}" for name, w in passed) or "first choice"
                 return kernel, reason

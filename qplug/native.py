@@ -173,9 +173,14 @@ def isa() -> tuple[str | None, str | None]:
     return wanted, None
 
 
-@functools.lru_cache(maxsize=1)
 def native_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX): then bf16 matmuls beat float32."""
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX): then bf16 matmuls beat float32.
+    Not where ``QPLUG_ISA`` caps the kernels below AVX-512 (an AVX2-only CPU, as far as qplug chooses)."""
+    return _cpu_has_bf16_dot_products() and isa()[0] not in ("avx2", "portable")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16_dot_products() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             flags = next((line for line in fh if line.startswith("flags")), "")

@@ -167,7 +167,9 @@ def test_every_cpu_kernel_agrees_with_the_reference(bits, out_f, group_size, gro
     layer.kernel_request = None
     with torch.no_grad():
         layer(x)
-    assert layer.kernel == next(k.name for k in layer.kernels if k.name in ran)  # automatic: first that accepts
+    preferred = [k.name for k in layer.kernels if k.name in ran
+                 and (k.passed_over is None or k.passed_over(layer, x.device, dtype) is None)]
+    assert layer.kernel == preferred[0]  # automatic: the first that accepts and is not passed over
 
 
 def test_a_shorter_last_group_and_unusual_shapes_fall_back_correctly():
@@ -390,3 +392,21 @@ def test_a_build_without_openmp_splits_rows_on_its_own_threads_with_the_same_res
     layer.reset_kernel()
     assert torch.equal(run_on(layer, "qplug-int4-cpu", x), threaded)
     assert native.CPU_KERNELS.get().qplug_openmp() == 0
+
+
+def test_where_torch_runs_its_avx2_int4_path_qplug_int4_cpu_is_chosen_and_tinygemm_still_on_request():
+    script = (
+        "import sys, torch\nsys.path.insert(0, sys.argv[1])\nimport qplug\n"
+        "from test_int_kernels import make_layer, run_on\n"
+        "layer = make_layer(32, 256, 4, 64)\nx = torch.randn(2, 256).bfloat16()\n"
+        "with torch.no_grad():\n    layer(x)\n"
+        "print(layer.kernel, '|', layer.kernel_reason)\n"
+        "run_on(layer, 'tinygemm-int4-cpu', x)\n"  # a request still gets it
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    kernel, reason = done.stdout.strip().split(" | ")
+    assert kernel == "qplug-int4-cpu"
+    assert "not tinygemm-int4-cpu: torch runs its AVX2 int4 path here, measured slower" in reason
