@@ -25,6 +25,8 @@ such a layer holds its codes once, in the kernel's packing (see :mod:`qplug.kern
     torch's ``_weight_int4pack_mm_for_cpu``: 4-bit, bfloat16 inputs (its float16/float32 paths are
     scalar loops 20-50x slower, and running float16 through bfloat16 would lose precision), output
     features a multiple of 16, a group size (in_features for ``-1``) that a multiple of 32 divides.
+    Chosen automatically where torch runs its AVX-512 path (measured ~10% faster decode than
+    ``qplug-int4-cpu`` there, but slower prefill); passed over for ``qplug-int4-cpu`` elsewhere.
 ``tinygemm-int4-cuda``
     torch's CUDA tinygemm ``_weight_int4pack_mm`` (sm80+, bfloat16 inputs), output features a multiple
     of 8, the same group sizes.
