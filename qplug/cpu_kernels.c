@@ -528,6 +528,123 @@ int qplug_gemv_int8(int isa, int64_t first, int64_t count, const float *x, int64
     return 0;
 }
 
+/* ---- Grouped int8 GEMV (affine 8-bit weights: GPTQ's, ...): out[m, n] = sum_g scale[n, g] *
+ * (sum_{k in g} x[m, k] * q[n, k] - zero[n, g] * xsum[m, g]), with q int8 [N, K], groups of `group`
+ * consecutive columns (K a multiple of it), scale and zero float32 [N, K / group], xsum[m, g] the sum of x
+ * over group g (zero may be NULL: no zero points). float32 throughout, rows [first, first + count). */
+
+static void gemv8g_portable(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t group,
+                            const float *scale, const float *zero, const float *xsum, int64_t first, int64_t count,
+                            float *out, int64_t N) {
+    const int64_t G = K / group;
+    for (int64_t n = first; n < first + count; n++)
+        for (int64_t m = 0; m < M; m++) {
+            float total = 0.0f;
+            for (int64_t g = 0; g < G; g++) {
+                float a = 0.0f;
+                for (int64_t k = g * group; k < (g + 1) * group; k++) a += (float)q[n * K + k] * x[m * K + k];
+                if (zero != NULL) a -= zero[n * G + g] * xsum[m * G + g];
+                total += scale[n * G + g] * a;
+            }
+            out[m * N + n] = total;
+        }
+}
+
+#if QPLUG_X86
+QPLUG_AVX2 static void gemv8g_avx2(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t group,
+                                   const float *scale, const float *zero, const float *xsum, int64_t first,
+                                   int64_t count, float *out, int64_t N) {
+    const int64_t G = K / group;
+    for (int64_t m0 = 0; m0 < M; m0 += 2) {
+        const int mr = M - m0 >= 2 ? 2 : 1;
+        for (int64_t n = first; n < first + count; n++) {
+            const int8_t *w = q + n * K;
+            float total[2] = {0.0f, 0.0f};
+            for (int64_t g = 0; g < G; g++) {
+                __m256 acc[2][2];
+                for (int m = 0; m < 2; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+                int64_t k = g * group;
+                const int64_t end = k + group;
+                for (; k + 16 <= end; k += 16) {
+                    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
+                    const __m256 w1 =
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k + 8))));
+                    for (int m = 0; m < mr; m++) {
+                        const float *xm = x + (m0 + m) * K + k;
+                        acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
+                        acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1]);
+                    }
+                }
+                for (int m = 0; m < mr; m++) {
+                    float a = hsum_avx2(_mm256_add_ps(acc[m][0], acc[m][1]));
+                    const float *xm = x + (m0 + m) * K;
+                    for (int64_t j = k; j < end; j++) a += (float)w[j] * xm[j];
+                    if (zero != NULL) a -= zero[n * G + g] * xsum[(m0 + m) * G + g];
+                    total[m] += scale[n * G + g] * a;
+                }
+            }
+            for (int m = 0; m < mr; m++) out[(m0 + m) * N + n] = total[m];
+        }
+    }
+}
+
+QPLUG_AVX512 static void gemv8g_avx512(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t group,
+                                       const float *scale, const float *zero, const float *xsum, int64_t first,
+                                       int64_t count, float *out, int64_t N) {
+    const int64_t G = K / group;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mr = M - m0 >= 4 ? 4 : (int)(M - m0);
+        for (int64_t n = first; n < first + count; n++) {
+            const int8_t *w = q + n * K;
+            float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t g = 0; g < G; g++) {
+                __m512 acc[4][2];
+                for (int m = 0; m < 4; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+                int64_t k = g * group;
+                const int64_t end = k + group;
+                for (; k + 32 <= end; k += 32) {
+                    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
+                    const __m512 w1 =
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16))));
+                    for (int m = 0; m < mr; m++) {
+                        const float *xm = x + (m0 + m) * K + k;
+                        acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][0]);
+                        acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[m][1]);
+                    }
+                }
+                for (int m = 0; m < mr; m++) {
+                    float a = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+                    const float *xm = x + (m0 + m) * K;
+                    for (int64_t j = k; j < end; j++) a += (float)w[j] * xm[j];
+                    if (zero != NULL) a -= zero[n * G + g] * xsum[(m0 + m) * G + g];
+                    total[m] += scale[n * G + g] * a;
+                }
+            }
+            for (int m = 0; m < mr; m++) out[(m0 + m) * N + n] = total[m];
+        }
+    }
+}
+#endif
+
+int qplug_gemv_int8_grouped(int isa, int64_t first, int64_t count, const float *x, int64_t M, int64_t K,
+                            const int8_t *q, int64_t group, const float *scale, const float *zero, const float *xsum,
+                            float *out, int64_t N) {
+    if (group <= 0 || K % group != 0) return -1;
+    if (isa > qplug_cpu_isa()) return -3;
+#if QPLUG_X86
+    if (isa == QPLUG_ISA_AVX512) {
+        gemv8g_avx512(x, M, K, q, group, scale, zero, xsum, first, count, out, N);
+        return 0;
+    }
+    if (isa == QPLUG_ISA_AVX2) {
+        gemv8g_avx2(x, M, K, q, group, scale, zero, xsum, first, count, out, N);
+        return 0;
+    }
+#endif
+    gemv8g_portable(x, M, K, q, group, scale, zero, xsum, first, count, out, N);
+    return 0;
+}
+
 /* ---- Parallel entry points: the same kernels over `threads` contiguous ranges of output rows (or
  * elements), on the process's OpenMP pool. Built with -fopenmp, this library resolves libgomp to the
  * copy torch has already loaded, so the ranges run on torch's own worker threads, which are still
@@ -588,6 +705,18 @@ int qplug_gemv_int8_parallel(int isa, int threads, const float *x, int64_t M, in
     for (int t = 0; t < threads; t++) {
         QPLUG_RANGE(t, threads, N, first, count)
         if (count > 0) status |= qplug_gemv_int8(isa, first, count, x, M, K, cb, scale, out, N);
+    }
+    return status;
+}
+
+int qplug_gemv_int8_grouped_parallel(int isa, int threads, const float *x, int64_t M, int64_t K, const int8_t *q,
+                                     int64_t group, const float *scale, const float *zero, const float *xsum,
+                                     float *out, int64_t N) {
+    int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+    for (int t = 0; t < threads; t++) {
+        QPLUG_RANGE(t, threads, N, first, count)
+        if (count > 0) status |= qplug_gemv_int8_grouped(isa, first, count, x, M, K, q, group, scale, zero, xsum, out, N);
     }
     return status;
 }

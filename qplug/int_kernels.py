@@ -34,6 +34,10 @@ such a layer holds its codes once, in the kernel's packing (see :mod:`qplug.kern
     qplug's C kernels (:mod:`qplug.lut4`): 4-bit, float32/float16/bfloat16 inputs, whole groups per
     row; a GEMV accumulating in float32 over the exact float32 weights for a few input rows (decode),
     blocks dequantized by C and multiplied by torch's matmul for more (prefill).
+``qplug-int8-cpu``
+    qplug's C kernel for 8-bit weights, float32/float16/bfloat16 inputs, whole groups per row: a GEMV
+    over the int8 codes with per-group scales and zero points in float32 for decode, blocks of rows
+    dequantized and multiplied by torch's matmul for prefill.
 ``int8-weight-cpu``
     torch's ``_weight_int8pack_mm``: 8-bit, bfloat16 inputs, in_features and the group size multiples
     of 16; one call per group when there are several.
@@ -60,7 +64,7 @@ import attrs
 import torch
 from torch.nn import functional as F
 
-from qplug import lut4
+from qplug import lut4, native
 from qplug.kernels import Kernel
 
 __all__ = [
@@ -69,6 +73,7 @@ __all__ = [
     "DEQUANT_CACHED",
     "INT8_WEIGHT_CPU",
     "QPLUG_INT4_CPU",
+    "QPLUG_INT8_CPU",
     "TINYGEMM_INT4_CPU",
     "TINYGEMM_INT4_CUDA",
     "IntWeight",
@@ -393,6 +398,71 @@ QPLUG_INT4_CPU = Kernel(
     description="qplug's C 4-bit kernels (GEMV for decode, blocked dequantize + matmul for prefill; any float dtype)",
     releases=_code_tensors,
     restore=_restorer(_lut4_codes),
+)
+
+
+# ---------------------------------------------------------------------------- 8-bit, qplug's C, CPU
+_Q8_ROWS_PER_THREAD_WEIGHTS = 1 << 18  # below this many weights a thread, one thread does the GEMV
+
+
+def _q8_refuses(layer, device: torch.device, dtype: torch.dtype) -> str | None:
+    if layer.bits != 8:
+        return f"8-bit weights only (this layer has {layer.bits})"
+    if layer.in_features % _group(layer):
+        return f"in_features={layer.in_features} must hold whole groups of {_group(layer)}"
+    return lut4.refuses(device, dtype)
+
+
+def _q8_prepare(layer, device, dtype):
+    w = layer.int_weight()
+    codes = (w.q.to(torch.int16) - 128).to(torch.int8).contiguous()  # [out, in]; w = (codes - zero) * scale
+    zero = (w.zero.float() - 128).contiguous()
+    return codes, w.scale.float().contiguous(), zero, w.group_size, w.perm, _bias(layer, dtype)
+
+
+def _q8_forward(layer, layout, x):
+    codes, scale, zero, gs, perm, bias = layout
+    n, k = codes.shape
+    groups = k // gs
+    xp = _permuted(x, perm)
+    m = xp.shape[0]
+    name, _ = native.isa()
+    if m <= lut4.GEMV_MAX_ROWS[name]:  # decode: qplug's grouped int8 GEMV, float32 throughout
+        xf = xp.to(torch.float32).contiguous()
+        xsum = xf.view(m, groups, gs).sum(-1).contiguous()
+        out = torch.empty(m, n, dtype=torch.float32)
+        status = native.run_parallel(native.CPU_KERNELS.get(), "qplug_gemv_int8_grouped", n,
+                                     max(1, _Q8_ROWS_PER_THREAD_WEIGHTS // k), native.ISAS[name], xf.data_ptr(), m, k,
+                                     codes.data_ptr(), gs, scale.data_ptr(), zero.data_ptr(), xsum.data_ptr(),
+                                     out.data_ptr(), n, inline_first=True)
+        if any(status):
+            raise RuntimeError(f"qplug_gemv_int8_grouped returned {status}")
+        y = out.to(x.dtype)
+    else:  # prefill: blocks of rows dequantized in float32 and multiplied in the matmul dtype
+        mm_dtype = lut4.matmul_dtype(x.dtype)
+        xm = xp.to(mm_dtype)
+        y = torch.empty(m, n, dtype=mm_dtype)
+        rows = max(16, _BLOCK_ELEMENTS // k)
+        for start in range(0, n, rows):
+            block = slice(start, min(start + rows, n))
+            w = codes[block].float().view(-1, groups, gs).sub_(zero[block, :, None]).mul_(scale[block, :, None])
+            y[:, block] = F.linear(xm, w.view(-1, k).to(mm_dtype))
+        y = y.to(x.dtype)
+    return _add_bias(y, bias)
+
+
+def _q8_codes(layout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (layout[0].to(torch.int16) + 128).to(torch.uint8), layout[4]
+
+
+QPLUG_INT8_CPU = Kernel(
+    "qplug-int8-cpu",
+    refuses=_q8_refuses,
+    prepare=_q8_prepare,
+    forward=_q8_forward,
+    description="qplug's C grouped int8 GEMV for decode, blocked dequantize + matmul for prefill (any float dtype)",
+    releases=_code_tensors,
+    restore=_restorer(_q8_codes),
 )
 
 

@@ -22,7 +22,8 @@ import qplug
 from qplug.testing import example_tokens, tiny_llama
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "int8-weight-cpu", "dequant-blocked", "dequant-cached")
+CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "qplug-int8-cpu", "int8-weight-cpu", "dequant-blocked",
+               "dequant-cached")
 # what 4-bit bfloat16 layers run on by default: torch's int4 kernel where it takes its AVX-512 path
 BF16_INT4 = "tinygemm-int4-cpu" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "qplug-int4-cpu"
 
@@ -78,14 +79,14 @@ def test_every_kernel_agrees_with_the_dequantize_reference(bits, group_size, fmt
             ran.add(kernel.name)
     if dtype == torch.bfloat16 and bits in (4, 8):
         assert {4: "tinygemm-int4-cpu", 8: "int8-weight-cpu"}[bits] in ran
-    if bits == 4:
-        assert "qplug-int4-cpu" in ran  # any float dtype
+    if bits in (4, 8):
+        assert f"qplug-int{bits}-cpu" in ran  # any float dtype
 
 
 @pytest.mark.parametrize("name", CPU_KERNELS)
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 def test_state_dict_after_forwards_and_moves_is_what_was_loaded(name, fmt):
-    bits = 8 if name == "int8-weight-cpu" else 4
+    bits = 8 if "int8" in name else 4
     source = gptq_layer(bits, 256, 64, 64, fmt=fmt, act_order=True)
     loaded = {k: v.clone() for k, v in source.state_dict().items()}
     layer = GPTQLinear(256, 64, bits=bits, group_size=64, checkpoint_format=fmt, sym=False, device="meta")

@@ -79,6 +79,7 @@ class GPTQLinear(KernelLayer, nn.Module):
         int_kernels.TINYGEMM_INT4_CUDA,
         int_kernels.TINYGEMM_INT4_CPU,
         int_kernels.QPLUG_INT4_CPU,
+        int_kernels.QPLUG_INT8_CPU,
         int_kernels.INT8_WEIGHT_CPU,
         int_kernels.DEQUANT_BLOCKED,
         int_kernels.DEQUANT_CACHED,
