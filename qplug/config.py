@@ -329,6 +329,8 @@ class QuantConfig:
     extra_keys: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        if isinstance(self.extra_keys, Mapping):  # kept keys are written back: JSON they must stay
+            _check_json(self.extra_keys, type(self).__name__)
         if self.skip_field is not None:
             patterns = getattr(self, self.skip_field, None)
             if isinstance(patterns, list):  # compiled now, so a bad one never reaches matching

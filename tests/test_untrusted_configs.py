@@ -204,3 +204,9 @@ def test_bounded_time_for_a_large_flat_config(toy):
     with pytest.raises(qplug.QuantConfigError):
         qplug.config_from_dict({"quant_method": "toy", "skip_modules": [1] * 1_000_000})
     assert time.perf_counter() - started < 10
+
+
+def test_kept_keys_given_directly_must_be_json_too(toy):
+    with pytest.raises(qplug.QuantConfigError, match="threshold"):
+        ToyConfig(extra_keys={"threshold": math.inf})
+    assert "NaN" not in ToyConfig(extra_keys={"threshold": 1.5}).to_json_string()
