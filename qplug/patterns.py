@@ -11,12 +11,13 @@ The syntax is the part of Python's (and RE2's) that names need:
 * literal characters and escaped punctuation (``\\.``), ``.`` (any character but a newline);
 * the classes ``\\d \\D \\w \\W \\s \\S`` and sets ``[abc]``, ``[a-z0-9_]``, ``[^.]``;
 * groups ``(...)``, ``(?:...)``, ``(?P<name>...)``, and alternation ``a|b``;
-* the quantifiers ``* + ?`` and ``{m}``, ``{m,}``, ``{m,n}`` (at most 1000), greedy or lazy (``*?``);
+* the quantifiers ``* + ?`` and ``{m}``, ``{m,}``, ``{m,n}`` (at most 100), greedy or lazy (``*?``);
 * the anchors ``^`` (start of the name) and ``$`` (end of the name), ``\\A`` and ``\\Z``.
 
 Backreferences, lookaround, inline flags and other extensions are refused with a message saying
 so: a pattern either compiles here or is a :class:`PatternError` at config validation. A pattern
-is at most :data:`MAX_PATTERN_LENGTH` characters and :data:`MAX_STATES` automaton states.
+is at most :data:`MAX_PATTERN_LENGTH` characters and :data:`MAX_STATES` automaton states, which
+bounds the work per character of a name (and the memory of the transitions cached per pattern).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from collections.abc import Callable
 __all__ = ["MAX_PATTERN_LENGTH", "MAX_STATES", "Pattern", "PatternError", "compile_pattern"]
 
 #: The longest pattern accepted, in characters.
-MAX_PATTERN_LENGTH = 2000
+MAX_PATTERN_LENGTH = 1000
 #: The most automaton states a pattern may compile to (counted repetitions are expanded).
-MAX_STATES = 20000
-_MAX_REPEAT = 1000
+MAX_STATES = 1000
+_MAX_REPEAT = 100
 _MAX_DEPTH = 100
-# Transitions kept per pattern before the cache starts over (bounds memory, not correctness).
-_MAX_CACHED = 20000
+# State-set members kept in a pattern's transition cache before it starts over (bounds memory).
+_MAX_CACHED = 1_000_000
 
 
 class PatternError(ValueError):
@@ -360,6 +361,7 @@ class Pattern:
         self._states = builder.states
         self._start = start
         self._moves: dict[tuple[frozenset[int], str], frozenset[int]] = {}
+        self._cached = 0
         self._begin: frozenset[int] | None = None
 
     def __repr__(self) -> str:
@@ -396,9 +398,11 @@ class Pattern:
             states = self._states
             seeds = [states[s][2] for s in current if states[s][0] == _CHAR and states[s][1](ch)]
             nxt = self._closure(seeds, at_start=False, at_end=False)
-            if len(self._moves) >= _MAX_CACHED:
+            if self._cached >= _MAX_CACHED:
                 self._moves.clear()
+                self._cached = 0
             self._moves[key] = nxt
+            self._cached += len(current) + len(nxt)
         return nxt
 
     def _accepts(self, current: frozenset[int], *, at_start: bool, at_end: bool) -> bool:
