@@ -162,6 +162,23 @@ def test_load_quantized_refuses_model_config_fields_of_the_wrong_type(int8_plugi
         qplug.load_quantized(tmp_path / "ckpt")
 
 
+@pytest.mark.xfail(strict=True, reason="qplug.checkpoint.read_model_config (issue 13 part A's file) must read "
+                   "config.json with qplug.config.parse_json")
+def test_load_quantized_refuses_a_deeply_nested_config_json(int8_plugin, tmp_path):
+    model = qplug.quantize(tiny_llama(seed=0), {"quant_method": "int8-weight"})
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    config_path = tmp_path / "ckpt" / "config.json"
+    config_path.write_text(config_path.read_text()[:-2] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    try:
+        qplug.load_quantized(tmp_path / "ckpt")
+    except qplug.ConfigFileError as exc:
+        assert "nested too deeply" in str(exc)
+    except Exception as exc:  # not chained: formatting a RecursionError's traceback takes pytest a minute
+        raise AssertionError(f"raw {type(exc).__name__}: {str(exc)[:100]}") from None
+    else:
+        raise AssertionError("a 100k-deep config.json loaded")
+
+
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_non_finite_numbers_are_refused_anywhere(toy, value):
     with pytest.raises(qplug.QuantConfigError, match="damp") as info:
