@@ -288,7 +288,13 @@ class KernelLayer:
 
     def run_kernel(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x @ W.T + bias`` for ``x`` of any leading shape, on the chosen kernel, in ``dtype``
-        (default: ``x``'s dtype)."""
+        (default: ``x``'s dtype).
+
+        :raises RuntimeError: ``x`` is not floating point (as :class:`torch.nn.Linear` refuses it).
+        """
+        if not x.is_floating_point():  # a kernel would cast it, or compute garbage (nf4 gave zeros)
+            raise RuntimeError(f"{type(self).__name__}({self.extra_repr()}): input of dtype {x.dtype}; "  # type: ignore[attr-defined]
+                               "a quantized linear layer, like nn.Linear, takes floating-point input")
         dtype = dtype or x.dtype
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
