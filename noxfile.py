@@ -100,7 +100,7 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main job: quantize a tiny seeded Llama with every installed backend and print what happened."""
-    _install_core(session, "transformers")
+    _install_core(session, "transformers", "plot")  # `qplug demo --plot demo.png`, the help's own example
     session.install("-e", "plugins/qplug-bitsandbytes", "-e", "plugins/qplug-gptq", "-e", "plugins/qplug-awq")
     session.run("qplug", "demo", *session.posargs)
 

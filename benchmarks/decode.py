@@ -28,8 +28,9 @@ Paths:
 Decode ms/token is the decode loop's time over its steps (what the targets use); the median step
 is shown beside it, as a check on a busy machine. The checkpoints are built once and cached under
 benchmarks/.cache. Ratios are medians of per-repeat ratios of two paths of the same repeat.
-``--isa avx2`` runs the children with ``ATEN_CPU_CAPABILITY=avx2`` (torch's dispatch) and
-``QPLUG_BNB_ISA=avx2`` (qplug-bitsandbytes' kernels), for AVX2-only figures on an AVX-512 machine.
+``--isa avx2`` runs the children with ``ATEN_CPU_CAPABILITY=avx2`` (torch's dispatch),
+``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN's matmuls, so bfloat16 loses its native dot products) and
+``QPLUG_ISA=avx2`` (qplug's C kernels), for AVX2-only figures on an AVX-512 machine.
 Writes benchmarks/results/decode.json and decode.md.
 """
 
@@ -81,7 +82,9 @@ def child_env(isa: str | None) -> dict[str, str]:
     env = dict(os.environ)
     if isa:
         env["ATEN_CPU_CAPABILITY"] = isa
-        env["QPLUG_BNB_ISA"] = isa
+        env["QPLUG_ISA"] = isa
+        # oneDNN (torch's float matmuls) picks its own ISA: without this, bf16 would still run AVX512-BF16
+        env["ONEDNN_MAX_CPU_ISA"] = {"avx2": "AVX2", "default": "SSE41"}.get(isa, "ALL")
     return env
 
 
@@ -174,7 +177,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed")
     parser.add_argument("--name", default="decode", help="results file name: benchmarks/results/NAME.json, .md")
     parser.add_argument("--isa", choices=("avx2",), default=None,
-                        help="run the children with ATEN_CPU_CAPABILITY and QPLUG_BNB_ISA set to this")
+                        help="run the children with ATEN_CPU_CAPABILITY, QPLUG_ISA and ONEDNN_MAX_CPU_ISA set for this")
     args = parser.parse_args()
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = sorted(set(paths) - set(PATHS) - set(GPTQMODEL))
@@ -187,8 +190,9 @@ def main() -> None:
     import torch
 
     src = model_dir(args.small)
+    children = f"ATEN_CPU_CAPABILITY=QPLUG_ISA={args.isa}, ONEDNN_MAX_CPU_ISA" if args.isa else "native ISA"
     header = (f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()} "
-              f"(children: {'ATEN_CPU_CAPABILITY=QPLUG_BNB_ISA=' + args.isa if args.isa else 'native ISA'}), "
+              f"(children: {children}), "
               f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     print(header, flush=True)
     targets: dict[str, Path | str] = {}

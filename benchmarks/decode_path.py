@@ -389,7 +389,7 @@ def generate(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float
 def run(path: str, model_dir: Path, prompt_len: int, tokens: int) -> dict:
     info = {"path": path, "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "isa_env": {k: os.environ.get(k) for k in
-                                                            ("ATEN_CPU_CAPABILITY", "QPLUG_BNB_ISA")}}
+                                                            ("ATEN_CPU_CAPABILITY", "QPLUG_ISA", "ONEDNN_MAX_CPU_ISA")}}
     if path == "floor":
         return {**info, "rss": current_rss(), "max_rss": peak_rss(),
                 "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

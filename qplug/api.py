@@ -158,9 +158,22 @@ def quantize(
     config = _resolve(config)
     config.check_quantizable()
     config, names = _prepare(config, model, skip)
+    _require_linear(config, model)
     _replace_modules(config, model, names, calibration, prequantized=False)
     setattr(model, _CONFIG_ATTR, config)
     return model
+
+
+def _require_linear(config: QuantConfig, model: nn.Module) -> None:
+    """Every backend quantizes ``nn.Linear`` layers: a model without one is refused the same way by all."""
+    from torch import nn
+
+    from qplug.errors import IncompatibleModelError
+
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise IncompatibleModelError(
+            f"{config.quant_method}: {type(model).__name__} has no nn.Linear layer to quantize"
+        )
 
 
 def dequantize(model: nn.Module) -> nn.Module:

@@ -116,15 +116,18 @@ def read_model_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
     :raises ConfigFileError: missing, unreadable or not a JSON object.
     """
+    from qplug.config import parse_json
+
     path = Path(directory) / CONFIG_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigFileError(f"{directory}: no {CONFIG_NAME} (is this a model directory?)") from exc
     except OSError as exc:
         raise ConfigFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except ValueError as exc:
+    except ValueError as exc:  # not UTF-8
         raise ConfigFileError(f"{path}: not valid JSON: {exc}") from exc
+    data = parse_json(text, str(path))
     if not isinstance(data, dict):
         raise ConfigFileError(f"{path}: expected a JSON object")
     return data
@@ -286,8 +289,10 @@ def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
             "installed: pip install 'qplug[transformers]' (or pass model=...)",
             install="pip install 'qplug[transformers]'",
         ) from exc
+    from qplug.config import check_model_config
     from qplug.modules import build_empty
 
+    check_model_config(config)
     # Private keys record how the saving process ran (transformers < 4.50 writes
     # "_attn_implementation_autoset", which would force eager attention here): leave them out.
     fields = {k: v for k, v in config.items() if k != "quantization_config" and not k.startswith("_")}
@@ -300,6 +305,8 @@ def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
         raise ConfigFileError(f"config.json: transformers cannot build a {model_type!r} config: {exc}") from exc
     architectures = fields.get("architectures") or []
     model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    if model_cls is not None and not (isinstance(model_cls, type) and issubclass(model_cls, nn.Module)):
+        raise ConfigFileError(f"config.json: architectures: {architectures[0]!r} is not a transformers model class")
     # On the meta device through torch's per-thread device context: no global patching, so other
     # threads (another load, an nn.Linear built meanwhile) are unaffected.
     if model_cls is not None:

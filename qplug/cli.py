@@ -1153,7 +1153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "config", parents=[common], formatter_class=_FORMATTER, help="show or check quantization configs",
         description="Show a backend's default config, or check config files.",
-        epilog=_examples("qplug config show int8-weight", "qplug config validate model/config.json"),
+        epilog=_examples("qplug config show bitsandbytes", "qplug config validate model/config.json"),
     )
     config_commands = p.add_subparsers(dest="config_command", metavar="ACTION")
     p.set_defaults(handler=lambda args, parser=p: _missing_subcommand(parser))
@@ -1162,8 +1162,8 @@ def build_parser() -> argparse.ArgumentParser:
         "show", parents=[common], formatter_class=_FORMATTER, help="print a backend's default config as JSON",
         description="Print the default config of a backend (name, alias or preset) as JSON; with --diff, only "
                     "what FILE changes relative to it.",
-        epilog=_examples("qplug config show int8-weight", "qplug config show int8w",
-                         "qplug config show int8-weight --diff model/config.json"),
+        epilog=_examples("qplug config show bitsandbytes", "qplug config show nf4",
+                         "qplug config show gptq --diff model/config.json"),
     )
     s.add_argument("name", metavar="NAME", help="a backend name, alias or preset (see `qplug backends`)")
     s.add_argument("--diff", metavar="FILE",
@@ -1187,8 +1187,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load the Hugging Face model in SRC (config.json + safetensors), quantize it and write a "
                     "checkpoint transformers can load to DST (written beside DST, then renamed over it). "
                     "The config is built from the preset (--method), then --config FILE, then each --set.",
-        epilog=_examples("qplug quantize ./tiny ./tiny-int8 --method int8-weight",
-                         "qplug quantize ./tiny ./tiny-int8 --method int8w --set compute_dtype=bfloat16 "
+        epilog=_examples("qplug quantize ./tiny ./tiny-nf4 --method nf4",
+                         "qplug quantize ./tiny ./tiny-nf4 --method nf4 --set bnb_4bit_compute_dtype=bfloat16 "
                          "--skip model.layers.0",
                          "qplug quantize ./llama ./llama-gptq --config gptq.json --calibration calib.jsonl"),
     )
@@ -1215,8 +1215,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show a quantized checkpoint's method and config, each module's kind, shape, bits per "
                     "parameter and bytes, and the totals. With --source, also each quantized layer's weight "
                     "error: the layer dequantized against the float weights in FLOATDIR.",
-        epilog=_examples("qplug inspect ./tiny-int8", "qplug inspect ./tiny-int8 --source ./tiny",
-                         "qplug inspect ./tiny-int8 --json"),
+        epilog=_examples("qplug inspect ./tiny-nf4", "qplug inspect ./tiny-nf4 --source ./tiny",
+                         "qplug inspect ./tiny-nf4 --json"),
     )
     p.add_argument("dir", metavar="DIR", help="the quantized checkpoint directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

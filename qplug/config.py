@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -39,21 +40,27 @@ from typing import Any, ClassVar, NoReturn, TypeVar
 import attrs
 
 from qplug._io import atomic_write_text
-from qplug.errors import ConfigFileError, QuantConfigError
+from qplug.errors import ConfigFileError, QuantConfigError, _short_repr
+from qplug.patterns import PatternError, compile_pattern
 
 __all__ = [
     "DTYPE_NAMES",
     "QuantConfig",
+    "check_model_config",
+    "check_pattern",
     "dtype_name",
     "instance_of",
     "list_of",
     "mapping",
+    "module_patterns",
     "number_in",
     "one_of",
     "optional",
+    "parse_json",
     "positive_int",
     "read_quantization_config",
     "reject",
+    "skip_list",
     "to_float",
     "to_list",
     "to_lower",
@@ -84,6 +91,12 @@ _DTYPE_ALIASES = {"float": "float32", "half": "float16", "double": "float64", "f
 # Unknown keys are reported once per (config class, key), not on every load.
 _reported_unknown: set[tuple[str, str]] = set()
 
+#: How deeply JSON objects and lists may nest in a config (real ones nest two or three levels).
+MAX_DEPTH = 64
+#: The largest integer an integer field accepts unless it says otherwise (int32's maximum: a tensor
+#: dimension, a group size, a sequence length are all far below it).
+MAX_INT = 2**31 - 1
+
 
 # --------------------------------------------------------------------------------------------
 # Converters: never raise; return the value unchanged when it is not theirs to convert.
@@ -91,9 +104,12 @@ _reported_unknown: set[tuple[str, str]] = set()
 
 
 def to_float(value: Any) -> Any:
-    """``6`` → ``6.0``; bools and non-numbers pass through untouched."""
+    """``6`` → ``6.0``; bools, non-numbers and integers too large for a float pass through untouched."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # 10**400: left for the validator to reject, naming the field
+            return value
     return value
 
 
@@ -186,14 +202,20 @@ def one_of(choices: Iterable[Any]) -> Validator:
 def number_in(
     low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
 ) -> Validator:
-    """A number (not a bool) in the interval; ``*_open`` excludes the end point."""
+    """A finite number (not a bool) in the interval; ``*_open`` excludes the end point.
+
+    NaN, infinities (which JSON cannot carry: ``Infinity`` is Python's extension) and integers
+    beyond a float's range are refused even without bounds.
+    """
 
     def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
         span = f"a number in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
-        if not _is_instance(value, (int, float)) or value != value:  # NaN compares unequal to itself
+        if not _is_instance(value, (int, float)):
             reject(inst, attribute, value, "expected " + span)
+        if not _finite(value):
+            reject(inst, attribute, value, "expected a finite " + span.removeprefix("a "))
         if low is not None and (value < low or (low_open and value == low)):
             reject(inst, attribute, value, "expected " + span)
         if high is not None and (value > high or (high_open and value == high)):
@@ -202,13 +224,21 @@ def number_in(
     return validate
 
 
-def positive_int(*, or_minus_one: str | None = None) -> Validator:
-    """A positive integer (not a bool); with ``or_minus_one``, also -1, which that text explains."""
-    accepted = f"expected -1 ({or_minus_one}) or a positive integer" if or_minus_one else "expected a positive integer"
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond a float's range
+        return False
+
+
+def positive_int(*, or_minus_one: str | None = None, high: int = MAX_INT) -> Validator:
+    """A positive integer (not a bool) up to ``high``; with ``or_minus_one``, also -1, which that text explains."""
+    accepted = f"a positive integer up to {high}"
+    accepted = f"expected -1 ({or_minus_one}) or {accepted}" if or_minus_one else f"expected {accepted}"
 
     def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         instance_of(int)(inst, attribute, value)
-        if value <= 0 and not (or_minus_one and value == -1):
+        if (value <= 0 and not (or_minus_one and value == -1)) or value > high:
             reject(inst, attribute, value, accepted)
 
     return validate
@@ -241,6 +271,39 @@ def mapping(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         reject(inst, attribute, value, "expected a JSON object")
 
 
+def check_pattern(pattern: str, *, field: str, config: str | None = None, regex: bool = False) -> None:
+    """Compile one module-name pattern (see :mod:`qplug.modules`) so matching never meets a bad one.
+
+    A ``"re:"`` entry (or, with ``regex``, any entry) must be a regular expression of the syntax
+    :mod:`qplug.patterns` accepts, which it matches in linear time.
+
+    :raises QuantConfigError: naming ``field``, the pattern and what is wrong with it.
+    """
+    source = pattern if regex else pattern[3:] if pattern.startswith("re:") else None
+    if source is None:
+        return
+    try:
+        compile_pattern(source)
+    except PatternError as exc:
+        raise QuantConfigError(
+            field=field, value=pattern, config=config,
+            accepted=f"a regular expression qplug matches in linear time (see qplug.patterns): {exc}",
+        ) from None
+
+
+def module_patterns(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Every ``"re:"`` entry of a list of module-name patterns compiles (lists are checked by :func:`list_of`)."""
+    if isinstance(value, list):
+        for pattern in value:
+            if isinstance(pattern, str):
+                check_pattern(pattern, field=attribute.name, config=type(inst).__name__)
+
+
+def skip_list() -> Validator:
+    """``None`` or a list of module-name patterns whose ``"re:"`` entries compile: a skip field's validator."""
+    return optional(list_of(str), module_patterns)
+
+
 # --------------------------------------------------------------------------------------------
 # The base class
 # --------------------------------------------------------------------------------------------
@@ -266,6 +329,14 @@ class QuantConfig:
     extra_keys: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        if isinstance(self.extra_keys, Mapping):  # kept keys are written back: JSON they must stay
+            _check_json(self.extra_keys, type(self).__name__)
+        if self.skip_field is not None:
+            patterns = getattr(self, self.skip_field, None)
+            if isinstance(patterns, list):  # compiled now, so a bad one never reaches matching
+                for pattern in patterns:
+                    if isinstance(pattern, str):
+                        check_pattern(pattern, field=self.skip_field, config=type(self).__name__)
         self.check()
 
     # -- hooks for subclasses ----------------------------------------------------------------
@@ -310,9 +381,14 @@ class QuantConfig:
             return []
         return list(getattr(self, self.skip_field) or [])
 
-    def with_skips(self: C, patterns: Iterable[str]) -> C:
-        """A copy whose :attr:`skip_field` also holds ``patterns`` (kept in order, no duplicates)."""
-        extra = [p for p in patterns if p not in self.skip_patterns()]
+    def with_skips(self: C, patterns: Iterable[str] | str) -> C:
+        """A copy whose :attr:`skip_field` also holds ``patterns`` (kept in order, no duplicates).
+
+        A single string is one pattern (never split into characters).
+        """
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        extra = [p for p in dict.fromkeys(patterns) if p not in self.skip_patterns()]
         if not extra:
             return self
         if self.skip_field is None:
@@ -336,6 +412,7 @@ class QuantConfig:
             raise QuantConfigError(field="quantization_config", value=data, accepted="expected a JSON object",
                                    config=cls.__name__)
         data = {**data, **overrides}
+        _check_json(data, cls.__name__)
         method = data.pop("quant_method", None)
         if method is not None:
             cls._check_method(method)
@@ -349,7 +426,11 @@ class QuantConfig:
         except QuantConfigError:
             raise
         except Exception as exc:  # a config dict is untrusted input: nothing but QuantConfigError escapes
-            raise QuantConfigError(f"{cls.__name__}: cannot build from {data!r}: {exc}", config=cls.__name__) from exc
+            # The message names the error, never the whole (untrusted, possibly huge) dict.
+            raise QuantConfigError(
+                f"{cls.__name__}: cannot build from this quantization_config: {type(exc).__name__}: "
+                f"{_short(str(exc))}", config=cls.__name__,
+            ) from exc
 
     @classmethod
     def _check_method(cls, method: Any) -> None:
@@ -405,6 +486,28 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_json(data: Mapping[str, Any], config: str) -> None:
+    """Refuse, naming the top-level key, what JSON cannot hold or what would make later steps recurse:
+    nesting deeper than :data:`MAX_DEPTH` (or a cyclic dict), and NaN or infinite numbers."""
+    stack: list[tuple[Any, int, str]] = [(v, 1, str(k)) for k, v in data.items()]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_DEPTH:
+            raise QuantConfigError(f"{config}.{field}: nested more than {MAX_DEPTH} levels deep",
+                                   field=field, config=config, accepted=f"JSON nested at most {MAX_DEPTH} levels deep")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise QuantConfigError(field=field, value=value, config=config,
+                                   accepted="finite numbers (JSON has no NaN or Infinity)")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1, field) for v in value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1, field) for v in value)
+
+
 def _report_unknown(cls: type[QuantConfig], unknown: Mapping[str, Any]) -> None:
     new = [k for k in unknown if (cls.__name__, k) not in _reported_unknown]
     if new:
@@ -422,17 +525,47 @@ def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ConfigFileError(f"{path}: not valid JSON: {exc}") from exc
+    data = parse_json(text, str(path))
     if not isinstance(data, dict):
         raise ConfigFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
     if "quantization_config" in data:
+        check_model_config(data, str(path))
         inner = data["quantization_config"]
         if not isinstance(inner, dict):
             raise ConfigFileError(f"{path}: quantization_config must be a JSON object, found {type(inner).__name__}")
         return inner
     if "model_type" in data or "architectures" in data:
+        check_model_config(data, str(path))
         raise ConfigFileError(f"{path}: a model config.json without a quantization_config (the model is not quantized)")
     return data
+
+
+def parse_json(text: str, where: str) -> Any:
+    """``json.loads`` for untrusted files: any failure, nesting too deep for the parser included, is a
+    :class:`~qplug.ConfigFileError` naming ``where``.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ConfigFileError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as exc:
+        raise ConfigFileError(f"{where}: not valid JSON: {exc}") from exc
+
+
+def check_model_config(data: Mapping[str, Any], where: str = "config.json") -> None:
+    """The fields of a model ``config.json`` that choose the model class have the types transformers needs.
+
+    ``model_type`` is a string and ``architectures`` a list of class names (identifiers), when present.
+
+    :raises ConfigFileError: naming ``where``, the field and the value.
+    """
+    model_type = data.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise ConfigFileError(f"{where}: model_type: {_short_repr(model_type)} given — expected a string "
+                              "such as 'llama'")
+    architectures = data.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) and a.isidentifier() for a in architectures)
+    ):
+        raise ConfigFileError(f"{where}: architectures: {_short_repr(architectures)} given — expected a list of "
+                              "model class names such as ['LlamaForCausalLM']")

@@ -4,12 +4,20 @@ Plugins come from the ``qplug`` entry-point group (loaded lazily, once, each in 
 registered at run time with :func:`qplug.register_plugin`. First-party backends are ordinary
 entry-point plugins: nothing is registered as a side effect of importing qplug.
 
+Entry points are keyed by distribution and name. The same entry point seen twice (an editable and
+a regular install of one distribution) loads once; the same name from two distributions loads
+both, so a backend name both claim is a conflict naming both distributions (``qplug backends``,
+:class:`~qplug.BackendConflictError`), never a silent replacement. A plugin that fails to import,
+``SystemExit`` and ``KeyboardInterrupt`` included, is reported as failed and the others still load.
+
 Environment variables:
 
 ``QPLUG_DISABLE_PLUGIN_AUTOLOAD=1``
     Do not load entry points; only plugins registered at run time exist.
 ``QPLUG_DISABLED_PLUGINS=a,b``
-    Never import the entry points (or distributions) with these names.
+    Never import the entry points (or distributions) with these names. Names compare the way
+    PEP 503 compares distribution names: case-insensitively, with runs of ``-``, ``_`` and ``.``
+    equal (``qplug_gptq`` blocks ``qplug-gptq``).
 ``QPLUG_TRACE=1``
     Print every hook call and its result to stderr.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterable
@@ -90,6 +99,8 @@ class PluginManager:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
         self._loaded = False
+        self._loading = False
+        self._seen_entry_points: set[tuple[str | None, str]] = set()
         self._lock = threading.RLock()
         self._plugins: dict[str, PluginInfo] = {}
         self._entries: list[BackendEntry] = []
@@ -107,35 +118,55 @@ class PluginManager:
     # -- loading -----------------------------------------------------------------------------
 
     def load_entrypoints(self) -> None:
-        """Load every ``qplug`` entry point once, each in isolation. Idempotent."""
+        """Load every ``qplug`` entry point once, each in isolation. Idempotent.
+
+        A plugin whose import re-enters the manager (it calls :func:`qplug.get_config_class`, say)
+        sees the plugins loaded so far; loading is not started again.
+        """
         with self._lock:
-            if self._loaded:
+            if self._loaded or self._loading:
                 return
-            self._loaded = True
-            if not self._autoload:
-                return
-            blocked = _names_in(os.environ.get(ENV_DISABLED_PLUGINS, ""))
-            for ep in _entry_points():
-                self._load_entrypoint(ep, blocked)
+            self._loading = True
+            try:
+                if self._autoload:
+                    blocked = _names_in(os.environ.get(ENV_DISABLED_PLUGINS, ""))
+                    for ep in _entry_points():
+                        self._load_entrypoint(ep, blocked)
+                self._loaded = True
+            finally:
+                self._loading = False
 
     def _load_entrypoint(self, ep: metadata.EntryPoint, blocked: set[str]) -> None:
         dist = getattr(ep, "dist", None)
-        dist_name = dist.metadata["Name"] if dist is not None else None
-        version = dist.version if dist is not None else None
-        if normalize_name(ep.name) in blocked or (dist_name and normalize_name(dist_name) in blocked):
+        try:
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            version = dist.version if dist is not None else None
+        except Exception:  # unreadable metadata: the entry point is still named by its own name
+            dist_name = version = None
+        key = (pep503_name(dist_name) if dist_name else None, ep.name)
+        if key in self._seen_entry_points:
+            return  # the same entry point of the same distribution seen twice (editable + regular install)
+        self._seen_entry_points.add(key)
+        # Another distribution's entry point of the same name is a second plugin under its own key, so
+        # a backend name both claim is a reported conflict, never a silent replacement.
+        plugin_name = ep.name if not self._name_taken(ep.name) else f"{ep.name}[{dist_name or ep.value}]"
+        if pep503_name(ep.name) in blocked or (dist_name and pep503_name(dist_name) in blocked):
             # Blocked before import: a blocked plugin's code never runs.
-            self._pm.set_blocked(ep.name)
-            self._plugins[ep.name] = PluginInfo(ep.name, "blocked", dist_name, version)
+            self._pm.set_blocked(plugin_name)
+            self._plugins[plugin_name] = PluginInfo(ep.name, "blocked", dist_name, version)
             return
-        if self._pm.has_plugin(ep.name) or ep.name in self._plugins:
-            return  # the same entry point seen twice (e.g. an editable and a regular install)
         try:
             plugin = ep.load()
-            self._register(plugin, ep.name, dist_name, version, strict=False)
-        except Exception as exc:  # a broken plugin is reported; the others keep working
-            self._plugins[ep.name] = PluginInfo(
+            self._register(plugin, plugin_name, dist_name, version, strict=False, label=ep.name)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # A broken plugin is reported; the others keep working. Its import may call sys.exit()
+            # or be interrupted: neither may escape `qplug backends` or leave the manager half-loaded.
+            self._plugins[plugin_name] = PluginInfo(
                 ep.name, "failed", dist_name, version, error=f"{type(exc).__name__}: {exc}"
             )
+
+    def _name_taken(self, name: str) -> bool:
+        return name in self._plugins or self._pm.has_plugin(name) or self._pm.is_blocked(name)
 
     # -- run-time registration ---------------------------------------------------------------
 
@@ -149,7 +180,23 @@ class PluginManager:
         self.load_entrypoints()
         with self._lock:
             dist, version = _distribution_of(plugin)
+            if name is None:
+                name = self._readable_name(plugin)
             return self._register(plugin, name, dist, version, strict=True)
+
+    def _readable_name(self, plugin: object) -> str:
+        """A name for a plugin registered without one: its module, or its class's dotted name."""
+        if isinstance(plugin, type(sys)):
+            base = plugin.__name__
+        elif isinstance(plugin, type):
+            base = f"{plugin.__module__}.{plugin.__qualname__}"
+        else:
+            base = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+        name, n = base, 1
+        while self._name_taken(name):
+            n += 1
+            name = f"{base}#{n}"
+        return name
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> None:
         """Remove a plugin registered at run time (by object or name) and its backends."""
@@ -159,25 +206,28 @@ class PluginManager:
             if name is None or not self._pm.has_plugin(name):
                 raise PluginError(f"no plugin {name or plugin!r} is registered")
             self._pm.unregister(name=name)
-            self._plugins.pop(name, None)
-            self._entries = [e for e in self._entries if e.plugin.name != name]
+            info = self._plugins.pop(name, None)
+            self._entries = [e for e in self._entries if e.plugin is not info]
 
-    def _register(self, plugin: object, name: str | None, dist: str | None, version: str | None,
-                  *, strict: bool) -> str:
+    def _register(self, plugin: object, name: str, dist: str | None, version: str | None,
+                  *, strict: bool, label: str | None = None) -> str:
+        """Register under pluggy name ``name``; ``label`` is the name shown (default: ``name``)."""
+        label = label or name
+        who = _describe(label, dist, version)
         try:
             registered = self._pm.register(plugin, name)
         except ValueError as exc:  # pluggy: name or object already registered
-            raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from exc
+            raise PluginError(f"cannot register {who}: {exc}") from exc
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {name or plugin!r}: {exc}") from exc
+            raise PluginError(f"{who}: {exc}") from exc
         if registered is None:  # blocked name
-            raise PluginError(f"plugin {name!r} is blocked")
+            raise PluginError(f"{who} is blocked")
         name = registered
         try:
-            self._check_hook_names(plugin, name)
+            self._check_hook_names(plugin, who)
             hooks = tuple(sorted(impl_name for impl_name in _HOOK_NAMES if self._implements(plugin, impl_name)))
-            records = self._collect_backends(plugin, name)
-            info = PluginInfo(name, "loaded", dist, version, backends=tuple(b.name for b in records), hooks=hooks)
+            records = self._collect_backends(plugin, who)
+            info = PluginInfo(label, "loaded", dist, version, backends=tuple(b.name for b in records), hooks=hooks)
             new_entries = [BackendEntry(b, info) for b in records]
             if strict:
                 for entry in new_entries:
@@ -193,7 +243,7 @@ class PluginManager:
         caller = getattr(self._pm.hook, hook_name)
         return any(impl.plugin is plugin for impl in caller.get_hookimpls())
 
-    def _check_hook_names(self, plugin: object, name: str) -> None:
+    def _check_hook_names(self, plugin: object, who: str) -> None:
         # pluggy accepts marked functions with no matching spec until check_pending(); in qplug a
         # misspelled hook name is an error at registration, naming the closest real hook.
         for hook_name in dir(self._pm.hook):
@@ -206,22 +256,43 @@ class PluginManager:
                 close = difflib.get_close_matches(hook_name, _HOOK_NAMES, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise PluginError(
-                    f"plugin {name!r} implements {hook_name!r}, which is not a qplug hook{hint}; "
+                    f"{who} implements {hook_name!r}, which is not a qplug hook{hint}; "
                     f"the hooks are: {', '.join(_HOOK_NAMES)}"
                 )
 
-    def _collect_backends(self, plugin: object, name: str) -> list[Backend]:
+    def _collect_backends(self, plugin: object, who: str) -> list[Backend]:
+        """The records of ``plugin``'s ``register_backends``; anything wrong is a PluginError naming ``who``."""
         records: list[Backend] = []
         for impl in self._pm.hook.register_backends.get_hookimpls():
             if impl.plugin is not plugin:
                 continue
-            result = impl.function()
-            for record in result or ():
+            try:
+                result = impl.function()
+            except PluginError as exc:  # e.g. an invalid qplug.Backend(...) built inside the hook
+                raise PluginError(f"{who}: register_backends failed: {exc}") from exc
+            except (Exception, SystemExit) as exc:
+                raise PluginError(f"{who}: register_backends raised {type(exc).__name__}: {exc}") from exc
+            if result is None:
+                continue
+            if isinstance(result, str | bytes | dict) or not isinstance(result, Iterable):
+                raise PluginError(f"{who}: register_backends must return a list of qplug.Backend records, "
+                                  f"got {_short(result)}")
+            try:
+                returned = list(result)
+            except Exception as exc:  # a generator that fails half-way
+                raise PluginError(f"{who}: register_backends raised {type(exc).__name__}: {exc}") from exc
+            for record in returned:
                 if not isinstance(record, Backend):
-                    raise PluginError(
-                        f"plugin {name!r}: register_backends must return qplug.Backend records, got {record!r}"
-                    )
+                    raise PluginError(f"{who}: register_backends must return qplug.Backend records, "
+                                      f"got {_short(record)}")
                 records.append(record)
+        seen: dict[str, str] = {}
+        for record in records:
+            for n in record.names:
+                if n in seen:
+                    raise PluginError(f"{who} declares the backend name {n!r} twice "
+                                      f"(backends {seen[n]!r} and {record.name!r}); each name selects one backend")
+                seen[n] = record.name
         return records
 
     def _raise_on_conflict(self, new: BackendEntry) -> None:
@@ -325,8 +396,25 @@ def _conflict_message(name: str, entries: Iterable[BackendEntry]) -> str:
     return f"backend name {name!r} is provided by {providers}; uninstall or block one (QPLUG_DISABLED_PLUGINS)"
 
 
+def pep503_name(name: str) -> str:
+    """A distribution or entry-point name as PEP 503 compares them: ``Qplug_GPTQ`` → ``qplug-gptq``."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
 def _names_in(value: str) -> set[str]:
-    return {normalize_name(part) for part in value.split(",") if part.strip()}
+    return {pep503_name(part) for part in value.split(",") if part.strip()}
+
+
+def _describe(name: str, dist: str | None, version: str | None) -> str:
+    """``plugin 'gptq' (qplug-gptq 0.1.0)``: how messages name a plugin."""
+    if dist:
+        return f"plugin {name!r} ({dist} {version or ''}".rstrip() + ")"
+    return f"plugin {name!r}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _entry_points() -> list[metadata.EntryPoint]:

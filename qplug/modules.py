@@ -5,14 +5,15 @@ Module-name patterns (skip lists, targets) match whole dotted components:
 * ``"lm_head"`` matches ``lm_head`` and, as a component, ``model.lm_head``;
 * ``"model.layers.0"`` matches that module and everything under it (a prefix at a dot boundary);
 * ``"mlp.gate"`` matches ``model.layers.3.mlp.gate`` but never ``...mlp.gate_proj``;
-* ``"re:<regex>"`` matches names the regular expression matches in full.
+* ``"re:<regex>"`` matches names the regular expression matches in full. The expression is
+  compiled by :mod:`qplug.patterns` (Python's syntax without backreferences or lookaround) and
+  matched in time linear in the name's length, whatever the pattern: configs come from strangers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
@@ -40,9 +41,16 @@ class SkipPatternWarning(UserWarning):
 
 
 def name_matches(name: str, pattern: str) -> bool:
-    """Whether module ``name`` matches ``pattern`` (see the module docstring)."""
+    """Whether module ``name`` matches ``pattern`` (see the module docstring).
+
+    :raises QuantConfigError: ``pattern`` is a ``"re:"`` pattern that does not compile.
+    """
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        from qplug.config import check_pattern
+        from qplug.patterns import compile_pattern
+
+        check_pattern(pattern, field="skip")
+        return compile_pattern(pattern[3:]).fullmatch(name)
     pattern = pattern.strip(".")
     return bool(pattern) and f".{pattern}." in f".{name}."
 
@@ -121,9 +129,9 @@ def select_modules(
     """Choose the modules to quantize: every ``module_types`` module except the output head and ``skip``.
 
     ``skip`` adds to the defaults; it never replaces them, so the head stays in floating point
-    even when a config names other modules to skip.
+    even when a config names other modules to skip. A single string is one pattern.
     """
-    patterns = list(dict.fromkeys(skip))
+    patterns = list(dict.fromkeys([skip] if isinstance(skip, str) else skip))
     all_names = [name for name, _ in model.named_modules() if name]
     unmatched = [p for p in patterns if not any(name_matches(n, p) for n in all_names)]
     heads = output_head_names(model)

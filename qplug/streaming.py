@@ -13,8 +13,6 @@ whole-model activations (GPTQ, AWQ) need the float model in memory: use :func:`q
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qplug import memory
 from qplug.checkpoint import CheckpointWeights
 from qplug.config import QuantConfig
 from qplug.errors import CheckpointError, PluginError
@@ -58,19 +57,16 @@ def stream_quantize(
             keys = [f"{name}.weight", *([f"{name}.bias"] if f"{name}.bias" in source else [])]
             return {key.rsplit(".", 1)[1]: source.get(key) for key in keys}
 
-        dropped = 0  # bytes of float tensors dropped since freed memory was last handed back
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-read") as reader:
             for name, tensors in _prefetched(reader, read_layer, module_names):
                 _materialize(model, name, tensors)
                 quantize_one([name])
-                dropped += sum(t.numel() * t.element_size() for t in tensors.values())
+                dropped = sum(t.numel() * t.element_size() for t in tensors.values())
                 del tensors
-                if dropped >= _RELEASE_EVERY_BYTES:
-                    _release_freed_memory()
-                    dropped = 0
+                memory.note_freed(dropped, every=_RELEASE_EVERY_BYTES)
                 if on_module is not None:
                     on_module(name)
-        _release_freed_memory()  # before the rest of the checkpoint is read
+        memory.release_freed_memory()  # before the rest of the checkpoint is read
         taken = {f"{n}.{part}" for n in module_names for part in ("weight", "bias")}
         return {name: source.get(name) for name in source.names() if name not in taken}
 
@@ -85,31 +81,10 @@ def _prefetched(reader: ThreadPoolExecutor, read: Callable[[str], Any], names: l
         yield name, tensors
 
 
-# Memory handed back to the OS costs a page fault per page when it is next used. Handing it back
-# after every ~256 MB of dropped float weights rather than after every Linear lets the next reads
-# reuse it: on the TinyLlama-shaped benchmark NF4 quantize-on-load took 2.2 s instead of 2.6 s,
-# with the same peak (benchmarks/paths.py, 4 alternating runs each).
+# Handing freed memory back after every ~256 MB of dropped float weights rather than after every
+# Linear lets the next reads reuse it: on the TinyLlama-shaped benchmark NF4 quantize-on-load took
+# 2.2 s instead of 2.6 s, with the same peak (benchmarks/paths.py, 4 alternating runs each).
 _RELEASE_EVERY_BYTES = 256 * 2**20
-
-
-def _release_freed_memory() -> None:
-    """Hand the float layers dropped so far back to the OS.
-
-    glibc keeps freed blocks in per-thread arenas; with a reader thread and the library's own
-    temporaries, the freed float layers would otherwise pile up as resident memory that nothing
-    uses. ``malloc_trim`` returns them (a no-op where it does not exist).
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def _materialize(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -40,14 +40,15 @@ def make_distribution(site: Path, dist: str, version: str, modules: dict[str, st
     return site
 
 
-def run_python(code: str, *, site: Path | None = None, env: dict[str, str] | None = None, check=True):
+def run_python(code: str, *, site: Path | None = None, env: dict[str, str] | None = None, check=True,
+               timeout: float = 300):
     """Run ``code`` in a fresh interpreter (optionally with ``site`` on the path); returns the process."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("QPLUG_")}
     if site is not None:
         full_env["PYTHONPATH"] = os.pathsep.join([str(site), full_env.get("PYTHONPATH", "")])
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=full_env, timeout=300)
+                          env=full_env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

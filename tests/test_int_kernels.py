@@ -10,6 +10,10 @@ error must also stay under ``1.25 eps`` relative (a bfloat16 matmul's is about `
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -18,12 +22,13 @@ from torch import nn
 from torch.nn import functional as F
 
 import qplug
-from qplug import int_kernels
+from qplug import int_kernels, native
 from qplug.int_kernels import IntWeight
 from qplug.kernels import KernelLayer
 
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
-CPU_KERNELS = ("tinygemm-int4-cpu", "int8-weight-cpu", "dequant-blocked", "dequant-cached")
+CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "qplug-int8-cpu", "int8-weight-cpu", "dequant-blocked",
+               "dequant-cached")
 
 
 class PlainLinear(KernelLayer, nn.Module):
@@ -32,6 +37,8 @@ class PlainLinear(KernelLayer, nn.Module):
     kernels = (
         int_kernels.TINYGEMM_INT4_CUDA,
         int_kernels.TINYGEMM_INT4_CPU,
+        int_kernels.QPLUG_INT4_CPU,
+        int_kernels.QPLUG_INT8_CPU,
         int_kernels.INT8_WEIGHT_CPU,
         int_kernels.DEQUANT_BLOCKED,
         int_kernels.DEQUANT_CACHED,
@@ -61,6 +68,11 @@ class PlainLinear(KernelLayer, nn.Module):
         w = torch.empty_like(w_run)
         w[:, self.perm] = w_run
         return w.to(dtype)
+
+    code_tensors = ("q",)
+
+    def checkpoint_from_codes(self, q):
+        return {"q": q if self.perm is None else q.index_select(1, self.perm).contiguous()}
 
     def forward(self, x):
         return self.run_kernel(x)
@@ -152,10 +164,14 @@ def test_every_cpu_kernel_agrees_with_the_reference(bits, out_f, group_size, gro
     fast = {4: "tinygemm-int4-cpu", 8: "int8-weight-cpu"}.get(bits)
     if dtype == torch.bfloat16 and fast:
         assert fast in ran  # these shapes are all ones the fast kernels take
+    if bits in (4, 8):
+        assert f"qplug-int{bits}-cpu" in ran  # every float dtype, whole groups
     layer.kernel_request = None
     with torch.no_grad():
         layer(x)
-    assert layer.kernel == (fast if fast in ran else "dequant-blocked")  # automatic: first that accepts
+    preferred = [k.name for k in layer.kernels if k.name in ran
+                 and (k.passed_over is None or k.passed_over(layer, x.device, dtype) is None)]
+    assert layer.kernel == preferred[0]  # automatic: the first that accepts and is not passed over
 
 
 def test_a_shorter_last_group_and_unusual_shapes_fall_back_correctly():
@@ -222,12 +238,14 @@ def test_a_requested_kernel_that_refuses_says_why(kwargs, dtype, kernel, reason)
         layer(torch.randn(2, layer.in_features).to(dtype))
     qplug.set_kernel(layer, None)
     layer(torch.randn(2, layer.in_features).to(dtype))
-    assert f"not {kernel}: " in layer.kernel_reason or kernel == "tinygemm-int4-cuda"
+    order = [k.name for k in layer.kernels]
+    # automatically: passed over with its reason, or an earlier kernel took the layer
+    assert f"not {kernel}: " in layer.kernel_reason or order.index(layer.kernel) < order.index(kernel)
 
 
 @pytest.mark.parametrize("name", CPU_KERNELS)
 def test_checkpoint_tensors_stay_byte_identical(name):
-    layer = make_layer(32, 256, 8 if name == "int8-weight-cpu" else 4, 64, act_order=True)
+    layer = make_layer(32, 256, 8 if "int8" in name else 4, 64, act_order=True)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     for _ in range(3):
         run_on(layer, name, torch.randn(4, 256).bfloat16())
@@ -239,7 +257,7 @@ def test_checkpoint_tensors_stay_byte_identical(name):
 
 @pytest.mark.parametrize("name", CPU_KERNELS)
 def test_input_gradients_come_from_the_dequantized_weight(name):
-    layer = make_layer(32, 256, 8 if name == "int8-weight-cpu" else 4, 64)
+    layer = make_layer(32, 256, 8 if "int8" in name else 4, 64)
     qplug.set_kernel(layer, name)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 256, generator=g).bfloat16().requires_grad_()
@@ -257,6 +275,51 @@ def test_blocked_layout_is_smaller_than_the_float_weight():
         layer(torch.randn(1, 1024))
     codes = layer._kernel_state[2][0]
     assert codes.dtype == torch.uint8 and codes.numel() == 64 * 1024 // 2  # half a byte per 4-bit code
+
+
+@pytest.mark.parametrize("name", ["tinygemm-int4-cpu", "qplug-int4-cpu", "qplug-int8-cpu", "int8-weight-cpu",
+                                  "dequant-blocked"])
+def test_a_layout_that_can_restore_the_codes_holds_them_once(name):
+    layer = make_layer(32, 256, 8 if "int8" in name else 4, 64, act_order=True)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    run_on(layer, name, torch.randn(2, 256).bfloat16())
+    assert "q" not in dict(layer.named_buffers()) and layer._released == ("q",)
+    assert torch.equal(layer.q, before["q"])  # rebuilt on access, bit for bit
+    assert list(layer.state_dict()) == list(before)  # in the order it was loaded
+    layer.q = before["q"].flip(0).contiguous()  # assigning it back makes it the layer's own again
+    assert layer._released == () and torch.equal(dict(layer.named_buffers())["q"], before["q"].flip(0))
+    run_on(layer, name, torch.randn(2, 256).bfloat16())
+    layer.load_state_dict(before)  # and so does loading
+    assert torch.equal(layer.q, before["q"]) and layer._released == ()
+    x = torch.ones(1, 256).bfloat16()
+    assert torch.equal(run_on(layer, name, x), run_on(make_layer(32, 256, layer.bits, 64, act_order=True), name, x))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40).map(lambda r: 16 * r), cols=st.integers(1, 80).map(lambda c: 2 * c),
+       seed=st.integers(0, 2**16))
+def test_torchs_cpu_int4_packing_is_read_back_exactly(rows, cols, seed):
+    q = torch.randint(0, 16, (rows, cols), dtype=torch.int32, generator=torch.Generator().manual_seed(seed))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+    unpacked = int_kernels._int4pack_cpu_unpack_with(int_kernels._int4pack_cpu_rows(rows), packed, rows, cols)
+    assert torch.equal(unpacked, q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_the_int4_packing_is_read_back_on_every_isa_torch_dispatches_to(isa):
+    # torch packs in blocks of 64 rows on AVX-512, 32 on AVX2 and without vectors: each must read back
+    script = (
+        "import torch\nfrom qplug import int_kernels as k\n"
+        "for n in (16, 48, 64, 80, 96, 304):\n"
+        "    q = torch.randint(0, 16, (n, 96), dtype=torch.int32)\n"
+        "    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)\n"
+        "    assert torch.equal(k._int4pack_cpu_unpack_with(k._int4pack_cpu_rows(n), p, n, 96), q.byte()), n\n"
+        "print(torch.backends.cpu.get_cpu_capability())\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().lower() == isa
 
 
 def test_plain_from_g_idx():
@@ -281,3 +344,74 @@ def test_tinygemm_cuda_agrees_with_the_reference(act_order, group_size):
     out = run_on(layer, "tinygemm-int4-cuda", x).cpu()
     layer = layer.cpu()
     assert_within_bound(layer, x.cpu(), out, torch.bfloat16)
+
+
+def _fresh_native_state(monkeypatch, cache_dir):
+    """As if in a new process, with ``cache_dir`` as the kernel cache."""
+    monkeypatch.setenv(native.CACHE_ENV_VAR, str(cache_dir))
+    monkeypatch.setattr(native.CPU_KERNELS, "_library", None)
+    monkeypatch.setattr(native.CPU_KERNELS, "_unavailable", None)
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
+def test_the_c_kernels_build_once_per_machine(monkeypatch, tmp_path):
+    runs = []
+    real = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda cmd, *a, **k: runs.append(cmd) or real(cmd, *a, **k))
+    _fresh_native_state(monkeypatch, tmp_path)
+    layer = make_layer(32, 256, 4, 64)
+    run_on(layer, "qplug-int4-cpu", torch.randn(2, 256))
+    assert len(runs) == 1 and len(list(tmp_path.glob("cpu_kernels-*.so"))) == 1
+    _fresh_native_state(monkeypatch, tmp_path)  # "the next process" loads the cached library
+    run_on(make_layer(32, 256, 4, 64), "qplug-int4-cpu", torch.randn(2, 256))
+    assert len(runs) == 1 and native.CPU_KERNELS.unavailable_reason() is None
+
+
+def test_without_a_compiler_the_c_kernels_refuse_and_the_layer_falls_back(monkeypatch, caplog, tmp_path):
+    _fresh_native_state(monkeypatch, tmp_path)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    layer = make_layer(32, 256, 4, 64)
+    with caplog.at_level("WARNING", logger=native.__name__), torch.no_grad():
+        layer(torch.randn(2, 256))
+        layer.reset_kernel()
+        layer(torch.randn(2, 256))
+    assert layer.kernel == "dequant-blocked"
+    assert "not qplug-int4-cpu: qplug's C kernels are unavailable (RuntimeError: no C compiler" in layer.kernel_reason
+    assert caplog.text.count("qplug's CPU kernels unavailable") == 1  # one warning, one attempt
+
+
+def test_a_forced_isa_the_cpu_lacks_is_a_refusal_that_names_it(monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV_VAR, "sse9")
+    layer = make_layer(32, 256, 4, 64)
+    assert "QPLUG_ISA='sse9' is not one of" in layer.choose_kernel(torch.device("cpu"), torch.float32)[1]
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
+def test_a_build_without_openmp_splits_rows_on_its_own_threads_with_the_same_results(monkeypatch, tmp_path):
+    layer = make_layer(64, 512, 4, 128, act_order=True)
+    x = torch.randn(3, 512)
+    threaded = run_on(layer, "qplug-int4-cpu", x)
+    assert native.CPU_KERNELS.get().qplug_openmp() == 1  # the default build shares torch's OpenMP threads
+    _fresh_native_state(monkeypatch, tmp_path)
+    monkeypatch.setattr(native, "_FLAG_SETS", (("-O3", "-ffp-contract=off"),))
+    layer.reset_kernel()
+    assert torch.equal(run_on(layer, "qplug-int4-cpu", x), threaded)
+    assert native.CPU_KERNELS.get().qplug_openmp() == 0
+
+
+def test_where_torch_runs_its_avx2_int4_path_qplug_int4_cpu_is_chosen_and_tinygemm_still_on_request():
+    script = (
+        "import sys, torch\nsys.path.insert(0, sys.argv[1])\nimport qplug\n"
+        "from test_int_kernels import make_layer, run_on\n"
+        "layer = make_layer(32, 256, 4, 64)\nx = torch.randn(2, 256).bfloat16()\n"
+        "with torch.no_grad():\n    layer(x)\n"
+        "print(layer.kernel, '|', layer.kernel_reason)\n"
+        "run_on(layer, 'tinygemm-int4-cpu', x)\n"  # a request still gets it
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    kernel, reason = done.stdout.strip().split(" | ")
+    assert kernel == "qplug-int4-cpu"
+    assert "not tinygemm-int4-cpu: torch runs its AVX2 int4 path here, measured slower" in reason

@@ -47,8 +47,8 @@ def test_loads_without_autoawq_and_reproduces_its_logits(reference):
     assert next(model.parameters()).dtype == torch.float16
     error = relative_error(logits(model, reference["tokens"]), reference["logits"])
     assert error < FP16_TOLERANCE, error
-    # float16 on the CPU: the blocked dequantize (tinygemm takes bfloat16 only)
-    assert {info["kernel"] for info in qplug.kernel_report(model).values()} == {"dequant-blocked"}
+    # float16 on the CPU: qplug's C kernels (tinygemm takes bfloat16 only)
+    assert {info["kernel"] for info in qplug.kernel_report(model).values()} == {"qplug-int4-cpu"}
 
 
 def test_float32_run_agrees_too(reference):

@@ -19,7 +19,9 @@ from torch.nn import functional as F
 import qplug
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-CPU_KERNELS = ("tinygemm-int4-cpu", "dequant-blocked", "dequant-cached")
+CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "dequant-blocked", "dequant-cached")
+# what bfloat16 layers run on by default: torch's int4 kernel where it takes its AVX-512 path
+BF16_INT4 = "tinygemm-int4-cpu" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "qplug-int4-cpu"
 
 
 def awq_layer(in_f, out_f, group_size, version, zero_point=True, bias=True, seed=0):
@@ -62,7 +64,8 @@ def test_every_kernel_agrees_with_the_dequantize_reference(version, group_size, 
     qplug.set_kernel(layer, None)
     with torch.no_grad():
         layer(x)
-    assert layer.kernel == ("tinygemm-int4-cpu" if dtype == torch.bfloat16 else "dequant-blocked")
+    assert "qplug-int4-cpu" in ran  # any float dtype
+    assert layer.kernel == (BF16_INT4 if dtype == torch.bfloat16 else "qplug-int4-cpu")
     assert layer.kernel_reason.startswith("not autoawq: ")
 
 
@@ -85,13 +88,26 @@ def test_state_dict_after_forwards_and_moves_is_what_was_loaded(name, version):
         assert saved[key].dtype == tensor.dtype and torch.equal(saved[key].view(torch.uint8), tensor.view(torch.uint8))
 
 
+@pytest.mark.parametrize("version", ["gemm", "gemv"])
+def test_a_layer_holds_its_codes_once(version):
+    layer = awq_layer(1024, 256, 128, version)
+    checkpoint = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    for dtype in (torch.bfloat16, torch.float32):
+        with torch.no_grad():
+            layer(torch.randn(2, 1024, dtype=dtype))
+        assert "qweight" not in dict(layer.named_buffers()), layer.kernel
+        layout = [t for t in layer._kernel_state[2] if isinstance(t, torch.Tensor)]
+        held = sum(t.numel() * t.element_size() for t in (*layer.buffers(), *layout))
+        assert held <= 1.15 * checkpoint, (layer.kernel, held, checkpoint)  # the codes once, not twice
+
+
 def test_half_inputs_run_in_their_own_dtype():
     layer = awq_layer(256, 64, 64, "gemm")
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = layer(x.half())
-    assert layer.kernel == "dequant-blocked" and out.dtype == torch.float16
-    # the weight rounded to float16 and float16 matmul (float32 accumulation on the CPU)
+    assert layer.kernel == "qplug-int4-cpu" and out.dtype == torch.float16
+    # float32 weights and accumulation, the result rounded once to float16
     assert relative_error(out, layer, x.half()) < TOLERANCE[torch.float16]
 
 
@@ -101,7 +117,7 @@ def test_input_gradients():
     x = torch.randn(3, 256, generator=g).bfloat16().requires_grad_()
     grad_out = torch.randn(3, 64, generator=g).bfloat16()
     layer(x).backward(grad_out)
-    assert layer.kernel == "tinygemm-int4-cpu"
+    assert layer.kernel == BF16_INT4
     expected = grad_out.float() @ layer.float_weight(torch.float32)
     assert float((x.grad.float() - expected).norm() / expected.norm()) < 1e-2  # a bfloat16 matmul
 

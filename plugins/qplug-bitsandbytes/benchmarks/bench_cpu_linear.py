@@ -42,14 +42,15 @@ def main() -> None:
 
     import bitsandbytes as bnb  # noqa: F401
     import torch
-    from qplug_bitsandbytes import _native, cpu_linear, modules
+    from qplug_bitsandbytes import cpu_linear, modules
 
     import qplug
+    from qplug import native
 
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} threads, kernels built: {_native.library() is not None}, "
-          f"best ISA path: {cpu_linear.isa()[0]}, bf16 matmul native: {cpu_linear._native_bf16_matmul()}")
+          f"{torch.get_num_threads()} threads, kernels built: {native.CPU_KERNELS.get() is not None}, "
+          f"best ISA path: {cpu_linear.isa()[0]}, bf16 matmul native: {native.native_bf16_matmul()}")
     print(f"{'format':7} {'shape':>10} {'batch':>5} {'method':22} {'ms/call':>9} {'x bf16':>7} {'rel.err':>8}")
     isas = [name for name, code in sorted(cpu_linear.ISAS.items(), key=lambda kv: -kv[1])
             if code <= cpu_linear.ISAS[cpu_linear.isa()[0]]]

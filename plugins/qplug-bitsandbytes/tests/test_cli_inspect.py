@@ -12,11 +12,27 @@ import pytest
 import qplug
 
 
-def _inspect(*args) -> subprocess.CompletedProcess:
+def _qplug(*args) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QPLUG_")}
     env.update({"COLUMNS": "200", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"})
-    return subprocess.run([sys.executable, "-m", "qplug", "inspect", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qplug", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=300)
+
+
+def _inspect(*args) -> subprocess.CompletedProcess:
+    return _qplug("inspect", *args)
+
+
+@pytest.mark.parametrize("command", [["config"], ["config", "show"], ["quantize"], ["inspect"]])
+def test_help_examples_name_what_first_party_plugins_install(command):
+    """Copied from `--help` into a terminal, every backend or preset an example names exists (issue 17)."""
+    help_text = _qplug(*command, "--help").stdout
+    examples = [line.split() for line in help_text.split("examples:")[1].splitlines() if line.strip()]
+    names = [ex[ex.index("show") + 1] for ex in examples if "show" in ex]
+    names += [ex[ex.index("--method") + 1] for ex in examples if "--method" in ex]
+    for name in names:
+        proc = _qplug("config", "show", name)
+        assert proc.returncode == 0, (name, proc.stderr)
 
 
 @pytest.mark.parametrize("settings", [

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from qplug_bitsandbytes import cpu_linear, modules
 
 import qplug
+from qplug import lut4
 from qplug.errors import KernelUnavailableError
 from qplug.kernels import KernelLayer
 
@@ -121,7 +122,7 @@ def test_dequantize_is_bit_exact(n, k, blocksize, quant_type, double_quant, dtyp
     packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
     state.dtype = dtype
     reference = modules.bnb_dequantize_4bit(packed, state).reshape(-1)
-    layout = cpu_linear.Layout4bit(packed, state)
+    layout = cpu_linear.lut4_weight(packed, state)
     first = min(cut[0], n * k - 1)
     count = max(1, n * k - first - cut[1])
     with forced_isa(isa):
@@ -178,8 +179,8 @@ def test_4bit_forward_matches_bitsandbytes_dequantize_matmul(n, k, blocksize, qu
         y = layer(x)
     assert layer.kernel == "qplug-4bit-cpu"
     assert y.dtype == dtype and y.shape == (rows, n)
-    blocked = rows > cpu_linear.GEMV_MAX_ROWS[isa] or k % 32
-    assert_close_to_reference(layer, x, y, bf16_matmul=bool(blocked) and cpu_linear._matmul_dtype(dtype) ==
+    blocked = rows > lut4.GEMV_MAX_ROWS[isa] or k % 32
+    assert_close_to_reference(layer, x, y, bf16_matmul=bool(blocked) and lut4.matmul_dtype(dtype) ==
                               torch.bfloat16)
 
 
@@ -209,7 +210,7 @@ def test_4bit_leading_dimensions_and_a_compute_dtype_other_than_the_input():
         big = layer(torch.randn(200, 128))
     assert y.shape == (2, 5, 64) and y.dtype == torch.float32
     assert_close_to_reference(layer, x.reshape(-1, 128), y.reshape(-1, 64),
-                              bf16_matmul=cpu_linear._matmul_dtype(torch.float32, torch.bfloat16) == torch.bfloat16)
+                              bf16_matmul=lut4.matmul_dtype(torch.float32, torch.bfloat16) == torch.bfloat16)
     assert big.dtype == torch.float32
 
 
@@ -253,8 +254,8 @@ def test_int8_forward_matches_dequantize_matmul(n, k, dtype, rows, isa, threshol
     with torch.no_grad(), forced_isa(isa):
         y = layer(x)
     assert layer.kernel == "qplug-int8-cpu"
-    blocked = rows > cpu_linear.GEMV_MAX_ROWS[isa]
-    assert_close_to_reference(layer, x, y, bf16_matmul=blocked and cpu_linear._matmul_dtype(dtype) == torch.bfloat16)
+    blocked = rows > lut4.GEMV_MAX_ROWS[isa]
+    assert_close_to_reference(layer, x, y, bf16_matmul=blocked and lut4.matmul_dtype(dtype) == torch.bfloat16)
 
 
 @pytest.mark.parametrize("rows", [1, 64])
@@ -306,7 +307,7 @@ def test_unrunnable_isa_falls_back_to_bitsandbytes_once_with_a_warning(monkeypat
     monkeypatch.setattr(cpu_linear, "_warned", set())
     layers = [_quantized_linear(32, 64, quant_type="nf4", double_quant=False, blocksize=64, seed=s) for s in (1, 2)]
     x = torch.randn(2, 64)
-    with pytest.warns(RuntimeWarning, match="QPLUG_BNB_ISA") as record, torch.no_grad():
+    with pytest.warns(RuntimeWarning, match=cpu_linear.ISA_ENV_VAR) as record, torch.no_grad():
         for layer in layers:
             layer(x)
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
@@ -396,7 +397,7 @@ def test_quantized_layers_keep_no_float_weight(fresh_model, input_ids):
         # (beside the stored scales: the 16- and 256-entry code books)
         assert sum(t.numel() * t.element_size() for t in held[1:]) < layer.in_features * layer.out_features / 8 + 1200
     # one scratch block per thread and dtype for all layers, never a whole weight
-    assert all(buf.numel() <= cpu_linear.BLOCK_ELEMENTS for buf in getattr(cpu_linear._scratch, "buffers", {}).values())
+    assert all(buf.numel() <= lut4.BLOCK_ELEMENTS for buf in getattr(lut4._scratch, "buffers", {}).values())
 
 
 def test_bitsandbytes_layer_classes_still_hold():
@@ -404,3 +405,13 @@ def test_bitsandbytes_layer_classes_still_hold():
     assert isinstance(layer, bnb.nn.Linear4bit) and isinstance(layer, KernelLayer)
     assert [k.name for k in type(layer).kernels] == ["bitsandbytes-avx512bf16", "qplug-4bit-cpu", "bitsandbytes"]
     assert [k.name for k in modules.Linear8bitLt.kernels] == ["qplug-int8-cpu", "bitsandbytes"]
+
+
+def test_an_isa_cap_passes_bitsandbytes_avx512bf16_kernel_over(monkeypatch):
+    # QPLUG_ISA=avx2 makes an AVX-512 machine choose as an AVX2-only one would (the benchmark's --isa avx2)
+    monkeypatch.setenv(cpu_linear.ISA_ENV_VAR, "avx2")
+    layer = _quantized_linear(64, 128, quant_type="nf4", double_quant=True, blocksize=64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(torch.randn(2, 128).to(torch.bfloat16))
+    assert layer.kernel == "qplug-4bit-cpu"
+    assert "bitsandbytes-avx512bf16: " in layer.kernel_reason

@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qplug_bitsandbytes import _native, fast4bit
 
+from qplug import native
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -259,21 +261,21 @@ def test_noncontiguous_and_requires_grad():
 
 def _fresh_process_state(monkeypatch, cache_dir):
     """As if in a new process, with ``cache_dir`` as the kernel cache."""
-    monkeypatch.setenv(_native.CACHE_ENV_VAR, str(cache_dir))
-    monkeypatch.setattr(_native, "_library", None)
-    monkeypatch.setattr(_native, "_unavailable", None)
+    monkeypatch.setenv(native.CACHE_ENV_VAR, str(cache_dir))
+    monkeypatch.setattr(_native.QUANTIZERS, "_library", None)
+    monkeypatch.setattr(_native.QUANTIZERS, "_unavailable", None)
 
 
 def _count_compiler_runs(monkeypatch):
     runs = []
-    real = _native.subprocess.run
+    real = native.subprocess.run
 
     def counting(cmd, *args, **kwargs):
         if "--version" not in cmd:
             runs.append(cmd)
         return real(cmd, *args, **kwargs)
 
-    monkeypatch.setattr(_native.subprocess, "run", counting)
+    monkeypatch.setattr(native.subprocess, "run", counting)
     return runs
 
 
@@ -282,7 +284,7 @@ def test_builds_once_per_machine_not_per_shape_or_process(monkeypatch, tmp_path)
     runs = _count_compiler_runs(monkeypatch)
     _fresh_process_state(monkeypatch, tmp_path)
     assert fast4bit.fast_path_available(torch.bfloat16)
-    assert len(runs) == 1 and len(list(tmp_path.glob("cpu_kernels-*.so"))) == 1
+    assert len(runs) == 1 and len(list(tmp_path.glob("quantizers-*.so"))) == 1
 
     g = torch.Generator().manual_seed(2)
     for dtype in DTYPES:
@@ -334,12 +336,12 @@ def test_env_var_routes_to_bitsandbytes(monkeypatch):
 @pytest.mark.parametrize("compiler", ["/bin/false", None], ids=["build-fails", "no-compiler"])
 def test_build_failure_falls_back(monkeypatch, caplog, tmp_path, compiler):
     _fresh_process_state(monkeypatch, tmp_path)
-    monkeypatch.setattr(_native, "_compiler", lambda: compiler)
+    monkeypatch.setattr(native, "_compiler", lambda: compiler)
     runs = _count_compiler_runs(monkeypatch)
     A = torch.randn(32, 64, dtype=torch.float16)
-    with caplog.at_level(logging.WARNING, logger=_native.__name__):
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert_same_result(*both(A, quant_type="fp4"))
-    assert "CPU kernels unavailable" in caplog.text
+    assert "CPU quantizers unavailable" in caplog.text
     assert fast4bit.unavailable_reason() is not None and not fast4bit.fast_path_available(torch.float16)
     attempts = len(runs)
     assert_same_result(*both(A, quant_type="nf4"))  # stays on bitsandbytes, no second attempt
@@ -397,7 +399,7 @@ def test_portable_build_gives_the_same_bytes(monkeypatch, tmp_path):
     from qplug_bitsandbytes import fast8bit
 
     _fresh_process_state(monkeypatch, tmp_path)
-    monkeypatch.setattr(_native, "_FLAG_SETS", (("-O3",),))
+    monkeypatch.setattr(native, "_FLAG_SETS", (("-O3",),))
     g = torch.Generator().manual_seed(4)
     for dtype in DTYPES:
         A = torch.randn(300, 200, generator=g).to(dtype)
@@ -407,4 +409,4 @@ def test_portable_build_gives_the_same_bytes(monkeypatch, tmp_path):
         CB, SCB = fast8bit.quantize_weight(A)
         assert torch.equal(CB, library.CB) and torch.equal(SCB, library.SCB)
     assert fast4bit.unavailable_reason() is None
-    assert [p.name.startswith("cpu_kernels-") for p in tmp_path.glob("*.so")] == [True]
+    assert [p.name.startswith("quantizers-") for p in tmp_path.glob("*.so")] == [True]

@@ -22,7 +22,10 @@ import qplug
 from qplug.testing import example_tokens, tiny_llama
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-CPU_KERNELS = ("tinygemm-int4-cpu", "int8-weight-cpu", "dequant-blocked", "dequant-cached")
+CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "qplug-int8-cpu", "int8-weight-cpu", "dequant-blocked",
+               "dequant-cached")
+# what 4-bit bfloat16 layers run on by default: torch's int4 kernel where it takes its AVX-512 path
+BF16_INT4 = "tinygemm-int4-cpu" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "qplug-int4-cpu"
 
 
 def gptq_layer(bits, in_f, out_f, group_size, *, fmt="gptq", sym=False, act_order=False, bias=True, seed=0):
@@ -76,12 +79,14 @@ def test_every_kernel_agrees_with_the_dequantize_reference(bits, group_size, fmt
             ran.add(kernel.name)
     if dtype == torch.bfloat16 and bits in (4, 8):
         assert {4: "tinygemm-int4-cpu", 8: "int8-weight-cpu"}[bits] in ran
+    if bits in (4, 8):
+        assert f"qplug-int{bits}-cpu" in ran  # any float dtype
 
 
 @pytest.mark.parametrize("name", CPU_KERNELS)
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 def test_state_dict_after_forwards_and_moves_is_what_was_loaded(name, fmt):
-    bits = 8 if name == "int8-weight-cpu" else 4
+    bits = 8 if "int8" in name else 4
     source = gptq_layer(bits, 256, 64, 64, fmt=fmt, act_order=True)
     loaded = {k: v.clone() for k, v in source.state_dict().items()}
     layer = GPTQLinear(256, 64, bits=bits, group_size=64, checkpoint_format=fmt, sym=False, device="meta")
@@ -115,6 +120,26 @@ def test_no_float_copy_is_kept_by_default():
     assert layer.kernel == "dequant-cached"
 
 
+def held_bytes(layer) -> int:
+    """Bytes the layer holds: its tensors and its run-time layout's."""
+    layout = layer._kernel_state[2] if layer._kernel_state else ()
+    tensors = [*layer.buffers(), *(t for t in layout if isinstance(t, torch.Tensor))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, False), (3, False), (2, True)])
+def test_a_layer_holds_its_codes_once(bits, act_order):
+    layer = gptq_layer(bits, 1024, 256, 128, act_order=act_order)
+    checkpoint = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    for dtype in (torch.bfloat16, torch.float32):
+        with torch.no_grad():
+            layer(torch.randn(2, 1024, dtype=dtype))
+        assert "qweight" not in dict(layer.named_buffers()), layer.kernel
+        # the codes once (in the kernel's packing) plus per-group scales: close to the checkpoint's size,
+        # 2/3-bit codes held as nibbles
+        assert held_bytes(layer) <= 1.15 * checkpoint * max(1, 4 / bits), (layer.kernel, held_bytes(layer))
+
+
 def test_a_g_idx_that_is_no_permutation_of_groups_is_refused_at_load():
     source = gptq_layer(4, 128, 32, 32)
     state = source.state_dict()
@@ -134,10 +159,11 @@ def quantized():
 def test_model_reports_and_overrides_its_kernels(quantized, monkeypatch):
     model = copy.deepcopy(quantized).to(torch.bfloat16)
     chosen = qplug.prepare_kernels(model)
-    assert set(chosen.values()) == {"tinygemm-int4-cpu"}
+    assert set(chosen.values()) == {BF16_INT4}
     report = qplug.kernel_report(model)
-    assert {info["kernel"] for info in report.values()} == {"tinygemm-int4-cpu"}
-    assert {info["reason"] for info in report.values()} == {"not tinygemm-int4-cuda: CUDA only (inputs on cpu)"}
+    assert {info["kernel"] for info in report.values()} == {BF16_INT4}
+    first = "not tinygemm-int4-cuda: CUDA only (inputs on cpu)"
+    assert all(info["reason"].startswith(first) for info in report.values())
     ids = example_tokens(model)
     with torch.no_grad():
         fast = model(ids).logits.float()
@@ -161,7 +187,7 @@ def test_input_gradients_flow_for_adapters_on_top(quantized):
         embeds = m.get_input_embeddings()(ids).detach().requires_grad_()
         m(inputs_embeds=embeds).logits.float().square().mean().backward()
         grads.append(embeds.grad.float())
-    assert {info["kernel"] for info in qplug.kernel_report(model).values()} == {"tinygemm-int4-cpu"}
+    assert {info["kernel"] for info in qplug.kernel_report(model).values()} == {BF16_INT4}
     assert all(not t.requires_grad for n, t in model.named_buffers() if n.endswith(("qweight", "scales")))
     assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 5e-2  # bfloat16 forward and backward
 

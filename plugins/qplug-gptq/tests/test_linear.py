@@ -60,7 +60,7 @@ def test_layout_is_rebuilt_when_a_buffer_changes_in_place():
     layer.scales.mul_(0.5)
     assert torch.allclose(layer(x), first, rtol=1e-3, atol=1e-3)
     layer.cache_weight = False
-    assert torch.allclose(layer(x), first, rtol=1e-3, atol=1e-3) and layer.kernel == "dequant-blocked"
+    assert torch.allclose(layer(x), first, rtol=1e-3, atol=1e-3) and layer.kernel == "qplug-int4-cpu"
 
 
 def test_meta_skeleton_loads_with_assign_and_without_g_idx():

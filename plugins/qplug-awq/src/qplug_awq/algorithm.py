@@ -155,7 +155,7 @@ def find_blocks(model: nn.Module, module_names: Iterable[str]) -> tuple[str, nn.
             if count and (best is None or count > best[0]):
                 best = (count, name, module)
     if best is None:
-        raise ValueError(
+        raise IncompatibleModelError(
             f"AWQ: {type(model).__name__} has no list of blocks (nn.ModuleList) holding the layers to quantize"
         )
     return best[1], best[2]
@@ -222,7 +222,7 @@ def _capture_first_block_input(
     finally:
         handle.remove()
     if "x" not in captured:
-        raise ValueError(f"AWQ: running {type(model).__name__} never reached its first block")
+        raise IncompatibleModelError(f"AWQ: running {type(model).__name__} never reached its first block")
     kwargs = captured["kwargs"]
     for key in ("past_key_value", "past_key_values", "use_cache", "output_attentions"):
         kwargs.pop(key, None)

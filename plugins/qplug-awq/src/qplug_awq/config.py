@@ -39,6 +39,7 @@ from qplug.config import (
     one_of,
     optional,
     positive_int,
+    skip_list,
     to_float,
     to_list,
     to_lower,
@@ -112,9 +113,7 @@ class AwqConfig(QuantConfig):
     zero_point: bool = attrs.field(default=True, validator=instance_of(bool))
     version: str = attrs.field(default="gemm", converter=_to_version, validator=one_of(VERSIONS))
     backend: str = attrs.field(default="autoawq", converter=_to_backend, validator=one_of(BACKENDS))
-    modules_to_not_convert: list[str] | None = attrs.field(
-        default=None, converter=to_list, validator=optional(list_of(str))
-    )
+    modules_to_not_convert: list[str] | None = attrs.field(default=None, converter=to_list, validator=skip_list())
     do_fuse: bool = attrs.field(default=False, validator=instance_of(bool))
     fuse_max_seq_len: int | None = attrs.field(default=None, validator=optional(instance_of(int), number_in(1)))
     modules_to_fuse: dict[str, Any] | None = attrs.field(default=None, validator=optional(mapping))

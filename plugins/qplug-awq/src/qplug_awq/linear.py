@@ -107,6 +107,7 @@ class AwqLinear(KernelLayer, nn.Module):
         AUTOAWQ,
         int_kernels.TINYGEMM_INT4_CUDA,
         int_kernels.TINYGEMM_INT4_CPU,
+        int_kernels.QPLUG_INT4_CPU,
         int_kernels.DEQUANT_BLOCKED,
         int_kernels.DEQUANT_CACHED,
     )
@@ -237,6 +238,18 @@ class AwqLinear(KernelLayer, nn.Module):
             q = torch.stack((b & 15, b >> 4), dim=-1).view(self.out_features, self.in_features)
             izeros, scales = _unpack_last(self.qzeros, self.bits, None)[:, :groups], self.scales[:, :groups]
         return int_kernels.IntWeight(q.contiguous(), scales, izeros.contiguous(), self.bits, self.group_size)
+
+    #: ``qweight`` holds nothing but the codes: a kernel that keeps them in its own packing drops it
+    code_tensors = ("qweight",)
+
+    def checkpoint_from_codes(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``qweight`` from uint8 codes ``[out, in]``, bit for bit (the inverse of :meth:`int_weight`'s reading)."""
+        if self.version == "gemm":  # [in, out / 8] words, position k holding column 8c + AWQ_ORDER[k]
+            nib = q.t().reshape(self.in_features, -1, 8)[..., list(AWQ_ORDER)]
+        else:  # [out, in / 8] words, in order
+            nib = q.reshape(self.out_features, -1, 8)
+        b = nib[..., 0::2] | nib[..., 1::2] << 4  # low nibble first
+        return {"qweight": b.contiguous().view(torch.int32).squeeze(-1)}
 
     # the old per-layer switch, kept for compatibility: on means the opt-in dequant-cached kernel
     cache_weight = int_kernels.CACHE_WEIGHT_SWITCH

@@ -20,10 +20,9 @@ from qplug.config import (
     QuantConfig,
     dtype_name,
     instance_of,
-    list_of,
     number_in,
     one_of,
-    optional,
+    skip_list,
     to_float,
     to_list,
     to_lower,
@@ -78,9 +77,7 @@ class BitsAndBytesConfig(QuantConfig):
     load_in_8bit: bool = _flag()
     load_in_4bit: bool = _flag()
     llm_int8_threshold: float = attrs.field(default=6.0, converter=to_float, validator=number_in(0, None))
-    llm_int8_skip_modules: list[str] | None = attrs.field(
-        default=None, converter=to_list, validator=optional(list_of(str))
-    )
+    llm_int8_skip_modules: list[str] | None = attrs.field(default=None, converter=to_list, validator=skip_list())
     llm_int8_enable_fp32_cpu_offload: bool = _flag()
     llm_int8_has_fp16_weight: bool = _flag()
     bnb_4bit_compute_dtype: str = attrs.field(

@@ -6,7 +6,7 @@ bitsandbytes quantizes CPU tensors to NF4/FP4 with an eager torch kernel (the
 seven passes over the tensor with large temporaries, about 65 M weights/s on two cores.
 
 :func:`quantize_4bit` does the elementwise part in one pass of a small C kernel
-(``cpu_kernels.c``, beside this file; its comment gives the arithmetic and why the bytes are the
+(``quantizers.c``, beside this file; its comment gives the arithmetic and why the bytes are the
 same) and leaves the rest to bitsandbytes:
 
 * the trailing partial block (``numel % blocksize`` elements), the double quantization of absmax

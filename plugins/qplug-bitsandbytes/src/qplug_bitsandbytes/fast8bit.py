@@ -3,7 +3,7 @@
 bitsandbytes converts the weight to float16 and calls ``int8_vectorwise_quant``: per row, the
 absolute maximum (``SCB``) and ``round(w * 127 / SCB)`` to int8 (``CB``), as eager torch
 operations (200-550 M weights/s on two cores; this kernel 4-5 G). :func:`quantize_weight` does the same in one pass
-of the C kernel ``qplug_int8_rowwise`` (``cpu_kernels.c``; built as described in
+of the C kernel ``qplug_int8_rowwise`` (``quantizers.c``; built as described in
 :mod:`qplug_bitsandbytes._native`), over ranges of rows on ``torch.get_num_threads()`` threads.
 
 It returns ``None`` -- and the caller uses bitsandbytes -- for anything but a 2-D CPU tensor of

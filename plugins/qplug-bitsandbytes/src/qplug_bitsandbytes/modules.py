@@ -157,6 +157,9 @@ def _refuses_bnb_avx512bf16(layer: nn.Module, device: torch.device, dtype: torch
     probe = getattr(bnb.functional, "has_avx512bf16", None)
     if not (probe and probe()):
         return "this CPU (or bitsandbytes) has no AVX512-BF16 kernel"
+    path, _ = cpu_linear.isa()
+    if path in ("avx2", "portable"):  # QPLUG_ISA caps every CPU kernel chosen here, bitsandbytes' too
+        return f"{cpu_linear.ISA_ENV_VAR} caps the instruction set at {path}"
     return None
 
 

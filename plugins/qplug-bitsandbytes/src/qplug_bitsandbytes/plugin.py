@@ -130,18 +130,23 @@ def replace_modules(
 
 
 def _hf_skips(name: str, patterns: list[str]) -> bool:
-    """transformers' ``should_convert_module`` rule, negated: does a pattern skip ``name``?"""
-    import re
+    r"""transformers' ``should_convert_module`` rule, negated: does a pattern skip ``name``?
 
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    transformers tries each key as a regular expression matched at the start of the name and ending
+    at a dot boundary (``re.match(rf"(?:{key})(?:(?<=\.)|(?=\.|$))", name)``). Keys come from
+    checkpoints, so they are matched with qplug's linear-time engine instead of Python's ``re``.
+    """
+    from qplug.patterns import PatternError, compile_pattern
+
     for key in patterns:
         if name.endswith(key):
             return True
         try:
-            if re.match(rf"(?:{key}){boundary}", name):
-                return True
-        except re.error:
+            ends = compile_pattern(key).prefix_ends(name)
+        except PatternError:  # not a regular expression qplug accepts: a plain name, matched above
             continue
+        if any(end == len(name) or name[end] == "." or (end and name[end - 1] == ".") for end in ends):
+            return True
     return False
 
 

@@ -19,7 +19,6 @@ only matter when quantizing (a usable calibration dataset, its tokenizer) live i
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +27,7 @@ import attrs
 
 from qplug.config import (
     QuantConfig,
+    check_pattern,
     instance_of,
     list_of,
     mapping,
@@ -36,6 +36,7 @@ from qplug.config import (
     optional,
     positive_int,
     reject,
+    skip_list,
     to_float,
     to_list,
     to_lower,
@@ -133,11 +134,44 @@ class GPTQConfig(QuantConfig):
     modules_in_block_to_quantize: list[list[str]] | None = attrs.field(
         default=None, converter=to_list, validator=optional(_nested_str_lists)
     )
-    modules_to_not_convert: list[str] | None = attrs.field(
-        default=None, converter=to_list, validator=optional(list_of(str))
-    )
+    modules_to_not_convert: list[str] | None = attrs.field(default=None, converter=to_list, validator=skip_list())
 
     # -- checks ------------------------------------------------------------------------------
+    def check(self) -> None:
+        self._check_dynamic()
+
+    def _check_dynamic(self) -> None:
+        """GPTQModel's ``dynamic``: each key a pattern qplug can match, each override a valid setting.
+
+        Checked here, when the config is read, so a bad checkpoint config fails before any model
+        work, naming ``dynamic``, the key and the setting.
+        """
+        dynamic = self.extra_keys.get("dynamic")
+        if dynamic is None:
+            return
+        name = type(self).__name__
+        if not isinstance(dynamic, Mapping):
+            raise QuantConfigError(field="dynamic", value=dynamic, config=name,
+                                   accepted='expected a JSON object of "[+-]:regex": {overrides}')
+        fields = attrs.fields_dict(type(self))
+        for key, overrides in dynamic.items():
+            if not isinstance(key, str):
+                raise QuantConfigError(field="dynamic", value=key, config=name, accepted="keys are regex strings")
+            check_pattern(_dynamic_regex(key), field="dynamic", config=name, regex=True)
+            if not isinstance(overrides, Mapping):
+                raise QuantConfigError(field="dynamic", value={key: overrides}, config=name,
+                                       accepted=f"the overrides of {key!r} must be a JSON object")
+            for setting in _DYNAMIC_SETTINGS:
+                if setting not in overrides:
+                    continue
+                try:
+                    fields[setting].validator(self, fields[setting], overrides[setting])
+                except QuantConfigError as exc:
+                    raise QuantConfigError(
+                        field="dynamic", value={key: {setting: overrides[setting]}}, config=name,
+                        accepted=f"{setting} of {key!r}: {exc.accepted}",
+                    ) from None
+
     def check_loadable(self) -> None:
         """The checkpoint tensors are in a layout this backend reads."""
         if self.checkpoint_format not in SUPPORTED_FORMATS:
@@ -260,28 +294,15 @@ class GPTQConfig(QuantConfig):
         """Settings for module ``name``: ``None`` if GPTQModel's ``dynamic`` excludes it
         (a ``"-:regex"`` key), else ``bits``/``group_size``/``sym``/``desc_act`` with the
         overrides of the first matching ``"+:regex"`` (or bare regex) key."""
-        base = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "desc_act": self.desc_act}
+        from qplug.patterns import compile_pattern
+
+        base = {setting: getattr(self, setting) for setting in _DYNAMIC_SETTINGS}
+        self._check_dynamic()  # the config may have been changed since construction
         dynamic = self.extra_keys.get("dynamic") or {}
-        if not isinstance(dynamic, Mapping):
-            raise QuantConfigError(
-                field="dynamic",
-                value=dynamic,
-                accepted="expected a JSON object of regex: overrides",
-                config=type(self).__name__,
-            )
         for pattern, overrides in dynamic.items():
             negative = pattern.startswith("-:")
-            regex = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
-            try:
-                hit = re.match(regex, name) is not None
-            except re.error as exc:
-                raise QuantConfigError(
-                    field="dynamic",
-                    value=pattern,
-                    accepted=f"a valid regular expression ({exc})",
-                    config=type(self).__name__,
-                ) from exc
-            if hit:
+            # GPTQModel matches with re.match (a prefix); qplug's engine, in linear time.
+            if compile_pattern(_dynamic_regex(pattern)).match(name):
                 if negative:
                     return None
                 if isinstance(overrides, Mapping):
@@ -293,6 +314,15 @@ class GPTQConfig(QuantConfig):
     def quantizes_lm_head(self) -> bool:
         """GPTQModel's ``"lm_head": true``: the output head is quantized too."""
         return self.extra_keys.get("lm_head") is True
+
+
+#: The settings a ``dynamic`` entry may override for the modules it matches.
+_DYNAMIC_SETTINGS = ("bits", "group_size", "sym", "desc_act")
+
+
+def _dynamic_regex(key: str) -> str:
+    """A ``dynamic`` key without its ``+:``/``-:`` marker."""
+    return key[2:] if key[:2] in ("-:", "+:") else key
 
 
 def _norm(value: Any) -> Any:

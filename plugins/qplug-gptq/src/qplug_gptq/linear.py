@@ -59,12 +59,27 @@ def _codes_out_in(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((b & 15, b >> 4), dim=-1).reshape(out_f, rows * 8)
 
 
+def _qweight_from_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`_codes_out_in`: uint8 codes ``[out, in]`` -> ``qweight`` int32 ``[in * bits / 32, out]``."""
+    out_f, in_f = q.shape
+    if bits == 8:
+        b = q.reshape(out_f, in_f // 4, 4)
+    elif bits == 4:
+        b = q.reshape(out_f, in_f // 8, 4, 2)
+        b = b[..., 0] | b[..., 1] << 4
+    else:
+        return packing.pack_qweight(q.t(), bits)
+    return b.permute(1, 0, 2).contiguous().view(torch.int32).reshape(in_f * bits // 32, out_f)
+
+
 class GPTQLinear(KernelLayer, nn.Module):
     """Linear layer with GPTQ-packed weights; see the module docstring."""
 
     kernels = (
         int_kernels.TINYGEMM_INT4_CUDA,
         int_kernels.TINYGEMM_INT4_CPU,
+        int_kernels.QPLUG_INT4_CPU,
+        int_kernels.QPLUG_INT8_CPU,
         int_kernels.INT8_WEIGHT_CPU,
         int_kernels.DEQUANT_BLOCKED,
         int_kernels.DEQUANT_CACHED,
@@ -264,6 +279,13 @@ class GPTQLinear(KernelLayer, nn.Module):
         q = q.contiguous() if perm is None else q.index_select(1, perm).contiguous()
         group = self.in_features if self.group_size == -1 else self.group_size
         return int_kernels.IntWeight(q, self.scales.t(), zero.contiguous(), self.bits, group, perm)
+
+    #: ``qweight`` holds nothing but the codes: a kernel that keeps them in its own packing drops it
+    code_tensors = ("qweight",)
+
+    def checkpoint_from_codes(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``qweight`` from uint8 codes ``[out, in]``, bit for bit (the inverse of :meth:`int_weight`'s reading)."""
+        return {"qweight": _qweight_from_codes(q, self.bits)}
 
     # the old per-layer switch, kept for compatibility: on means the opt-in dequant-cached kernel
     cache_weight = int_kernels.CACHE_WEIGHT_SWITCH

@@ -1,0 +1,160 @@
+"""4-bit code-book weights multiplied on the CPU by qplug's C kernels (:data:`qplug.native.CPU_KERNELS`).
+
+A :class:`Lut4Weight` is the form both bitsandbytes' NF4/FP4 weights and affine integer weights
+(GPTQ, AWQ) take here: the ``[n, k]`` codes row-major, two per byte (element ``2j`` in the high
+nibble of byte ``j``), and per block of ``blocksize`` consecutive (flattened) elements a scale and
+optionally a zero point, so that a weight is ``(code[nibble] - zero) * scale`` in float32. Scales
+may be double-quantized the way bitsandbytes stores them (8-bit codes of a nested block scale).
+
+:func:`matmul` computes ``x @ W.T``:
+
+* up to :data:`GEMV_MAX_ROWS` input rows (decode): a C GEMV that looks each nibble up in the block's
+  16-entry table (``(code - zero) * scale``, formed once per block) and accumulates in float32, over
+  ranges of output rows on ``torch.get_num_threads()`` threads;
+* more rows (prefill): blocks of :data:`BLOCK_ELEMENTS` weights dequantized by a C kernel into a
+  reused per-thread buffer, each multiplied by torch's matmul -- in bfloat16 where the input (or the
+  layer's compute dtype) is bfloat16 and the CPU has bfloat16 dot products, float32 otherwise
+  (bfloat16 and float16 matmuls without hardware support are several times slower than float32).
+  The full float weight never exists.
+
+AVX-512, AVX2+FMA and portable paths live in one build; :func:`qplug.native.isa` says which runs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from qplug import native
+
+__all__ = ["BLOCK_ELEMENTS", "GEMV_MAX_ROWS", "Lut4Weight", "dequantize", "matmul", "matmul_dtype", "refuses"]
+
+#: Inputs of at most this many rows take the GEMV, per path; more rows the blocked dequantize + matmul one.
+#: (Measured on a Zen 4 core: the AVX-512 GEMV costs ~0.25 ms per extra row of a 5632x2048 layer, about
+#: a bf16 matmul of 8 rows; the AVX2 one more than twice that.)
+GEMV_MAX_ROWS = {"avx512": 8, "avx2": 4, "portable": 4}
+#: Weights per dequantized block of the prefill path (4 MiB as float32).
+BLOCK_ELEMENTS = 1 << 20
+# Below this many output rows per thread one thread does the GEMV (a pool hand-off costs ~20 us).
+_GEMV_WEIGHTS_PER_THREAD = 1 << 18
+_DEQUANT_ELEMENTS_PER_THREAD = 1 << 17
+
+_scratch = threading.local()
+
+
+class Lut4Weight:
+    """Codes, code book and block scales (see the module docstring); tensors are used as given, not copied.
+
+    :param packed: uint8, ``n * k / 2`` bytes.
+    :param code: the 16 float32 values a nibble stands for (``0..15`` for affine integers).
+    :param absmax: float32 scale per block, or ``None`` when double-quantized (``qabsmax`` ...).
+    :param zeros: float32 zero point per block, or ``None``.
+    """
+
+    __slots__ = ("absmax", "absmax2", "blocksize", "code", "code2", "k", "n", "nested_blocksize", "offset",
+                 "packed", "qabsmax", "zeros")
+
+    def __init__(self, packed: torch.Tensor, n: int, k: int, blocksize: int, code: torch.Tensor, *,
+                 absmax: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
+                 qabsmax: torch.Tensor | None = None, code2: torch.Tensor | None = None,
+                 absmax2: torch.Tensor | None = None, nested_blocksize: int = 0, offset: float = 0.0) -> None:
+        if (absmax is None) == (qabsmax is None):
+            raise ValueError("Lut4Weight takes either absmax or qabsmax (double quantization)")
+        self.packed = packed.reshape(-1).view(torch.uint8)
+        self.n, self.k, self.blocksize = n, k, blocksize
+        self.code = code.to(torch.float32).contiguous()
+        self.absmax, self.zeros = absmax, zeros
+        self.qabsmax, self.code2, self.absmax2 = qabsmax, code2, absmax2
+        self.nested_blocksize, self.offset = nested_blocksize, offset
+
+    def scale_args(self) -> tuple:
+        def ptr(t):
+            return None if t is None else t.data_ptr()
+
+        return (ptr(self.absmax), ptr(self.zeros), ptr(self.qabsmax), ptr(self.code2), ptr(self.absmax2),
+                self.nested_blocksize, self.offset)
+
+
+def refuses(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot take inputs of ``dtype`` on ``device`` here, or ``None``."""
+    if device.type != "cpu":
+        return f"runs on the CPU only (tensors on {device})"
+    if dtype not in native.DTYPE_CODES:
+        return f"inputs of {dtype} (it takes float32, bfloat16, float16)"
+    return native.isa()[1]
+
+
+def matmul_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The blocked path's matmul dtype: bfloat16 where the input or the layer's declared compute dtype
+    is bfloat16 and the CPU has bfloat16 dot products; float32 otherwise."""
+    wants_bf16 = torch.bfloat16 in (dtype, compute_dtype)
+    return torch.bfloat16 if wants_bf16 and native.native_bf16_matmul() else torch.float32
+
+
+def _buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """Scratch space for a dequantized block: one per thread and dtype, shared by every layer (a buffer per
+    layer would add megabytes a layer to the model's memory)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def dequantize(weight: Lut4Weight, first: int, count: int, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Flattened weights ``[first, first + count)`` in ``dtype`` (float32 values rounded once)."""
+    lib = native.CPU_KERNELS.get()
+    out = torch.empty(count, dtype=dtype) if out is None else out
+    args = (weight.blocksize, weight.code.data_ptr(), *weight.scale_args(), native.DTYPE_CODES[dtype],
+            out.data_ptr(), first)
+    packed, isa_code = weight.packed.data_ptr(), native.ISAS[native.isa()[0]]
+    if lib.qplug_openmp():  # on torch's own threads (see qplug.native.run_parallel)
+        threads = native.threads_for(count, _DEQUANT_ELEMENTS_PER_THREAD)
+        status = [lib.qplug_dequant_4bit_parallel(isa_code, threads, packed, first, count, *args)]
+    else:
+        status = native.run_in_ranges(lambda start, n: lib.qplug_dequant_4bit(isa_code, packed, first + start, n,
+                                                                              *args), count,
+                                      _DEQUANT_ELEMENTS_PER_THREAD)
+    if any(status):
+        raise RuntimeError(f"qplug_dequant_4bit returned {status}")
+    return out
+
+
+def _gemv(weight: Lut4Weight, x: torch.Tensor, isa_code: int) -> torch.Tensor:
+    lib = native.CPU_KERNELS.get()
+    m, k, n = x.shape[0], weight.k, weight.n
+    xr = torch.empty(m, k, dtype=torch.float32)
+    if lib.qplug_gemv_4bit_input(x.data_ptr(), native.DTYPE_CODES[x.dtype], m, k, xr.data_ptr()):
+        raise RuntimeError("qplug_gemv_4bit_input failed")
+    out = torch.empty(m, n, dtype=torch.float32)
+    args = (xr.data_ptr(), m, k, weight.packed.data_ptr(), weight.blocksize, weight.code.data_ptr(),
+            *weight.scale_args(), out.data_ptr(), n)
+    status = native.run_parallel(lib, "qplug_gemv_4bit", n, max(1, _GEMV_WEIGHTS_PER_THREAD // k), isa_code, *args,
+                                 inline_first=True)
+    if any(status):
+        raise RuntimeError(f"qplug_gemv_4bit returned {status}")
+    return out
+
+
+def _blocked(weight: Lut4Weight, x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    k, n = weight.k, weight.n
+    mm_dtype = matmul_dtype(x.dtype, compute_dtype)
+    xm = x.to(mm_dtype)
+    rows = max(1, min(n, BLOCK_ELEMENTS // k))
+    out = torch.empty(x.shape[0], n, dtype=mm_dtype)
+    for r0 in range(0, n, rows):
+        r = min(rows, n - r0)
+        w = dequantize(weight, r0 * k, r * k, mm_dtype, out=_buffer(mm_dtype, rows * k)[: r * k])
+        out[:, r0:r0 + r] = xm @ w.view(r, k).T
+    return out
+
+
+def matmul(weight: Lut4Weight, x: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ W.T`` for a contiguous 2-D ``x`` ``[m, k]`` on the CPU, in float32 or the blocked path's matmul
+    dtype (the caller casts to what it returns)."""
+    name, _ = native.isa()
+    if x.shape[0] <= GEMV_MAX_ROWS[name] and weight.k % 32 == 0 and weight.blocksize % 32 == 0:
+        return _gemv(weight, x, native.ISAS[name])
+    return _blocked(weight, x, compute_dtype)
