@@ -235,10 +235,11 @@ def load_quantized(
     :param on_module: with ``quantization_config``: called with each module name once quantized.
     :raises CheckpointError: a tensor is missing, unexpected or mis-shaped (named).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from qplug._io import recover_directory
+    from qplug.checkpoint import read_model_config
 
-    from qplug.checkpoint import build_skeleton, read_model_config, read_tensors
-
+    # A save killed between its two renames leaves the checkpoint beside its path: finish that save.
+    directory = recover_directory(directory)
     model_config = read_model_config(directory)
     saved = model_config.get("quantization_config")
     if saved is not None and quantization_config is not None:
@@ -248,7 +249,34 @@ def load_quantized(
         raise CheckpointError(f"{directory}: config.json has no quantization_config; the checkpoint is not "
                               "quantized (pass quantization_config=... to quantize it while loading)")
     config = config_from_dict(saved) if saved is not None else _resolve(quantization_config)
-    if saved is not None:
+    # Loading into the caller's model is a transaction: on any failure, every module of it is put
+    # back as it was (a half-converted model would run and give wrong outputs).
+    snapshot = _ModelSnapshot(model) if model is not None else None
+    try:
+        model = _load_into(directory, model, model_config, config, saved is not None, skip, on_module)
+    except BaseException as exc:
+        if snapshot is not None:
+            try:
+                snapshot.restore()
+            except Exception as restore_error:
+                raise QPlugError(
+                    f"loading {directory} failed ({exc}) and the model passed in could not be restored "
+                    f"({restore_error}): it is unusable, build it again"
+                ) from exc
+        raise
+    setattr(model, _CONFIG_ATTR, config)
+    return model.eval()
+
+
+def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model_config: dict[str, Any],
+               config: QuantConfig, prequantized: bool, skip: Iterable[str],
+               on_module: Callable[[str], None] | None) -> nn.Module:
+    """The body of :func:`load_quantized`: build or convert ``model`` and fill it; returns it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qplug.checkpoint import build_skeleton, read_tensors
+
+    if prequantized:
         # Read the tensors on other threads while this one builds the (meta-device) model.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-load") as background:
             reading = background.submit(read_tensors, directory)
@@ -277,8 +305,7 @@ def load_quantized(
             on_module,
         )
         _load_tensors(model, rest, {}, filled=names)
-    setattr(model, _CONFIG_ATTR, config)
-    return model.eval()
+    return model
 
 
 def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, str],
@@ -313,3 +340,29 @@ def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, 
     missing += [n for n in meta_tensor_names(model) if n not in missing]
     if missing:
         raise CheckpointError(f"checkpoint lacks tensors the model needs: {', '.join(sorted(missing))}")
+
+
+class _ModelSnapshot:
+    """Every module's attributes, shallowly: enough to undo module swaps and tensor assignments.
+
+    Dicts and sets held by a module (``_modules``, ``_parameters``, ``_buffers``, hooks) are copied
+    and refilled in place on :meth:`restore`, so references to them stay valid; tensors are not
+    copied (loading replaces them, it never writes into them).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._saved = []
+        for module in model.modules():
+            attributes = dict(vars(module))
+            containers = {k: v.copy() for k, v in attributes.items() if isinstance(v, (dict, set))}
+            self._saved.append((module, attributes, containers))
+
+    def restore(self) -> None:
+        for module, attributes, containers in self._saved:
+            state = vars(module)
+            state.clear()
+            state.update(attributes)
+            for key, contents in containers.items():
+                live = state[key]
+                live.clear()
+                live.update(contents)

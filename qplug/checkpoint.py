@@ -8,9 +8,11 @@ is assembled beside the target and renamed over it, so a failure leaves an old o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -79,23 +81,34 @@ def write_checkpoint(
     with atomic_directory(target) as staging:
         if target.is_dir():
             _carry_over(target, staging)
-        save_file(dict(tensors), str(staging / WEIGHTS_NAME), metadata=meta)
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(dict(tensors), str(staging / WEIGHTS_NAME), metadata=meta)
+        # safetensors writes through a private temporary file (mode 0600); give the weights the mode
+        # an ordinary new file gets here (0666 less the umask), which config.json just got.
+        os.chmod(staging / WEIGHTS_NAME, stat.S_IMODE(os.stat(staging / CONFIG_NAME).st_mode))
     return target
 
 
 def _carry_over(old: Path, new: Path) -> None:
+    """Bring the other files of ``old`` (a tokenizer, a README) into ``new``.
+
+    Symbolic links are copied as links, never followed: a link to a file or directory elsewhere
+    never brings that file's contents into the checkpoint. Sockets, FIFOs and devices are left out.
+    """
     for entry in old.iterdir():
         if entry.name in _OWN_FILES or entry.suffix in {".safetensors", ".bin", ".pt", ".pth"}:
             continue
         dest = new / entry.name
-        if entry.is_dir():
+        mode = entry.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            os.symlink(os.readlink(entry), dest)
+        elif stat.S_ISDIR(mode):
             shutil.copytree(entry, dest, symlinks=True)
-        else:
+        elif stat.S_ISREG(mode):
             try:
-                os.link(entry, dest)
+                os.link(entry, dest, follow_symlinks=False)
             except OSError:
-                shutil.copy2(entry, dest)
+                shutil.copy2(entry, dest, follow_symlinks=False)
 
 
 def read_model_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -103,33 +116,144 @@ def read_model_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
     :raises ConfigFileError: missing, unreadable or not a JSON object.
     """
+    from qplug.config import parse_json
+
     path = Path(directory) / CONFIG_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigFileError(f"{directory}: no {CONFIG_NAME} (is this a model directory?)") from exc
     except OSError as exc:
         raise ConfigFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except ValueError as exc:
+    except ValueError as exc:  # not UTF-8
         raise ConfigFileError(f"{path}: not valid JSON: {exc}") from exc
+    data = parse_json(text, str(path))
     if not isinstance(data, dict):
         raise ConfigFileError(f"{path}: expected a JSON object")
     return data
 
 
 def weight_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """The safetensors files of a checkpoint, in index order when there is an index."""
+    """The safetensors files of a checkpoint, in index order when there is an index.
+
+    :raises CheckpointError: the index is malformed, names a file outside the directory or a missing
+        one, or there are no safetensors weights at all.
+    """
     directory = Path(directory)
-    index = directory / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+    weight_map = _index_map(directory)
+    if weight_map is not None:
         return [directory / name for name in dict.fromkeys(weight_map.values())]
-    if (directory / WEIGHTS_NAME).is_file():
-        return [directory / WEIGHTS_NAME]
+    if os.path.lexists(directory / WEIGHTS_NAME):
+        return [directory / WEIGHTS_NAME]  # opening it says what is wrong if it is not a regular file
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no safetensors weights (qplug never reads pickled .bin files)")
     return files
+
+
+def _index_map(directory: Path) -> dict[str, str] | None:
+    """The index's ``weight_map`` (tensor -> file name), validated; ``None`` without an index."""
+    index = directory / INDEX_NAME
+    if not os.path.lexists(index):
+        return None
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{index}: the index is a dangling symbolic link") from None
+    except OSError as exc:
+        raise CheckpointError(f"{index}: cannot read the index: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{index}: the index is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{index}: the index is a JSON {type(data).__name__}, not an object")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> file name")
+    for tensor, name in weight_map.items():
+        problem = _unsafe_file_name(name)
+        if problem:
+            raise CheckpointError(f"{index}: tensor {tensor!r} is mapped to {name!r}, {problem}")
+    for name in dict.fromkeys(weight_map.values()):
+        if not os.path.lexists(directory / name):
+            tensor = next(t for t, n in weight_map.items() if n == name)
+            raise CheckpointError(f"{index}: tensor {tensor!r} is in {name!r}, which is missing from {directory}")
+    return weight_map
+
+
+def _unsafe_file_name(name: object) -> str | None:
+    """Why ``name`` is not a file name inside the checkpoint directory, or ``None`` when it is one."""
+    if not isinstance(name, str) or not name:
+        return "which is not a file name"
+    if "\\" in name or "\0" in name:
+        return "which is not a plain file name"
+    parts = name.split("/")
+    if name.startswith("/") or os.path.isabs(name):
+        return "an absolute path (an index may only name files inside its checkpoint directory)"
+    if any(part in ("", ".", "..") for part in parts):
+        return "a path that leaves or re-enters the checkpoint directory"
+    return None
+
+
+class CheckpointWeights:
+    """The safetensors files of a checkpoint directory, opened and cross-checked.
+
+    Every file's header is validated on opening. With an index, each tensor must be in the file the
+    index names and nowhere else; without one, no tensor may appear in two files. ``tied`` is the
+    tied-name map qplug recorded when saving (``{omitted: kept}``).
+
+    :raises CheckpointError: naming the file and the tensor at fault.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], stack: contextlib.ExitStack) -> None:
+        from qplug.safetensors_io import SafetensorsFile
+
+        directory = Path(directory)
+        weight_map = _index_map(directory)
+        self.where: dict[str, SafetensorsFile] = {}
+        self.tied: dict[str, str] = {}
+        for path in weight_files(directory):
+            handle = stack.enter_context(SafetensorsFile(path))
+            for name in handle.keys():
+                if name in self.where:
+                    raise CheckpointError(
+                        f"{directory}: tensor {name!r} is in both {self.where[name].path.name} and {path.name}"
+                    )
+                if weight_map is not None and weight_map.get(name) != path.name:
+                    listed = weight_map.get(name)
+                    raise CheckpointError(
+                        f"{path}: holds tensor {name!r}, which the index "
+                        + (f"places in {listed!r}" if listed is not None else "does not list")
+                    )
+                self.where[name] = handle
+            if TIED_KEY in handle.metadata:
+                self.tied.update(_parse_tied(path, handle.metadata[TIED_KEY]))
+        if weight_map is not None:
+            for name, file_name in weight_map.items():
+                if name not in self.where:
+                    raise CheckpointError(
+                        f"{directory / file_name}: lacks tensor {name!r}, which the index places there"
+                    )
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"checkpoint lacks tensor {name!r}")
+        return self.where[name].get_tensor(name)
+
+
+def _parse_tied(path: Path, text: str) -> dict[str, str]:
+    try:
+        tied = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: metadata {TIED_KEY!r} is not valid JSON: {exc}") from None
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise CheckpointError(f"{path}: metadata {TIED_KEY!r} must be a JSON object of tensor name -> tensor name")
+    return tied
 
 
 def read_tensors(
@@ -141,23 +265,14 @@ def read_tensors(
     ``threads`` (default: the CPU count, at most 8) read tensors concurrently: copying from the
     page cache into fresh memory is bound by page faults and copies on one core, not by the disk.
     """
-    import contextlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from qplug.safetensors_io import SafetensorsFile
-
-    tied: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
-        jobs = []
-        for path in weight_files(directory):
-            fh = stack.enter_context(SafetensorsFile(path))
-            if TIED_KEY in fh.metadata:
-                tied.update(json.loads(fh.metadata[TIED_KEY]))
-            jobs += [(fh, name) for name in fh.keys()]
+        weights = CheckpointWeights(directory, stack)
+        jobs = weights.names()
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1), thread_name_prefix="qplug-read") as pool:
-            read = pool.map(lambda job: job[0].get_tensor(job[1]), jobs)
-            tensors = {name: tensor for (_, name), tensor in zip(jobs, read, strict=True)}
-    return tensors, tied
+            tensors = dict(zip(jobs, pool.map(weights.get, jobs), strict=True))
+    return tensors, weights.tied
 
 
 def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
@@ -174,8 +289,10 @@ def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
             "installed: pip install 'qplug[transformers]' (or pass model=...)",
             install="pip install 'qplug[transformers]'",
         ) from exc
-    from qplug.modules import empty_weights
+    from qplug.config import check_model_config
+    from qplug.modules import build_empty
 
+    check_model_config(config)
     # Private keys record how the saving process ran (transformers < 4.50 writes
     # "_attn_implementation_autoset", which would force eager attention here): leave them out.
     fields = {k: v for k, v in config.items() if k != "quantization_config" and not k.startswith("_")}
@@ -188,9 +305,12 @@ def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
         raise ConfigFileError(f"config.json: transformers cannot build a {model_type!r} config: {exc}") from exc
     architectures = fields.get("architectures") or []
     model_cls = getattr(transformers, architectures[0], None) if architectures else None
-    with empty_weights():
-        if model_cls is not None:
-            model = model_cls(hf_config)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    if model_cls is not None and not (isinstance(model_cls, type) and issubclass(model_cls, nn.Module)):
+        raise ConfigFileError(f"config.json: architectures: {architectures[0]!r} is not a transformers model class")
+    # On the meta device through torch's per-thread device context: no global patching, so other
+    # threads (another load, an nn.Linear built meanwhile) are unaffected.
+    if model_cls is not None:
+        model = build_empty(lambda: model_cls(hf_config))
+    else:
+        model = build_empty(lambda: transformers.AutoModelForCausalLM.from_config(hf_config))
     return model.eval()

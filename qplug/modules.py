@@ -13,8 +13,9 @@ Module-name patterns (skip lists, targets) match whole dotted components:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 import torch
@@ -23,9 +24,11 @@ from torch import nn
 __all__ = [
     "Selection",
     "SkipPatternWarning",
+    "build_empty",
     "empty_weights",
     "get_submodule",
     "iter_linear",
+    "materialize_buffers",
     "name_matches",
     "output_head_names",
     "select_modules",
@@ -157,24 +160,83 @@ def select_modules(
 
 @contextlib.contextmanager
 def empty_weights() -> Iterator[None]:
-    """Build modules whose parameters live on the meta device (no memory), buffers stay real.
+    """Create every new tensor of this thread on the meta device (no memory) inside the block.
 
-    Buffers such as rotary-embedding frequencies are computed at construction and never saved,
-    so they must stay materialised; parameters are what a checkpoint fills in.
+    This is torch's own device context (``with torch.device("meta")``): a per-thread mode, so other
+    threads keep building real modules meanwhile, and nothing global is patched. Buffers land on the
+    meta device too; :func:`build_empty` also gives them real values.
     """
-    original = nn.Module.register_parameter
-
-    def register_on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(self, name, param)
-        if param is not None and param.device.type != "meta":
-            moved = param.to("meta")
-            self._parameters[name] = type(param)(moved, requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
-    try:
+    with torch.device("meta"):
         yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_empty(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with its parameters on the meta device (no memory) and its buffers real.
+
+    Buffers such as rotary-embedding frequencies are computed at construction and never saved, so
+    they must hold real values; parameters are what a checkpoint fills in. The model is built under
+    :func:`empty_weights`, then :func:`materialize_buffers` recomputes its buffers on the CPU.
+
+    :raises QPlugError: a buffer cannot be recomputed (see :func:`materialize_buffers`).
+    """
+    with empty_weights():
+        model = build()
+    materialize_buffers(model)
+    return model
+
+
+def materialize_buffers(model: nn.Module) -> None:
+    """Give every buffer (and plain tensor attribute) still on the meta device its value, on the CPU.
+
+    Each module holding one is built again on the CPU from its own attributes (a module's
+    constructor arguments are, by convention, attributes of the same name: ``config`` for
+    transformers' rotary embeddings), and the values are taken from that copy.
+
+    :raises QPlugError: naming the buffer, when its module cannot be built that way.
+    """
+    from qplug.errors import QPlugError
+
+    for name, module in model.named_modules():
+        metas = [k for k, b in module._buffers.items() if b is not None and b.device.type == "meta"]
+        loose = [k for k, v in vars(module).items() if isinstance(v, torch.Tensor) and v.device.type == "meta"]
+        if not metas and not loose:
+            continue
+        fresh, why = _rebuild_on_cpu(module)
+        for key in [*metas, *loose]:
+            value = getattr(fresh, key, None) if fresh is not None else None
+            current = getattr(module, key)
+            if not isinstance(value, torch.Tensor) or value.shape != current.shape or value.dtype != current.dtype:
+                what = f"{name}.{key}" if name else key
+                raise QPlugError(
+                    f"cannot compute buffer {what!r} of {type(module).__name__} outside the meta device "
+                    f"({why or 'its rebuilt copy differs'}); build the model yourself and pass model=..."
+                )
+            if key in metas:
+                module._buffers[key] = value
+            else:
+                setattr(module, key, value)
+
+
+def _rebuild_on_cpu(module: nn.Module) -> tuple[nn.Module | None, str | None]:
+    """A new instance of ``module``'s class built on the CPU from its attributes, or ``(None, why)``."""
+    cls = type(module)
+    try:
+        signature = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return None, f"{cls.__name__}.__init__ has no signature"
+    kwargs = {}
+    for param in list(signature.parameters.values())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.name != "device" and hasattr(module, param.name):
+            kwargs[param.name] = getattr(module, param.name)
+        elif param.default is param.empty:
+            return None, f"{cls.__name__}.__init__ needs {param.name!r}, which the module does not keep"
+    try:
+        with torch.device("cpu"):
+            return cls(**kwargs), None
+    except Exception as exc:  # any failure of third-party code means: cannot rebuild this way
+        return None, f"{cls.__name__}(...) failed: {exc}"
 
 
 def meta_tensor_names(model: nn.Module) -> list[str]:

@@ -5,12 +5,19 @@ process's resident memory until the map closes, so streaming a large checkpoint 
 as much RSS as the checkpoint. Here each tensor is read with ``os.pread`` into memory that belongs
 to that tensor alone, so dropping the tensor gives the memory back. The format is a little-endian
 u64 header length, a JSON header (name → dtype, shape, data_offsets), then the raw bytes.
+
+Checkpoints come from strangers, so the whole header is validated when the file is opened, before
+any tensor memory is allocated: the header is a JSON object of well-formed entries, each entry's
+byte count agrees with its dtype and shape, and the entries' byte ranges tile the data buffer
+exactly (in bounds, no overlap, no hole), as the format requires. No allocation can then exceed
+the file's size. Every problem is a :class:`~qplug.CheckpointError` naming the file and the tensor.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -25,57 +32,155 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+# torch keeps sizes in int64 and caps the number of dimensions; anything beyond is not a real tensor.
+_MAX_DIM = 2**53
+_MAX_RANK = 64
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class SafetensorsFile:
-    """An open safetensors file: its header, and each tensor read on demand.
+    """An open safetensors file: its validated header, and each tensor read on demand.
 
-    :raises CheckpointError: the file is not a valid safetensors file.
+    :raises CheckpointError: the file is missing, not a regular file, or not a valid safetensors
+        file (the message names the file and, where one is at fault, the tensor).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
         try:
-            (length,) = struct.unpack("<Q", self._read_exact(8, 0))
-            if length > _MAX_HEADER:
-                raise CheckpointError(f"{self.path}: header of {length} bytes; not a safetensors file")
-            header = json.loads(self._read_exact(length, 8))
-        except (struct.error, ValueError, CheckpointError) as exc:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            what = "a dangling symbolic link" if os.path.islink(self.path) else "missing"
+            raise CheckpointError(f"{self.path}: weight file is {what}") from None
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot open: {exc.strerror or exc}") from None
+        try:
+            info = os.fstat(self._fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointError(f"{self.path}: not a regular file (a weight file must be one)")
+            self._size = info.st_size
+            self._entries, self.metadata, self._data_start = self._read_header()
+        except BaseException:
             os.close(self._fd)
-            raise CheckpointError(f"{self.path}: not a valid safetensors file ({exc})") from exc
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self._entries: dict[str, dict] = header
-        self._data_start = 8 + length
+            self._fd = -1
+            raise
 
+    # ------------------------------------------------------------------ header
+    def _fail(self, problem: str, tensor: str | None = None) -> CheckpointError:
+        where = f"{self.path}: tensor {tensor!r}" if tensor is not None else str(self.path)
+        return CheckpointError(f"{where}: {problem}")
+
+    def _read_header(self) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], dict[str, str], int]:
+        if self._size < 8:
+            raise self._fail(f"not a safetensors file (truncated: {self._size} bytes)")
+        (length,) = struct.unpack("<Q", self._read_exact(8, 0))
+        if length > min(_MAX_HEADER, self._size - 8):
+            raise self._fail(f"not a safetensors file (a header of {length} bytes in a file of {self._size})")
+        try:
+            header = json.loads(self._read_exact(length, 8), object_pairs_hook=_no_duplicate_keys)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise self._fail(f"not a valid safetensors file (header is not valid JSON: {exc})") from None
+        if not isinstance(header, dict):
+            raise self._fail(f"not a valid safetensors file (header is a JSON {type(header).__name__}, not an object)")
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._fail("__metadata__ must be an object of strings")
+        data_size = self._size - 8 - length
+        entries = {name: self._check_entry(name, entry, data_size) for name, entry in header.items()}
+        # The byte ranges must tile [0, data_size): sorted by start, each begins where the previous ended.
+        position = 0
+        previous = None
+        for name, (_, _, start, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if start != position:
+                if start < position:
+                    raise self._fail(f"its bytes [{start}, {end}) overlap those of {previous!r}", name)
+                raise self._fail(f"bytes [{position}, {start}) before it belong to no tensor (a hole)", name)
+            position = end
+            previous = name
+        if position != data_size:
+            raise self._fail(
+                f"the tensors cover {position} bytes of the data buffer but it holds {data_size} "
+                "(trailing bytes belong to no tensor)"
+            )
+        return entries, metadata, 8 + length
+
+    def _check_entry(self, name: str, entry: object, data_size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        if not isinstance(entry, dict):
+            raise self._fail(f"header entry is a JSON {type(entry).__name__}, not an object", name)
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in entry:
+                raise self._fail(f"header entry has no {key!r}", name)
+        dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+            raise self._fail(f"unsupported dtype {dtype_name!r} (supported: {', '.join(_DTYPES)})", name)
+        if (not isinstance(shape, list) or len(shape) > _MAX_RANK
+                or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape)):
+            raise self._fail(f"shape {shape!r} is not a list of at most {_MAX_RANK} non-negative integers", name)
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise self._fail(f"data_offsets {offsets!r} is not a list of two integers", name)
+        start, end = offsets
+        if not 0 <= start <= end <= data_size:
+            raise self._fail(
+                f"data_offsets [{start}, {end}] lie outside the data buffer [0, {data_size}]"
+                + (" (the file is truncated)" if 0 <= start <= end else ""),
+                name,
+            )
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if numel * _ITEMSIZE[dtype_name] != end - start:
+            raise self._fail(
+                f"{end - start} bytes for shape {shape} of {dtype_name} ({numel * _ITEMSIZE[dtype_name]} expected)",
+                name,
+            )
+        return _DTYPES[dtype_name], tuple(shape), start, end
+
+    # ------------------------------------------------------------------ tensors
     def keys(self) -> list[str]:
         return list(self._entries)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    def _entry(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise self._fail("not in this file", name) from None
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entries[name]["shape"])
+        return self._entry(name)[1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name)[0]
 
     def nbytes(self, name: str) -> int:
-        start, end = self._entries[name]["data_offsets"]
+        _, _, start, end = self._entry(name)
         return end - start
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        """Read tensor ``name`` into fresh memory."""
+        """Read tensor ``name`` into fresh memory (of exactly its validated byte count)."""
+        dtype, shape, start, end = self._entry(name)
         try:
-            entry = self._entries[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor {name!r}") from None
-        dtype = _DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
-        start, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        out = torch.empty(shape, dtype=dtype)
-        if end - start != out.numel() * out.element_size():
-            raise CheckpointError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {shape}")
+            out = _allocate(shape, dtype, end - start)
+        except RuntimeError as exc:  # e.g. an empty tensor whose shape torch cannot represent
+            raise self._fail(f"torch cannot build shape {list(shape)}: {exc}", name) from None
         if end > start:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
             self._readinto(view, self._data_start + start)
@@ -84,7 +189,7 @@ class SafetensorsFile:
     def _read_exact(self, size: int, offset: int) -> bytes:
         data = os.pread(self._fd, size, offset)
         if len(data) != size:
-            raise CheckpointError(f"{self.path}: truncated (wanted {size} bytes at {offset})")
+            raise self._fail(f"truncated (wanted {size} bytes at {offset})")
         return data
 
     def _readinto(self, view: memoryview, offset: int) -> None:
@@ -92,7 +197,7 @@ class SafetensorsFile:
         while done < len(view):
             n = os.preadv(self._fd, [view[done:]], offset + done)
             if n <= 0:
-                raise CheckpointError(f"{self.path}: truncated at byte {offset + done}")
+                raise self._fail(f"truncated at byte {offset + done} (the file changed while it was read)")
             done += n
 
     def close(self) -> None:
@@ -105,3 +210,8 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+    """The one place tensor memory is allocated (``nbytes`` is already checked against the file size)."""
+    return torch.empty(shape, dtype=dtype)

@@ -22,34 +22,11 @@ import torch
 from torch import nn
 
 from qplug import memory
-from qplug.checkpoint import weight_files
+from qplug.checkpoint import CheckpointWeights
 from qplug.config import QuantConfig
 from qplug.errors import CheckpointError, PluginError
-from qplug.safetensors_io import SafetensorsFile
 
 __all__ = ["stream_quantize"]
-
-
-class _TensorSource:
-    """Name → tensor reads across the shards of a checkpoint, one tensor at a time."""
-
-    def __init__(self, directory: Path, stack: contextlib.ExitStack) -> None:
-        self._where: dict[str, SafetensorsFile] = {}
-        for path in weight_files(directory):
-            handle = stack.enter_context(SafetensorsFile(path))
-            for name in handle.keys():
-                self._where[name] = handle
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._where:
-            raise CheckpointError(f"checkpoint lacks tensor {name!r}")
-        return self._where[name].get_tensor(name)
 
 
 def stream_quantize(
@@ -68,7 +45,7 @@ def stream_quantize(
     :return: the tensors of every other module (embeddings, norms, the head), for the caller to load.
     """
     with contextlib.ExitStack() as stack:
-        source = _TensorSource(directory, stack)
+        source = CheckpointWeights(directory, stack)
         for name in module_names:
             linear = model.get_submodule(name)
             if not isinstance(linear, nn.Linear):

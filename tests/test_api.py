@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -208,3 +209,79 @@ def test_quantize_on_load_is_refused_for_backends_that_do_not_stream(tmp_path):
     tiny_llama(seed=0).save_pretrained(tmp_path / "float")
     with pytest.raises(qplug.QPlugError, match="cannot quantize a checkpoint while loading"):
         qplug.load_quantized(tmp_path / "float", quantization_config={"quant_method": "toy"})
+
+
+# Issue 13, item 1: loads from several threads at once, while another thread builds modules.
+def test_concurrent_loads_work_and_leave_other_threads_modules_on_the_cpu(int8_plugin, model, tmp_path):
+    qplug.quantize(model, {"quant_method": "int8-weight"})
+    qplug.save_quantized(model, tmp_path / "ckpt")
+    tokens = example_tokens(model)
+    expected = logits(model, tokens)
+    loaded, errors, devices = [], [], set()
+    start = threading.Barrier(5)
+    loading = threading.Event()
+
+    def load():
+        start.wait()
+        try:
+            for _ in range(3):
+                loaded.append(qplug.load_quantized(tmp_path / "ckpt"))
+        except Exception as exc:  # reported below, with the others
+            errors.append(exc)
+
+    def build():
+        start.wait()
+        while loading.is_set():
+            devices.add(nn.Linear(8, 8).weight.device.type)
+
+    loading.set()
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    builder = threading.Thread(target=build)
+    for t in [*threads, builder]:
+        t.start()
+    for t in threads:
+        t.join()
+    loading.clear()
+    builder.join()
+    assert errors == []
+    assert devices == {"cpu"}
+    assert len(loaded) == 12 and all(torch.equal(logits(m, tokens), expected) for m in loaded)
+    assert nn.Linear(2, 2).weight.device.type == "cpu"
+
+
+def _structure(model):
+    """Module types, and the identity of every tensor, by name."""
+    return ({n: type(m) for n, m in model.named_modules()},
+            {n: id(t) for n, t in [*model.named_parameters(), *model.named_buffers()]})
+
+
+# Issue 13, item 6: a failed load into the caller's model leaves that model as it was.
+@pytest.mark.parametrize("how", ["unexpected-tensor", "corrupt-file", "quantize-on-load"])
+def test_a_failed_load_into_a_given_model_leaves_it_unchanged(int8_plugin, tmp_path, how):
+    source = tiny_llama(seed=0)
+    if how == "quantize-on-load":
+        source.save_pretrained(tmp_path / "ckpt")
+        path = tmp_path / "ckpt" / "model.safetensors"
+        tensors = load_file(path)
+        # found mis-shaped only once the layers before it are converted
+        tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(3, 3)
+        save_file(tensors, path, metadata={"format": "pt"})
+        kwargs = {"quantization_config": {"quant_method": "int8-weight"}}
+    else:
+        qplug.quantize(source, {"quant_method": "int8-weight"})
+        qplug.save_quantized(source, tmp_path / "ckpt")
+        if how == "unexpected-tensor":
+            _tamper(tmp_path / "ckpt", lambda t: t.update({"model.layers.1.extra": torch.zeros(1)}))
+        else:
+            path = tmp_path / "ckpt" / "model.safetensors"
+            path.write_bytes(path.read_bytes()[:-4])
+        kwargs = {}
+    model = tiny_llama(seed=3)
+    tokens = example_tokens(model)
+    before, reference = _structure(model), logits(model, tokens)
+    with pytest.raises(qplug.CheckpointError):
+        qplug.load_quantized(tmp_path / "ckpt", model, **kwargs)
+    assert _structure(model) == before
+    assert qplug.quantized_config(model) is None and not hasattr(model, "is_loaded_in_8bit")
+    assert torch.equal(logits(model, tokens), reference)
+    qplug.quantize(model, {"quant_method": "int8-weight"})  # and it is still an ordinary float model

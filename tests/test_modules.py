@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from qplug.modules import empty_weights, name_matches, output_head_names, select_modules, set_submodule
+import qplug
+from qplug.modules import build_empty, empty_weights, name_matches, output_head_names, select_modules, set_submodule
 from qplug.testing import tiny_llama
 
 
@@ -43,14 +44,26 @@ def test_a_plain_module_without_head_method():
     assert isinstance(model[2], nn.Identity)
 
 
-def test_empty_weights_puts_parameters_on_meta_and_keeps_buffers():
+def test_build_empty_puts_parameters_on_meta_and_computes_buffers():
     import transformers
 
     from qplug.testing import tiny_llama_config
 
     with empty_weights():
-        model = transformers.LlamaForCausalLM(tiny_llama_config())
+        assert nn.Linear(2, 2).weight.device.type == "meta"
+    assert nn.Linear(2, 2).weight.device.type == "cpu"  # only inside the block
+    model = build_empty(lambda: transformers.LlamaForCausalLM(tiny_llama_config()))
     assert all(p.device.type == "meta" for p in model.parameters())
-    assert all(b.device.type != "meta" for b in model.buffers())
-    assert nn.Linear(2, 2).weight.device.type == "cpu"  # patched only inside the block
-    assert torch.isfinite(model.model.rotary_emb.inv_freq).all()
+    assert all(b.device.type == "cpu" for b in model.buffers())
+    reference = transformers.LlamaForCausalLM(tiny_llama_config())
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+
+
+def test_a_buffer_that_cannot_be_recomputed_is_named():
+    class Odd(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.register_buffer("table", torch.arange(n), persistent=False)
+
+    with pytest.raises(qplug.QPlugError, match=r"buffer 'table' of Odd.*needs 'n'"):
+        build_empty(lambda: Odd(3))

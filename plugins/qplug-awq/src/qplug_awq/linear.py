@@ -144,6 +144,10 @@ class AwqLinear(KernelLayer, nn.Module):
                     )
                 if dtype == torch.int32 and t.dtype != torch.int32:
                     raise PackingError(f"{key}: packed tensors must be int32, got {t.dtype}")
+        # Cheap content check (qplug.checks): the scales are finite floating-point numbers.
+        from qplug.checks import check_tensor
+
+        check_tensor(prefix + "scales", state_dict.get(prefix + "scales"), floating=True, finite=True)
         self.reset_kernel()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

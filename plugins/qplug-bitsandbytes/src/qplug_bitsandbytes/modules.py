@@ -352,6 +352,11 @@ def check_4bit_state(
         meta = unpack_tensor_to_dict(stats[packed_keys[0]])
     except Exception as exc:  # bitsandbytes raises json / unicode errors here
         raise fail(f"tensor 'weight.{packed_keys[0]}' is not a bitsandbytes quant state ({exc})") from exc
+    from qplug_bitsandbytes.checks import check_4bit_statistics, quant_state_problem
+
+    problem = quant_state_problem(meta)
+    if problem:
+        raise fail(f"tensor 'weight.{packed_keys[0]}' is not a valid bitsandbytes quant state: {problem}")
     if meta.get("quant_type", stored_type) != stored_type:
         raise fail(
             f"tensor 'weight.{packed_keys[0]}' says quant_type {meta.get('quant_type')!r}, "
@@ -403,6 +408,7 @@ def check_4bit_state(
             raise fail(
                 f"tensor 'weight.nested_quant_map' has {stats['nested_quant_map'].numel()} entries, expected 256"
             )
+    check_4bit_statistics(name, stats, nested=bool(nested))
 
 
 def _quantize_param(param: bnb.nn.Params4bit, device: torch.device) -> bnb.nn.Params4bit:
@@ -605,6 +611,9 @@ class Linear8bitLt(KernelLayer, bnb.nn.Linear8bitLt):
             raise QuantStateError(
                 f"module {name!r}: tensor 'SCB' has shape {list(scb.shape)}, expected [{self.out_features}]"
             )
+        from qplug.checks import check_tensor  # cheap content check: finite floating-point row scales
+
+        check_tensor(prefix + "SCB", scb, floating=True, finite=True)
         self.weight = bnb.nn.Int8Params(
             weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=scb
         )

@@ -198,6 +198,11 @@ class GPTQLinear(KernelLayer, nn.Module):
                 )
             if t.dtype not in dtypes:
                 raise ValueError(f"{where}: tensor {prefix + name} has dtype {t.dtype}, expected one of {list(dtypes)}")
+        # Cheap content checks (qplug.checks): finite scales, and every g_idx entry a group of this layer.
+        from qplug.checks import check_tensor
+
+        check_tensor(prefix + "scales", state_dict.get(prefix + "scales"), finite=True)
+        check_tensor(prefix + "g_idx", state_dict.get(prefix + "g_idx"), low=0, high=self.scales.shape[0])
         gkey = prefix + "g_idx"
         had_g_idx = gkey in state_dict
         n_missing = len(missing_keys)
