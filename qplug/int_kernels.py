@@ -375,13 +375,15 @@ def _lut4_prepare(layer, device, dtype):
     codes = (w.q[:, 0::2] << 4 | w.q[:, 1::2]).contiguous()  # element 2j in the high nibble
     weight = lut4.Lut4Weight(codes, n, k, w.group_size, _AFFINE_CODE, absmax=w.scale.float().contiguous(),
                              zeros=w.zero.float().contiguous())
-    return weight, w.perm, _bias(layer, dtype)
+    return weight, w.perm, _bias(layer, torch.float32)
 
 
 def _lut4_forward(layer, layout, x):
     weight, perm, bias = layout
-    y = lut4.matmul(weight, _permuted(x, perm).contiguous()).to(x.dtype)
-    return _add_bias(y, bias)
+    y = lut4.matmul(weight, _permuted(x, perm).contiguous())
+    if bias is not None:  # in float32, so that the result is rounded to x's dtype once
+        y = y.float().add_(bias)
+    return y.to(x.dtype)
 
 
 def _lut4_codes(layout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -417,7 +419,7 @@ def _q8_prepare(layer, device, dtype):
     w = layer.int_weight()
     codes = (w.q.to(torch.int16) - 128).to(torch.int8).contiguous()  # [out, in]; w = (codes - zero) * scale
     zero = (w.zero.float() - 128).contiguous()
-    return codes, w.scale.float().contiguous(), zero, w.group_size, w.perm, _bias(layer, dtype)
+    return codes, w.scale.float().contiguous(), zero, w.group_size, w.perm, _bias(layer, torch.float32)
 
 
 def _q8_forward(layer, layout, x):
@@ -437,7 +439,7 @@ def _q8_forward(layer, layout, x):
                                      out.data_ptr(), n, inline_first=True)
         if any(status):
             raise RuntimeError(f"qplug_gemv_int8_grouped returned {status}")
-        y = out.to(x.dtype)
+        y = out
     else:  # prefill: blocks of rows dequantized in float32 and multiplied in the matmul dtype
         mm_dtype = lut4.matmul_dtype(x.dtype)
         xm = xp.to(mm_dtype)
@@ -447,8 +449,9 @@ def _q8_forward(layer, layout, x):
             block = slice(start, min(start + rows, n))
             w = codes[block].float().view(-1, groups, gs).sub_(zero[block, :, None]).mul_(scale[block, :, None])
             y[:, block] = F.linear(xm, w.view(-1, k).to(mm_dtype))
-        y = y.to(x.dtype)
-    return _add_bias(y, bias)
+    if bias is not None:  # in float32, so that the result is rounded to x's dtype once
+        y = y.float().add_(bias)
+    return y.to(x.dtype)
 
 
 def _q8_codes(layout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -606,21 +609,19 @@ def _blocked_forward(layer, layout, x):
     out = torch.empty(x.shape[0], out_f, dtype=x.dtype, device=x.device)
     if halves is not None:
         lo_cols, hi_cols, half_gs = halves
-        x_lo, x_hi = xp[:, : in_f // 2], xp[:, in_f // 2 :]
     for start in range(0, out_f, rows):
         block = slice(start, min(start + rows, out_f))
         c = codes[block]
         if halves is not None:
             s, z = scale[block], zero[block]
             lo = dequantize(IntWeight(c & 15, s[:, lo_cols], z[:, lo_cols], bits, half_gs), x.dtype)
-            y = F.linear(x_lo, lo)
             hi = dequantize(IntWeight(c >> 4, s[:, hi_cols], z[:, hi_cols], bits, half_gs), x.dtype)
-            out[:, block] = y.add_(F.linear(x_hi, hi))
-            continue
-        q = torch.stack((c & 15, c >> 4), dim=-1).flatten(1)[:, :in_f] if packed else c
-        w = dequantize(IntWeight(q, scale[block], zero[block], bits, gs), x.dtype)
-        out[:, block] = F.linear(xp, w)
-    return _add_bias(out, bias)
+            w = torch.cat((lo, hi), dim=1)  # one matmul, bias included: the result is rounded once
+        else:
+            q = torch.stack((c & 15, c >> 4), dim=-1).flatten(1)[:, :in_f] if packed else c
+            w = dequantize(IntWeight(q, scale[block], zero[block], bits, gs), x.dtype)
+        out[:, block] = F.linear(xp, w, None if bias is None else bias[block])
+    return out
 
 
 DEQUANT_BLOCKED = Kernel(
