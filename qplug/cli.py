@@ -1163,7 +1163,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the default config of a backend (name, alias or preset) as JSON; with --diff, only "
                     "what FILE changes relative to it.",
         epilog=_examples("qplug config show bitsandbytes", "qplug config show nf4",
-                         "qplug config show gptq --diff model/config.json"),
+                         "qplug config show bitsandbytes --diff model/config.json"),
     )
     s.add_argument("name", metavar="NAME", help="a backend name, alias or preset (see `qplug backends`)")
     s.add_argument("--diff", metavar="FILE",

@@ -110,8 +110,10 @@ def test_autogptq_modules_and_ours_compute_the_same(bits, desc_act):
     theirs = autogptq.from_gptq_linear(mine, desc_act=desc_act)
     assert autogptq.is_autogptq_module(theirs)
     x = torch.randn(4, 7, inf, generator=g).half()
-    # same fp16 weights; only the matmul's operand layout differs (x @ W vs F.linear): fp16 rounding
-    torch.testing.assert_close(mine(x), theirs(x), rtol=2e-3, atol=2e-3)
+    # the same function: auto-gptq multiplies fp16 weights in fp16; qplug's CPU kernels use the exact weights
+    # and float32 sums (qplug-int4-cpu, qplug-int8-cpu), so they differ by fp16 rounding (~1 ulp) only
+    ours, ref = mine(x).float(), theirs(x).float()
+    assert float((ours - ref).norm() / ref.norm()) < 2e-3, mine.kernel
 
 
 def _run_fresh(code: str) -> None:
