@@ -176,6 +176,20 @@ class BackendContractTests:
         assert not still_plain, f"still plain nn.Linear after quantize: {sorted(still_plain)}"
         assert qplug.quantized_config(quantized) is not None
 
+    def test_a_model_without_linear_layers_is_refused(self, config, calibration):
+        with pytest.raises(qplug.IncompatibleModelError, match=r"has no nn\.Linear"):
+            qplug.quantize(_NoLinear(), config, calibration=calibration)
+
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+    def test_integer_input_is_refused_as_nn_linear_refuses_it(self, quantized, dtype):
+        name = next(n for n, m in quantized.named_modules() if n and _is_quantized_linear(m))
+        layer = quantized.get_submodule(name)
+        x = torch.ones(2, layer.in_features, dtype=dtype)
+        with pytest.raises(RuntimeError):
+            nn.Linear(layer.in_features, layer.out_features)(x)
+        with pytest.raises(RuntimeError, match=f"input of dtype {dtype}.*floating-point input"):
+            layer(x)
+
     def test_skip_list_adds_to_the_defaults(self, model, config, calibration):
         first = next(name for name, m in model.named_modules() if type(m) is nn.Linear)
         qplug.quantize(model, config, calibration=calibration, skip=[first])
@@ -234,3 +248,21 @@ class BackendContractTests:
 
 def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+
+
+class _NoLinear(nn.Module):
+    """Embeddings and a convolution, but no nn.Linear: nothing any backend could quantize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.conv = nn.Conv1d(32, 32, 1)
+
+    def forward(self, ids):
+        return self.conv(self.embed(ids).transpose(1, 2))
+
+
+def _is_quantized_linear(module: nn.Module) -> bool:
+    """A leaf with in/out features that is no longer a plain nn.Linear: a backend's quantized layer."""
+    return (type(module) is not nn.Linear and hasattr(module, "in_features") and hasattr(module, "out_features")
+            and not any(True for _ in module.children()))

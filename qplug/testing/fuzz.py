@@ -19,17 +19,20 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qplug
 
-__all__ = ["HOSTILE_VALUES", "check_config_dict", "check_config_text", "json_values", "mutated_configs",
-           "mutated_texts"]
+__all__ = ["HOSTILE_VALUES", "ConfigFuzzTests", "check_config_dict", "check_config_text", "json_values",
+           "mutated_configs", "mutated_texts"]
 
 #: How long one config may take to read, validate and write back, in seconds (generous: shared CI machines).
 TIME_LIMIT = 5.0
@@ -158,3 +161,46 @@ def _check_written(config: qplug.QuantConfig) -> None:
     text = config.to_json_string()
     again = qplug.config_from_dict(json.loads(text, parse_constant=_refuse_constant))
     assert again == config, f"{type(config).__name__} does not read back what it writes: {text}"
+
+
+class ConfigFuzzTests:
+    """The fuzz as pytest tests a backend's suite inherits: subclass with ``seeds``, real configs of your
+    backend (a checkpoint's, the library's, transformers'), and they are mutated as dicts and as files::
+
+        class TestConfigFuzz(ConfigFuzzTests):
+            seeds = [{"quant_method": "mine", "bits": 4}, ...]
+
+    ``QPLUG_FUZZ_EXAMPLES`` sets how many examples each test draws (default 250; 5000 for a longer hunt).
+    """
+
+    seeds: Sequence[Mapping[str, Any]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.seeds:
+            return
+        fuzz = settings(max_examples=int(os.environ.get("QPLUG_FUZZ_EXAMPLES", "250")), deadline=None,
+                        suppress_health_check=[HealthCheck.too_slow])
+
+        @fuzz
+        @given(data=mutated_configs(list(cls.seeds)))
+        def test_mutated_config_dicts(self, data: Any) -> None:
+            check_config_dict(data)
+
+        @fuzz
+        @given(text=mutated_texts(list(cls.seeds)))
+        def test_mutated_config_files(self, fuzz_scratch: Path, text: str) -> None:
+            check_config_text(text, fuzz_scratch)
+
+        cls.test_mutated_config_dicts = test_mutated_config_dicts  # type: ignore[attr-defined]
+        cls.test_mutated_config_files = test_mutated_config_files  # type: ignore[attr-defined]
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def fuzz_scratch(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return tmp_path_factory.mktemp("fuzz")
+
+    def test_every_seed_is_a_real_config(self) -> None:
+        assert self.seeds, "set `seeds` on your ConfigFuzzTests subclass"
+        for seed in self.seeds:
+            assert check_config_dict(seed) is not None, seed

@@ -7,13 +7,9 @@ bounded in time, and whatever loads writes standard JSON that reads back equal.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, given, settings
-
-from qplug.testing.fuzz import check_config_dict, check_config_text, mutated_configs, mutated_texts
+from qplug.testing.fuzz import ConfigFuzzTests
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEEDS = [
@@ -28,28 +24,5 @@ SEEDS = [
      "do_fuse": True, "fuse_max_seq_len": 512},
 ]
 
-# QPLUG_FUZZ_EXAMPLES=5000 for a longer hunt than CI runs.
-FUZZ = settings(max_examples=int(os.environ.get("QPLUG_FUZZ_EXAMPLES", "250")), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
-
-
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fuzz")
-
-
-def test_every_seed_is_a_real_config():
-    for seed in SEEDS:
-        assert check_config_dict(seed) is not None, seed
-
-
-@FUZZ
-@given(data=mutated_configs(SEEDS))
-def test_mutated_config_dicts(data):
-    check_config_dict(data)
-
-
-@FUZZ
-@given(text=mutated_texts(SEEDS))
-def test_mutated_config_files(scratch, text):
-    check_config_text(text, scratch)
+class TestConfigFuzz(ConfigFuzzTests):
+    seeds = SEEDS
