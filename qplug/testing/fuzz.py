@@ -124,16 +124,7 @@ def mutated_texts(seeds: Sequence[Mapping[str, Any]]) -> st.SearchStrategy[str]:
 def check_config_dict(data: Any) -> qplug.QuantConfig | None:
     """Read ``data`` with :func:`qplug.config_from_dict`: only qplug errors escape, in bounded time, and a
     config that loads writes standard JSON that reads back equal. Returns the config, or ``None``."""
-    started = time.perf_counter()
-    try:
-        config = qplug.config_from_dict(data)
-    except qplug.QPlugError:
-        config = None
-    if config is not None:
-        _check_written(config)
-    elapsed = time.perf_counter() - started
-    assert elapsed < TIME_LIMIT, f"reading the config took {elapsed:.1f} s"
-    return config
+    return _checked_read(lambda: qplug.config_from_dict(data), "the config")
 
 
 def check_config_text(text: str, directory: Path) -> qplug.QuantConfig | None:
@@ -141,15 +132,19 @@ def check_config_text(text: str, directory: Path) -> qplug.QuantConfig | None:
     :func:`check_config_dict`, for files."""
     path = Path(directory) / "config.json"
     path.write_text(text, encoding="utf-8")
+    return _checked_read(lambda: qplug.load_config(path), "the config file")
+
+
+def _checked_read(read: Any, what: str) -> qplug.QuantConfig | None:
     started = time.perf_counter()
     try:
-        config = qplug.load_config(path)
+        config = read()
     except qplug.QPlugError:
         config = None
     if config is not None:
         _check_written(config)
     elapsed = time.perf_counter() - started
-    assert elapsed < TIME_LIMIT, f"reading the config file took {elapsed:.1f} s"
+    assert elapsed < TIME_LIMIT, f"reading {what} took {elapsed:.1f} s"
     return config
 
 
