@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 enum { QPLUG_FLOAT32 = 0, QPLUG_BFLOAT16 = 1, QPLUG_FLOAT16 = 2 };
 
@@ -645,6 +646,129 @@ int qplug_gemv_int8_grouped(int isa, int64_t first, int64_t count, const float *
     return 0;
 }
 
+/* ---- Dequantization of int8 weights: rows [first, first + count) of codes q [N, K] (int8, row-major) with
+ * per-group float32 scales [N, K / group] and zero points (NULL: none), w = (q - zero) * scale in float32 --
+ * LLM.int8's CB * (SCB / 127) with group = K and no zero, or a GPTQ 8-bit layer's codes -- into
+ * out[(r - base) * K + c] as float32, bfloat16 or float16. The blocked (prefill) matmul's producer. */
+#if QPLUG_X86
+QPLUG_AVX512 QPLUG_INLINE void store16_avx512(__m512 f, int dtype, void *out, int64_t o) {
+    if (dtype == QPLUG_FLOAT32) {
+        _mm512_storeu_ps((float *)out + o, f);
+    } else if (dtype == QPLUG_BFLOAT16) {
+        const __m512i u = _mm512_castps_si512(f);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+        const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+        r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + o), _mm512_cvtepi32_epi16(r));
+    } else {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + o),
+                            _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+}
+
+QPLUG_AVX512 static void dequant8_row_avx512(const int8_t *q, int64_t K, int64_t group, const float *scale,
+                                             const float *zero, int dtype, void *out, int64_t o) {
+    for (int64_t g0 = 0; g0 < K; g0 += group) {
+        const __m512 s = _mm512_set1_ps(scale[g0 / group]), z = _mm512_set1_ps(zero == NULL ? 0.0f : zero[g0 / group]);
+        int64_t c = g0;
+        for (; c + 16 <= g0 + group; c += 16) {
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + c))));
+            store16_avx512(_mm512_mul_ps(_mm512_sub_ps(v, z), s), dtype, out, o + c);
+        }
+        for (; c < g0 + group; c++)
+            store_scalar(((float)q[c] - (zero == NULL ? 0.0f : zero[g0 / group])) * scale[g0 / group], dtype, out, o + c);
+    }
+}
+#endif
+
+int qplug_dequant_int8(int isa, int64_t first, int64_t count, const int8_t *q, int64_t K, int64_t group,
+                       const float *scale, const float *zero, int dtype, void *out, int64_t base) {
+    if (group <= 0 || K % group != 0) return -1;
+    if (dtype != QPLUG_FLOAT32 && dtype != QPLUG_BFLOAT16 && dtype != QPLUG_FLOAT16) return -2;
+    if (isa > qplug_cpu_isa()) return -3;
+    const int64_t groups = K / group;
+    for (int64_t r = first; r < first + count; r++) {
+        const int8_t *qr = q + r * K;
+        const float *sr = scale + r * groups, *zr = zero == NULL ? NULL : zero + r * groups;
+        const int64_t o = (r - base) * K;
+#if QPLUG_X86
+        if (isa == QPLUG_ISA_AVX512) {
+            dequant8_row_avx512(qr, K, group, sr, zr, dtype, out, o);
+            continue;
+        }
+#endif
+        for (int64_t c = 0; c < K; c++)
+            store_scalar(((float)qr[c] - (zr == NULL ? 0.0f : zr[c / group])) * sr[c / group], dtype, out, o + c);
+    }
+    return 0;
+}
+
+/* ---- Dequantization of torch's CPU int4 packing (aten._convert_weight_to_int4pack_for_cpu), transposed:
+ * blocks [first, first + count) of `block` (32 or 64) output rows; block b holds, for each input column k,
+ * block / 2 bytes whose low nibbles are rows b * block + j and high nibbles rows b * block + block / 2 + j
+ * (the layout qplug.int_kernels reads off the packer before calling this). scales_zeros is torch's bfloat16
+ * [K / group, N, 2] (scale, zero): w = (q - 8) * scale + zero, in float32. Written as W^T: out[k * ld +
+ * (b - base) * block + j], so that a tile of rows is the right operand of one matmul. */
+QPLUG_INLINE float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+#if QPLUG_X86
+/* One input column of a 64-row block: 32 bytes, low nibbles rows 0..31, high nibbles rows 32..63. */
+QPLUG_AVX512 static void int4pack_column64_avx512(const uint8_t *p, const float *s, const float *z, int dtype,
+                                                  void *out, int64_t o) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p);
+    const __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi8(15));
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(15));
+    const __m128i parts[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                              _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+    for (int h = 0; h < 4; h++) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[h]));
+        store16_avx512(_mm512_fmadd_ps(v, _mm512_loadu_ps(s + 16 * h), _mm512_loadu_ps(z + 16 * h)), dtype, out,
+                       o + 16 * h);
+    }
+}
+#endif
+
+int qplug_dequant_int4pack(int isa, int64_t first, int64_t count, const uint8_t *packed, int64_t K, int64_t block,
+                           const uint16_t *scales_zeros, int64_t N, int64_t group, int dtype, void *out, int64_t ld,
+                           int64_t base) {
+    if ((block != 32 && block != 64) || group <= 0 || K % group != 0 || ld < (first + count - base) * block) return -1;
+    if (dtype != QPLUG_FLOAT32 && dtype != QPLUG_BFLOAT16 && dtype != QPLUG_FLOAT16) return -2;
+    if (isa > qplug_cpu_isa()) return -3;
+    const int64_t half = block / 2;
+    for (int64_t b = first; b < first + count; b++) {
+        const uint8_t *pb = packed + b * block * K / 2;
+        float s[64], z[64];
+        for (int64_t k = 0; k < K; k++) {
+            if (k % group == 0) { /* this group's scales and zero terms, z - 8 * s, for the block's rows */
+                const uint16_t *sz = scales_zeros + ((k / group) * N + b * block) * 2;
+                for (int64_t j = 0; j < block; j++) {
+                    s[j] = bf16_to_float(sz[2 * j]);
+                    z[j] = bf16_to_float(sz[2 * j + 1]) - 8.0f * s[j];
+                }
+            }
+            const uint8_t *p = pb + k * half;
+            const int64_t o = k * ld + (b - base) * block;
+#if QPLUG_X86
+            if (isa == QPLUG_ISA_AVX512 && block == 64) {
+                int4pack_column64_avx512(p, s, z, dtype, out, o);
+                continue;
+            }
+#endif
+            for (int64_t j = 0; j < half; j++) {
+                store_scalar(fmaf((float)(p[j] & 15), s[j], z[j]), dtype, out, o + j);
+                store_scalar(fmaf((float)(p[j] >> 4), s[half + j], z[half + j]), dtype, out, o + half + j);
+            }
+        }
+    }
+    return 0;
+}
+
 /* ---- Parallel entry points: the same kernels over `threads` contiguous ranges of output rows (or
  * elements), on the process's OpenMP pool. Built with -fopenmp, this library resolves libgomp to the
  * copy torch has already loaded, so the ranges run on torch's own worker threads, which are still
@@ -717,6 +841,32 @@ int qplug_gemv_int8_grouped_parallel(int isa, int threads, const float *x, int64
     for (int t = 0; t < threads; t++) {
         QPLUG_RANGE(t, threads, N, first, count)
         if (count > 0) status |= qplug_gemv_int8_grouped(isa, first, count, x, M, K, q, group, scale, zero, xsum, out, N);
+    }
+    return status;
+}
+
+int qplug_dequant_int8_parallel(int isa, int threads, int64_t first, int64_t count, const int8_t *q, int64_t K,
+                                int64_t group, const float *scale, const float *zero, int dtype, void *out,
+                                int64_t base) {
+    int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+    for (int t = 0; t < threads; t++) {
+        QPLUG_RANGE(t, threads, count, start, n)
+        if (n > 0) status |= qplug_dequant_int8(isa, first + start, n, q, K, group, scale, zero, dtype, out, base);
+    }
+    return status;
+}
+
+int qplug_dequant_int4pack_parallel(int isa, int threads, int64_t first, int64_t count, const uint8_t *packed,
+                                    int64_t K, int64_t block, const uint16_t *scales_zeros, int64_t N, int64_t group,
+                                    int dtype, void *out, int64_t ld, int64_t base) {
+    int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+    for (int t = 0; t < threads; t++) {
+        QPLUG_RANGE(t, threads, count, start, n)
+        if (n > 0)
+            status |= qplug_dequant_int4pack(isa, first + start, n, packed, K, block, scales_zeros, N, group, dtype,
+                                             out, ld, base);
     }
     return status;
 }

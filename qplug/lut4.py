@@ -11,36 +11,31 @@ may be double-quantized the way bitsandbytes stores them (8-bit codes of a neste
 * up to :data:`GEMV_MAX_ROWS` input rows (decode): a C GEMV that looks each nibble up in the block's
   16-entry table (``(code - zero) * scale``, formed once per block) and accumulates in float32, over
   ranges of output rows on ``torch.get_num_threads()`` threads;
-* more rows (prefill): blocks of :data:`BLOCK_ELEMENTS` weights dequantized by a C kernel into a
-  reused per-thread buffer, each multiplied by torch's matmul -- in bfloat16 where the input (or the
-  layer's compute dtype) is bfloat16 and the CPU has bfloat16 dot products, float32 otherwise
-  (bfloat16 and float16 matmuls without hardware support are several times slower than float32).
-  The full float weight never exists.
+* more rows (prefill): tiles of rows dequantized by a C kernel and multiplied by torch's matmul
+  (:func:`qplug.blocked.matmul`), in bfloat16 where the input (or the layer's compute dtype) is
+  bfloat16 and the CPU has bfloat16 dot products, float32 otherwise. The full float weight never
+  exists.
 
 AVX-512, AVX2+FMA and portable paths live in one build; :func:`qplug.native.isa` says which runs.
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
-from qplug import native
+from qplug import blocked, native
+from qplug.blocked import matmul_dtype
 
-__all__ = ["BLOCK_ELEMENTS", "GEMV_MAX_ROWS", "Lut4Weight", "dequantize", "matmul", "matmul_dtype", "refuses"]
+__all__ = ["GEMV_MAX_ROWS", "Lut4Weight", "dequantize", "matmul", "matmul_dtype", "refuses"]
 
 #: Inputs of at most this many rows take the GEMV, per path; more rows the blocked dequantize + matmul one.
 #: (Measured on a Zen 4 core: the AVX-512 GEMV costs ~0.25 ms per extra row of a 5632x2048 layer, about
 #: a bf16 matmul of 8 rows; the AVX2 one more than twice that.)
 GEMV_MAX_ROWS = {"avx512": 8, "avx2": 4, "portable": 4}
-#: Weights per dequantized block of the prefill path (4 MiB as float32).
-BLOCK_ELEMENTS = 1 << 20
 # Below this many output rows per thread one thread does the GEMV (a pool hand-off costs ~20 us).
 _GEMV_WEIGHTS_PER_THREAD = 1 << 18
 _DEQUANT_ELEMENTS_PER_THREAD = 1 << 17
 
-_scratch = threading.local()
 
 
 class Lut4Weight:
@@ -85,23 +80,6 @@ def refuses(device: torch.device, dtype: torch.dtype) -> str | None:
     return native.isa()[1]
 
 
-def matmul_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> torch.dtype:
-    """The blocked path's matmul dtype: bfloat16 where the input or the layer's declared compute dtype
-    is bfloat16 and the CPU has bfloat16 dot products; float32 otherwise."""
-    wants_bf16 = torch.bfloat16 in (dtype, compute_dtype)
-    return torch.bfloat16 if wants_bf16 and native.native_bf16_matmul() else torch.float32
-
-
-def _buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """Scratch space for a dequantized block: one per thread and dtype, shared by every layer (a buffer per
-    layer would add megabytes a layer to the model's memory)."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    buf = buffers.get(dtype)
-    if buf is None or buf.numel() < numel:
-        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
-
-
 def dequantize(weight: Lut4Weight, first: int, count: int, dtype: torch.dtype,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """Flattened weights ``[first, first + count)`` in ``dtype`` (float32 values rounded once)."""
@@ -139,16 +117,13 @@ def _gemv(weight: Lut4Weight, x: torch.Tensor, isa_code: int) -> torch.Tensor:
 
 
 def _blocked(weight: Lut4Weight, x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
-    k, n = weight.k, weight.n
-    mm_dtype = matmul_dtype(x.dtype, compute_dtype)
-    xm = x.to(mm_dtype)
-    rows = max(1, min(n, BLOCK_ELEMENTS // k))
-    out = torch.empty(x.shape[0], n, dtype=mm_dtype)
-    for r0 in range(0, n, rows):
-        r = min(rows, n - r0)
-        w = dequantize(weight, r0 * k, r * k, mm_dtype, out=_buffer(mm_dtype, rows * k)[: r * k])
-        out[:, r0:r0 + r] = xm @ w.view(r, k).T
-    return out
+    dtype = matmul_dtype(x.dtype, compute_dtype)
+    k = weight.k
+
+    def fill(first: int, count: int, out: torch.Tensor) -> None:
+        dequantize(weight, first * k, count * k, dtype, out=out)
+
+    return blocked.matmul(x.to(dtype), weight.n, k, fill, dtype)
 
 
 def matmul(weight: Lut4Weight, x: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -148,6 +148,15 @@ def _declare_cpu_kernels(lib: ctypes.CDLL) -> None:
         parallel.argtypes = [c_int, c_int, *getattr(lib, name).argtypes[3:]]
     lib.qplug_dequant_4bit_parallel.restype = c_int
     lib.qplug_dequant_4bit_parallel.argtypes = [c_int, c_int, *lib.qplug_dequant_4bit.argtypes[1:]]
+    # tile dequantizers, rows (or blocks) [first, first + count): (isa, first, count, ...);
+    # their _parallel entry points: (isa, threads, first, count, ...)
+    lib.qplug_dequant_int8.argtypes = [c_int, i64, i64, ptr, i64, i64, ptr, ptr, c_int, ptr, i64]
+    lib.qplug_dequant_int4pack.argtypes = [c_int, i64, i64, ptr, i64, i64, ptr, i64, i64, c_int, ptr, i64, i64]
+    for name in ("qplug_dequant_int8", "qplug_dequant_int4pack"):
+        getattr(lib, name).restype = c_int
+        parallel = getattr(lib, f"{name}_parallel")
+        parallel.restype = c_int
+        parallel.argtypes = [c_int, c_int, *getattr(lib, name).argtypes[1:]]
 
 
 #: qplug's CPU inference kernels (``qplug/cpu_kernels.c``).
@@ -207,6 +216,18 @@ def run_parallel(lib: ctypes.CDLL, name: str, total: int, min_per_thread: int, *
     kernel = getattr(lib, name)
     return run_in_ranges(lambda first, count: kernel(args[0], first, count, *args[1:]), total, min_per_thread,
                          inline_first=inline_first)
+
+
+def run_rows(lib: ctypes.CDLL, name: str, first: int, count: int, min_per_thread: int, isa_code: int, *args) -> None:
+    """``lib.<name>(isa, first, count, *args)`` over rows ``[first, first + count)`` split across threads (its
+    ``_parallel`` entry point on torch's OpenMP pool where the build has OpenMP); raises on a non-zero status."""
+    if lib.qplug_openmp():
+        status = [getattr(lib, f"{name}_parallel")(isa_code, threads_for(count, min_per_thread), first, count, *args)]
+    else:
+        kernel = getattr(lib, name)
+        status = run_in_ranges(lambda start, n: kernel(isa_code, first + start, n, *args), count, min_per_thread)
+    if any(status):
+        raise RuntimeError(f"{name} returned {status}")
 
 
 def run_in_ranges(kernel: Callable[..., int], total: int, min_per_thread: int, *args,

@@ -140,7 +140,7 @@ def compute_dtype(name, dtype):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     bits=st.sampled_from([2, 3, 4, 8]),
-    out_f=st.sampled_from([16, 32, 48]),
+    out_f=st.sampled_from([16, 32, 48, 64, 192]),  # whole blocks of torch's int4 packing from 64 (AVX-512)
     group_size=st.sampled_from([32, 64, 128, 256, -1]),
     groups=st.integers(1, 3),
     act_order=st.booleans(),
@@ -172,6 +172,52 @@ def test_every_cpu_kernel_agrees_with_the_reference(bits, out_f, group_size, gro
     preferred = [k.name for k in layer.kernels if k.name in ran
                  and (k.passed_over is None or k.passed_over(layer, x.device, dtype) is None)]
     assert layer.kernel == preferred[0]  # automatic: the first that accepts and is not passed over
+
+
+def available_isas() -> list[str]:
+    best = native.ISAS[native.isa()[0]] if native.isa()[0] else -1
+    return [name for name, code in native.ISAS.items() if code <= best]
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_the_tile_dequantizers_give_the_reference_values_on_every_isa(isa, monkeypatch):
+    if isa not in available_isas():
+        pytest.skip(f"this CPU has no {isa} path")
+    monkeypatch.setenv(native.ISA_ENV_VAR, isa)
+    gen = torch.Generator().manual_seed(3)
+    n, k, group = 192, 256, 64
+    # int8: (codes - zero) * scale in float32, rounded once, bit for bit (LLM.int8: no zero, one group a row)
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    scale, zero = torch.rand(n, k // group, generator=gen), torch.randint(-128, 128, (n, k // group)).float()
+    for z, gs, s in ((zero, group, scale), (None, k, scale[:, :1].contiguous())):
+        want = codes.float().view(n, -1, gs).sub(0 if z is None else z[:, :, None]).mul(s[:, :, None]).view(n, k)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out = torch.empty(40 * k, dtype=dtype)
+            int_kernels.dequantize_int8_rows(codes, gs, s, z, 17, 40, out)  # rows 17..56
+            assert torch.equal(out.view(40, k), want[17:57].to(dtype))
+    # torch's CPU int4 packing, transposed tiles: (q - 8) * scale + zero with torch's bfloat16 scales and zeros
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
+    w = IntWeight(q=q.byte(), scale=torch.rand(n, k // group, generator=gen),
+                  zero=torch.randint(0, 16, (n, k // group)), group_size=group, bits=4)
+    sz = int_kernels._tinygemm_scales_and_zeros(w, group)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+    block = int_kernels._int4pack_cpu_tiles(n)
+    assert block == 64  # torch's AVX-512 packing, whatever path qplug's kernels take
+    s_, z_ = sz[..., 0].float().t().repeat_interleave(group, 1), sz[..., 1].float().t().repeat_interleave(group, 1)
+    want = (q.float() - 8) * s_ + z_
+    out = torch.empty(k * 128, dtype=torch.float32)
+    native.run_rows(native.CPU_KERNELS.get(), "qplug_dequant_int4pack", 1, 2, 1, native.ISAS[isa], packed.data_ptr(),
+                    k, block, sz.data_ptr(), n, group, native.DTYPE_CODES[torch.float32], out.data_ptr(), 128, 1)
+    torch.testing.assert_close(out.view(k, 128).t(), want[64:192], rtol=2**-23, atol=2**-20)  # fma vs mul + add
+
+
+@pytest.mark.parametrize("batch", [17, 40, 128])  # from 17 rows: tiles dequantized from torch's packing
+def test_tinygemm_cpu_prefill_takes_tiles_of_its_own_packing(batch):
+    layer = make_layer(128, 256, 4, 64, act_order=True, sym=False, seed=batch)
+    x = torch.randn(batch, 256, generator=torch.Generator().manual_seed(batch)).bfloat16()
+    out = run_on(layer, "tinygemm-int4-cpu", x)
+    assert_within_bound(layer, x, out, torch.bfloat16)
+    assert int_kernels._int4pack_cpu_tiles(128) and batch > int_kernels._TINYGEMM_CPU_MAX_ROWS
 
 
 def test_a_shorter_last_group_and_unusual_shapes_fall_back_correctly():

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from qplug_bitsandbytes import cpu_linear, modules
 
 import qplug
-from qplug import lut4
+from qplug import blocked, lut4
 from qplug.errors import KernelUnavailableError
 from qplug.kernels import KernelLayer
 
@@ -397,7 +397,7 @@ def test_quantized_layers_keep_no_float_weight(fresh_model, input_ids):
         # (beside the stored scales: the 16- and 256-entry code books)
         assert sum(t.numel() * t.element_size() for t in held[1:]) < layer.in_features * layer.out_features / 8 + 1200
     # one scratch block per thread and dtype for all layers, never a whole weight
-    assert all(buf.numel() <= lut4.BLOCK_ELEMENTS for buf in getattr(lut4._scratch, "buffers", {}).values())
+    assert all(buf.numel() <= blocked.TILE_ELEMENTS for buf in getattr(blocked._scratch, "buffers", {}).values())
 
 
 def test_bitsandbytes_layer_classes_still_hold():

@@ -20,7 +20,8 @@ kernels here read the checkpoint tensors as they are stored instead:
 
 ``qplug-int8-cpu``
     * decode: a C GEMV over the int8 rows, ``y = (x . CB[n]) * SCB[n] / 127`` in float32;
-    * prefill: row blocks of ``CB * SCB / 127`` in the matmul dtype, multiplied by torch's matmul.
+    * prefill: tiles of rows of ``CB * SCB / 127`` dequantized by a C kernel in the matmul dtype,
+      multiplied by torch's matmul (:func:`qplug.int_kernels.int8_blocked_matmul`).
     * This is bitsandbytes' own CPU training-mode arithmetic (``MatMul8bitFp``:
       ``x @ (CB * SCB / 127).T``) with float inputs. bitsandbytes' *inference* path
       (``MatMul8bitLt``) also quantizes the input rows to int8, keeping the columns whose magnitude
@@ -46,6 +47,7 @@ import warnings
 import torch
 
 from qplug import lut4, native
+from qplug.int_kernels import int8_blocked_matmul
 from qplug.native import ISA_ENV_VAR, ISAS, isa
 
 __all__ = [
@@ -185,15 +187,8 @@ def forward_int8(layer, layout: LayoutInt8, x: torch.Tensor) -> torch.Tensor:
         if any(status):
             raise RuntimeError(f"qplug_gemv_int8 returned {status}")
         y = out
-    else:
-        mm_dtype = lut4.matmul_dtype(x.dtype)
-        xm = x.to(mm_dtype)
-        rows = max(1, min(n, lut4.BLOCK_ELEMENTS // k))
-        y = torch.empty(m, n, dtype=mm_dtype)
-        for r0 in range(0, n, rows):
-            r = min(rows, n - r0)
-            w = (layout.cb[r0:r0 + r].to(torch.float32) * layout.scale[r0:r0 + r, None]).to(mm_dtype)
-            y[:, r0:r0 + r] = xm @ w.T
+    else:  # tiles of CB * (SCB / 127) dequantized by qplug's C kernel, multiplied by torch's matmul
+        y = int8_blocked_matmul(x, layout.cb, k, layout.scale, None)
     y = y.to(x.dtype)
     if layer.bias is not None:
         y += layer.bias.to(x.dtype)
