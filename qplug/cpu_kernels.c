@@ -680,6 +680,33 @@ QPLUG_AVX512 static void dequant8_row_avx512(const int8_t *q, int64_t K, int64_t
             store_scalar(((float)q[c] - (zero == NULL ? 0.0f : zero[g0 / group])) * scale[g0 / group], dtype, out, o + c);
     }
 }
+
+#endif
+
+#if QPLUG_X86
+QPLUG_AVX2 static void dequant8_row_avx2(const int8_t *q, int64_t K, int64_t group, const float *scale,
+                                         const float *zero, int dtype, void *out, int64_t o) {
+    for (int64_t g0 = 0; g0 < K; g0 += group) {
+        const float sg = scale[g0 / group], zg = zero == NULL ? 0.0f : zero[g0 / group];
+        const __m256 s = _mm256_set1_ps(sg), z = _mm256_set1_ps(zg);
+        int64_t c = g0;
+        for (; c + 8 <= g0 + group; c += 8) {
+            const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + c))));
+            const __m256 f = _mm256_mul_ps(_mm256_sub_ps(v, z), s);
+            if (dtype == QPLUG_FLOAT32) {
+                _mm256_storeu_ps((float *)out + o + c, f);
+            } else if (dtype == QPLUG_FLOAT16) {
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + o + c),
+                                 _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, f);
+                for (int j = 0; j < 8; j++) store_scalar(tmp[j], dtype, out, o + c + j);
+            }
+        }
+        for (; c < g0 + group; c++) store_scalar(((float)q[c] - zg) * sg, dtype, out, o + c);
+    }
+}
 #endif
 
 int qplug_dequant_int8(int isa, int64_t first, int64_t count, const int8_t *q, int64_t K, int64_t group,
@@ -695,6 +722,10 @@ int qplug_dequant_int8(int isa, int64_t first, int64_t count, const int8_t *q, i
 #if QPLUG_X86
         if (isa == QPLUG_ISA_AVX512) {
             dequant8_row_avx512(qr, K, group, sr, zr, dtype, out, o);
+            continue;
+        }
+        if (isa == QPLUG_ISA_AVX2) {
+            dequant8_row_avx2(qr, K, group, sr, zr, dtype, out, o);
             continue;
         }
 #endif
