@@ -220,6 +220,9 @@ def load_quantized(
     quantization_config: QuantConfig | Mapping[str, Any] | None = None,
     skip: Iterable[str] = (),
     on_module: Callable[[str], None] | None = None,
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: Mapping[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Load a quantized checkpoint, or quantize a floating-point one while loading it.
 
@@ -233,7 +236,15 @@ def load_quantized(
 
     :param skip: with ``quantization_config``: more modules to leave in floating point.
     :param on_module: with ``quantization_config``: called with each module name once quantized.
+    :param device_map: where the modules live, as in transformers' ``from_pretrained`` (see
+        :mod:`qplug.placement`): ``"auto"``/``"balanced"``/``"balanced_low_0"``/``"sequential"``
+        (accelerate's plan for ``max_memory``), a device such as ``"cuda:0"``, or a dict of module name ->
+        device, ``"disk"`` included (tensors then go to ``offload_folder`` and are read back at each
+        forward). A pre-quantized checkpoint's tensors go from the file to their device; a model
+        quantized while loading is placed once it is complete.
     :raises CheckpointError: a tensor is missing, unexpected or mis-shaped (named).
+    :raises PlacementError: a device that does not exist, a map that misses a module, disk without
+        ``offload_folder``, or a layer that cannot be offloaded (named, before any tensor is read).
     """
     from qplug._io import recover_directory
     from qplug.checkpoint import read_model_config
@@ -252,8 +263,9 @@ def load_quantized(
     # Loading into the caller's model is a transaction: on any failure, every module of it is put
     # back as it was (a half-converted model would run and give wrong outputs).
     snapshot = _ModelSnapshot(model) if model is not None else None
+    placing = None if device_map is None else (device_map, max_memory, offload_folder)
     try:
-        model = _load_into(directory, model, model_config, config, saved is not None, skip, on_module)
+        model = _load_into(directory, model, model_config, config, saved is not None, skip, on_module, placing)
     except BaseException as exc:
         if snapshot is not None:
             try:
@@ -270,11 +282,18 @@ def load_quantized(
 
 def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model_config: dict[str, Any],
                config: QuantConfig, prequantized: bool, skip: Iterable[str],
-               on_module: Callable[[str], None] | None) -> nn.Module:
-    """The body of :func:`load_quantized`: build or convert ``model`` and fill it; returns it."""
+               on_module: Callable[[str], None] | None, placing: tuple | None = None) -> nn.Module:
+    """The body of :func:`load_quantized`: build or convert ``model``, fill and place it; returns it."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from qplug import placement
     from qplug.checkpoint import build_skeleton, read_tensors
+
+    def plan(model: nn.Module) -> placement.Placement | None:
+        if placing is None:
+            return None
+        device_map, max_memory, offload_folder = placing
+        return placement.plan(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
 
     if prequantized:
         # Read the tensors on other threads while this one builds the (meta-device) model.
@@ -284,8 +303,11 @@ def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model
                 model = build_skeleton(model_config)
             config, names = _prepare(config, model)
             _replace_modules(config, model, names, calibration=None, prequantized=True)
+            where = plan(model)  # the quantized skeleton: the plan counts the bytes really loaded
             tensors, tied = reading.result()
-        _load_tensors(model, tensors, tied)
+        if where is not None:
+            where.place_tensors(tensors)
+        _load_tensors(model, tensors, tied, filled=placement.offloaded_module_names(where))
     else:
         if model is None:
             model = build_skeleton(model_config)
@@ -305,7 +327,8 @@ def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model
             on_module,
         )
         _load_tensors(model, rest, {}, filled=names)
-    return model
+        where = plan(model)
+    return model if where is None else where.dispatch(model)
 
 
 def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, str],
@@ -332,12 +355,13 @@ def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, 
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()
-    done = tuple(f"{name}." for name in filled)
+    filled = list(filled)
+    done = ("",) if "" in filled else tuple(f"{name}." for name in filled)  # "": the whole model
     missing = [
         n for n in result.missing_keys
         if not n.startswith(done) and not any(other in tensors for other in tied_in_model.get(n, ()))
     ]
-    missing += [n for n in meta_tensor_names(model) if n not in missing]
+    missing += [n for n in meta_tensor_names(model) if n not in missing and not n.startswith(done)]
     if missing:
         raise CheckpointError(f"checkpoint lacks tensors the model needs: {', '.join(sorted(missing))}")
 

@@ -15,6 +15,7 @@ __all__ = [
     "ConfigFileError",
     "IncompatibleModelError",
     "KernelUnavailableError",
+    "PlacementError",
     "PluginError",
     "QPlugError",
     "QuantConfigError",
@@ -107,6 +108,10 @@ class CheckpointError(QPlugError, ValueError):
 
 class KernelUnavailableError(QPlugError, RuntimeError):
     """A kernel asked for (``qplug.set_kernel``, ``QPLUG_KERNEL``) cannot run a layer; says why."""
+
+
+class PlacementError(QPlugError, ValueError):
+    """A ``device_map`` cannot be applied: an unknown device, a module it misses, disk without a folder."""
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:

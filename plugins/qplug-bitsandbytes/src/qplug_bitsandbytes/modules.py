@@ -201,6 +201,8 @@ class Linear4bit(KernelLayer, bnb.nn.Linear4bit):
     """
 
     kernels = (_BNB_4BIT_AVX512BF16, _QPLUG_4BIT_CPU, _BNB_4BIT)
+    # qplug.placement: accelerate's disk offload moves tensors, and this layer's state is more than them
+    qplug_disk_offload_refusal = "its quant_state lives outside the tensors accelerate offloads and reads back"
 
     # The quant state as it was before bitsandbytes repacked the weight for its CPU kernel;
     # None while the weight is in the canonical layout.
@@ -532,6 +534,7 @@ class Linear8bitLt(KernelLayer, bnb.nn.Linear8bitLt):
     """
 
     kernels = (_QPLUG_INT8_CPU, _BNB_INT8)
+    qplug_disk_offload_refusal = "bitsandbytes' Int8Params lose their scales (SCB) when accelerate reads them back"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run_kernel(x)

@@ -1,0 +1,109 @@
+"""load_quantized(device_map=...): placement through accelerate, disk offload, and the errors before any read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qplug
+from qplug.testing import example_tokens, tiny_llama
+
+pytest.importorskip("accelerate")
+
+REST = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu", "model.rotary_emb": "cpu"}
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.fixture
+def checkpoint(int8_plugin, tmp_path):
+    model = qplug.quantize(tiny_llama(seed=0), {"quant_method": "int8-weight"})
+    qplug.save_quantized(model, tmp_path / "q")
+    return tmp_path / "q", logits(model, example_tokens(model)), example_tokens(model)
+
+
+def layer_names(directory):
+    layers = json.loads((directory / "config.json").read_text())["num_hidden_layers"]
+    return [f"model.layers.{i}" for i in range(layers)]
+
+
+def test_a_dict_map_with_disk_offload_gives_identical_logits_and_keeps_those_layers_off_memory(checkpoint, tmp_path):
+    directory, reference, tokens = checkpoint
+    layers = layer_names(directory)
+    device_map = {**REST, **{name: "disk" if i % 2 else "cpu" for i, name in enumerate(layers)}}
+    model = qplug.load_quantized(directory, device_map=device_map, offload_folder=tmp_path / "offload")
+    assert model.hf_device_map == device_map
+    offloaded = dict(model.named_parameters()) | dict(model.named_buffers())
+    on_disk = [n for n in offloaded if n.startswith(layers[1] + ".")]
+    assert on_disk and all(offloaded[n].device.type == "meta" for n in on_disk)
+    index = json.loads((tmp_path / "offload" / "index.json").read_text())
+    assert set(on_disk) <= set(index)
+    assert torch.equal(logits(model, tokens), reference)
+    assert torch.equal(logits(model, tokens), reference)  # read back again, not kept
+
+
+def test_auto_with_a_small_max_memory_offloads_to_disk_with_identical_logits(checkpoint, tmp_path):
+    directory, reference, tokens = checkpoint
+    model = qplug.load_quantized(directory, device_map="auto", max_memory={"cpu": 20_000},
+                                 offload_folder=tmp_path / "offload")
+    assert "disk" in model.hf_device_map.values()
+    assert torch.equal(logits(model, tokens), reference)
+
+
+def test_one_device_moves_nothing_and_hooks_nothing(checkpoint):
+    directory, reference, tokens = checkpoint
+    model = qplug.load_quantized(directory, device_map="cpu")
+    assert not hasattr(model, "hf_device_map")
+    assert torch.equal(logits(model, tokens), reference)
+
+
+@pytest.mark.parametrize(("device_map", "message"), [
+    ("cuda:7", "'cuda:7' does not exist here"),
+    ({**REST}, "places no device for .* tensor"),
+    ({"": "cpu", "model.no_such_block": "cpu"}, "names modules the model does not have: model.no_such_block"),
+    ({"": "disk"}, "offloads the whole model to disk: pass offload_folder"),
+    ({"": "warp-drive"}, "'warp-drive' is not a device"),
+    (3.5, "give one of auto, balanced"),
+])
+def test_a_map_that_cannot_be_applied_is_an_error_naming_what_is_wrong(checkpoint, device_map, message):
+    directory, _, _ = checkpoint
+    with pytest.raises(qplug.PlacementError, match=message):
+        qplug.load_quantized(directory, device_map=device_map)
+
+
+def test_a_layer_that_refuses_the_disk_is_named(checkpoint, tmp_path, monkeypatch):
+    directory, _, _ = checkpoint
+    from qplug.kernels import KernelLayer  # the example backend builds its layer class per call: patch the base
+
+    monkeypatch.setattr(KernelLayer, "qplug_disk_offload_refusal", "its state lives elsewhere", raising=False)
+    with pytest.raises(qplug.PlacementError, match=r"model\.layers\.1\.\w+\.\w+ \(Int8Linear\) cannot be offloaded "
+                                                   r"to disk: its state lives elsewhere"):
+        qplug.load_quantized(directory, device_map={**REST, "model.layers.0": "cpu", "model.layers.1": "disk"},
+                             offload_folder=tmp_path / "offload")
+
+
+def test_quantize_on_load_then_placed_equals_the_in_memory_model(int8_plugin, tmp_path):
+    tiny_llama(seed=0).save_pretrained(tmp_path / "float")
+    in_memory = qplug.quantize(tiny_llama(seed=0), {"quant_method": "int8-weight"})
+    tokens = example_tokens(in_memory)
+    layers = [f"model.layers.{i}" for i in range(in_memory.config.num_hidden_layers)]
+    placed = qplug.load_quantized(tmp_path / "float", quantization_config={"quant_method": "int8-weight"},
+                                  device_map={**REST, **dict.fromkeys(layers, "disk")},
+                                  offload_folder=tmp_path / "offload")
+    assert torch.equal(logits(placed, tokens), logits(in_memory, tokens))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("device_map", ["cuda:0", "auto"])
+def test_cuda_placement(checkpoint, device_map):
+    directory, reference, tokens = checkpoint
+    model = qplug.load_quantized(directory, device_map=device_map)
+    assert any(p.device.type == "cuda" for p in model.parameters()) or any(
+        b.device.type == "cuda" for b in model.buffers())
+    torch.testing.assert_close(logits(model, tokens.cuda()).cpu(), reference, rtol=1e-3, atol=1e-3)
