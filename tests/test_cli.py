@@ -207,6 +207,19 @@ def test_backends_imports_no_torch_nor_backend_library():
     assert not imported & HEAVY_MODULES, sorted(imported & HEAVY_MODULES)
 
 
+def test_backends_imports_only_what_listing_needs():
+    """Cold start (issue 14): listing needs no PEP 508 parser, no logging, no emoji table, no file writer
+    and none of the model-side modules; each of these was on the start-up path once."""
+    proc = qplug("backends", python_args=("-X", "importtime"))
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip()
+                for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "qplug.cli.backends" in imported  # the check itself works
+    unneeded = {"packaging.requirements", "packaging.markers", "rich._emoji_codes", "qplug._io", "qplug.measure",
+                "qplug.checkpoint", "qplug.modules", "qplug.safetensors_io", "qplug.demo", "logging"}
+    assert not imported & unneeded, sorted(imported & unneeded)
+
+
 def test_backends_reports_blocked_and_broken_plugins(tmp_path):
     from helpers import make_distribution
 
