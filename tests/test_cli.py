@@ -588,6 +588,24 @@ def test_help_with_examples(command):
     assert "examples:\n  qplug " in proc.stdout
 
 
+def test_every_way_to_start_the_command_is_the_same_command():
+    """The console script, ``python -m qplug`` and ``python -m qplug.cli`` run one parser (the CLI is a package)."""
+    script = Path(sys.executable).with_name("qplug")
+    if not script.is_file():
+        pytest.skip("the qplug console script is not installed beside this interpreter")
+    outputs = {
+        "-m qplug": qplug("--help").stdout,
+        "-m qplug.cli": subprocess.run([sys.executable, "-m", "qplug.cli", "--help"], capture_output=True,
+                                       text=True, env=cli_env(), timeout=120).stdout,
+        "script": subprocess.run([str(script), "--help"], capture_output=True, text=True, env=cli_env(),
+                                 timeout=120).stdout,
+    }
+    assert outputs["-m qplug"].startswith("usage: qplug")
+    assert outputs["-m qplug.cli"] == outputs["-m qplug"] == outputs["script"]
+    for command in ("backends", "config", "quantize", "inspect", "demo"):
+        assert f"    {command} " in outputs["script"]
+
+
 def test_usage_errors():
     assert qplug().returncode == 2
     proc = qplug("quantize", "only-src")
