@@ -59,8 +59,10 @@ def get_config_class(name: str) -> type[QuantConfig]:
 def config_from_dict(data: Mapping[str, Any]) -> QuantConfig:
     """Build the config a ``quantization_config`` dict describes, dispatching on ``quant_method``.
 
-    Without ``quant_method``, the backend is inferred when exactly one recognises the dict (old
-    AutoGPTQ ``quantize_config.json``, autoawq's native keys, trimmed bitsandbytes configs).
+    ``quant_method`` may be a backend's alias (``"bnb"``). Without ``quant_method``, the backend
+    is inferred from the keys (old AutoGPTQ ``quantize_config.json``, autoawq's native keys,
+    trimmed bitsandbytes configs): among the config classes that recognise the dict, the one that
+    knows the most of its keys (:meth:`QuantConfig.claimed_keys <qplug.QuantConfig.claimed_keys>`).
 
     :raises QuantConfigError: the dict is invalid for its backend (names the field).
     :raises UnknownBackendError: no backend is named or recognised.
@@ -76,6 +78,7 @@ def config_from_dict(data: Mapping[str, Any]) -> QuantConfig:
                                accepted="expected a backend name: " + ", ".join(manager.backend_names()))
     else:
         backend = manager.get_backend(method)
+        data = {**data, "quant_method": backend.name}  # an alias resolved here, where aliases are known
     return backend.config_class.from_dict(data)
 
 
@@ -124,15 +127,16 @@ def _prepare(config: QuantConfig, model: nn.Module, skip: Iterable[str] = ()) ->
             "call qplug.dequantize(model) first"
         )
     config = config.with_skips(skip)
-    selection = select_modules(model, config.skip_patterns())
-    manager.hook.validate(config=config, model=model)
-    return config, list(selection.names)
+    names = list(select_modules(model, config.skip_patterns()).names)
+    manager.hook.validate(config=config, model=model, module_names=list(names))
+    return config, names
 
 
 def _replace_modules(config: QuantConfig, model: nn.Module, names: list[str], calibration: Any,
-                     prequantized: bool) -> list[str]:
+                     prequantized: bool, checkpoint_tensors: Mapping[str, Any] | None = None) -> list[str]:
     replaced = get_plugin_manager().hook.replace_modules(
         config=config, model=model, module_names=names, calibration=calibration, prequantized=prequantized,
+        checkpoint_tensors=checkpoint_tensors,
     )
     if replaced is None:
         raise PluginError(f"backend {config.quant_method!r} did not answer replace_modules for {type(config).__name__}")
@@ -198,7 +202,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     config = quantized_config(model)
     if config is None:
         raise QPlugError(f"{type(model).__name__} was not quantized by qplug; use qplug.quantize first")
-    serialized = get_plugin_manager().hook.serialize(config=config, model=model)
+    hook = get_plugin_manager().hook
+    serialized = hook.serialize(config=config, model=model)
     if serialized is None:
         raise PluginError(f"backend {config.quant_method!r} did not answer serialize")
     model_config: dict[str, Any] = {}
@@ -210,7 +215,10 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     tensors, tied = state_tensors(model)
     from qplug import __version__
 
-    return write_checkpoint(directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__})
+    return write_checkpoint(
+        directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__},
+        add_files=lambda staging: hook.add_checkpoint_files(config=config, model=model, directory=staging),
+    )
 
 
 def load_quantized(
@@ -272,40 +280,60 @@ def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model
                config: QuantConfig, prequantized: bool, skip: Iterable[str],
                on_module: Callable[[str], None] | None) -> nn.Module:
     """The body of :func:`load_quantized`: build or convert ``model`` and fill it; returns it."""
+    import contextlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from qplug.checkpoint import build_skeleton, read_tensors
+    from qplug.checkpoint import CheckpointWeights, build_skeleton
 
     if prequantized:
-        # Read the tensors on other threads while this one builds the (meta-device) model.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-load") as background:
-            reading = background.submit(read_tensors, directory)
-            if model is None:
-                model = build_skeleton(model_config)
-            config, names = _prepare(config, model)
-            _replace_modules(config, model, names, calibration=None, prequantized=True)
-            tensors, tied = reading.result()
-        _load_tensors(model, tensors, tied)
+        with contextlib.ExitStack() as files:
+            # The headers first (cheap: the backend sizes its modules from them), then the tensors
+            # on another thread while this one builds the (meta-device) model.
+            weights = CheckpointWeights(directory, files)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-load") as background:
+                reading = background.submit(weights.read_all)
+                if model is None:
+                    model = build_skeleton(model_config)
+                config, names = _prepare(config, model)
+                _replace_modules(config, model, names, calibration=None, prequantized=True,
+                                 checkpoint_tensors=weights.tensor_infos())
+                tensors = reading.result()
+        _load_tensors(model, tensors, weights.tied)
     else:
         if model is None:
             model = build_skeleton(model_config)
         from qplug.streaming import stream_quantize
 
-        backend = get_plugin_manager().backend_for_config(config)
-        if not backend.streams:
+        entry = get_plugin_manager().get_entry(config.quant_method)
+        if not entry.backend.streams:
             raise QPlugError(
-                f"backend {backend.name!r} cannot quantize a checkpoint while loading it (it needs the whole model, "
-                "e.g. for calibration); load the float model and call qplug.quantize"
+                f"backend {entry.backend.name!r} cannot quantize a checkpoint while loading it (it needs the whole "
+                "model, e.g. for calibration); load the float model and call qplug.quantize"
             )
         config.check_quantizable()
         config, names = _prepare(config, model, skip)
-        rest = stream_quantize(
-            model, Path(directory), config, names,
-            lambda one: _replace_modules(config, model, one, calibration=None, prequantized=False),
-            on_module,
-        )
+        quantize_one = _module_quantizer(config, model, entry.quantizes_modules)
+        rest = stream_quantize(model, Path(directory), names, quantize_one, on_module)
         _load_tensors(model, rest, {}, filled=names)
     return model
+
+
+def _module_quantizer(config: QuantConfig, model: nn.Module, hooked: bool) -> Callable[[str], None]:
+    """Quantize one module of ``model`` in place, through ``quantize_module`` where the backend has it."""
+    from qplug.modules import get_submodule, set_submodule
+
+    hook = get_plugin_manager().hook
+
+    def quantize_one(name: str) -> None:
+        if not hooked:  # a plugin written before quantize_module: replace_modules, one module at a time
+            _replace_modules(config, model, [name], calibration=None, prequantized=False)
+            return
+        quantized = hook.quantize_module(config=config, model=model, name=name, module=get_submodule(model, name))
+        if quantized is None:
+            raise PluginError(f"backend {config.quant_method!r} did not answer quantize_module for {name!r}")
+        set_submodule(model, name, quantized)
+
+    return quantize_one
 
 
 def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, str],
