@@ -8,7 +8,9 @@ plugins (a policy, telemetry, packaging) may implement the same hooks for every 
 
 Implementations may accept fewer arguments than a specification lists, so new arguments can be
 added later without breaking plugins: a backend written against the first four operations keeps
-working unchanged, and :data:`HOOK_NAMES` (in definition order) is derived from this module.
+working unchanged. Arguments added later have a default in the specification (pluggy >= 1.7
+passes it when a caller leaves the argument out), so code that calls a hook the old way keeps
+working too. :data:`HOOK_NAMES` (in definition order) is derived from this module.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def register_backends() -> Iterable[Backend]:
 
 
 @_hookspec
-def validate(config: QuantConfig, model: torch.nn.Module | None, module_names: list[str] | None) -> None:
+def validate(config: QuantConfig, model: torch.nn.Module | None, module_names: list[str] | None = None) -> None:
     """Check that ``config`` can be applied to ``model``; raise to veto.
 
     Called by :func:`qplug.quantize` and :func:`qplug.load_quantized` before any module is
@@ -100,7 +102,7 @@ def replace_modules(
     module_names: list[str],
     calibration: Any,
     prequantized: bool,
-    checkpoint_tensors: Mapping[str, TensorInfo] | None,
+    checkpoint_tensors: Mapping[str, TensorInfo] | None = None,
 ) -> list[str] | None:
     """Swap the selected modules of ``model`` for the backend's quantized modules, in place.
 

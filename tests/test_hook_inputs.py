@@ -110,6 +110,20 @@ def test_a_plugin_written_before_the_new_inputs_works_unchanged(int8_plugin, tmp
         "dequantize", "register_backends", "replace_modules", "serialize", "validate")
 
 
+def test_a_caller_written_before_the_new_inputs_works_unchanged(int8_plugin):
+    """Code that calls the hooks the old way (the CLI's ``config validate``) gets the specs' defaults."""
+    hook = qplug.get_plugin_manager().hook
+    config = qplug.config_from_dict(INT8)
+    model = tiny_llama(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hook.validate(config=config, model=None)  # the example's validate takes module_names: None
+        replaced = hook.replace_modules(config=config, model=model, module_names=["model.layers.0.mlp.up_proj"],
+                                        calibration=None, prequantized=False)
+    assert replaced == ["model.layers.0.mlp.up_proj"]
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Int8Linear"
+
+
 # --------------------------------------------------------------------------------------------
 # validate and replace_modules see what the core knows
 # --------------------------------------------------------------------------------------------
