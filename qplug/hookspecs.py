@@ -121,8 +121,8 @@ def replace_modules(
     :param checkpoint_tensors: with ``prequantized=True``, every tensor name of the checkpoint
         (tied names included) mapped to its :class:`~qplug.checkpoint.TensorInfo` (``dtype``,
         ``shape``), read from the safetensors headers before any tensor data: size the empty modules
-        from what the checkpoint holds (an optional bias, a quantized head), not from the skeleton.
-        A read-only mapping; ``None`` when quantizing.
+        from what the checkpoint holds (an optional bias: :func:`qplug.checkpoint.needs_bias`; a
+        layer it holds quantized), not from the skeleton. A read-only mapping; ``None`` when quantizing.
     :return: the names of the modules replaced.
 
     .. versionchanged:: 0.2 ``checkpoint_tensors``.
