@@ -46,6 +46,7 @@ import warnings
 import torch
 
 from qplug import lut4, native
+from qplug.errors import KernelUnavailableError
 from qplug.native import ISA_ENV_VAR, ISAS, isa
 
 __all__ = [
@@ -183,7 +184,7 @@ def forward_int8(layer, layout: LayoutInt8, x: torch.Tensor) -> torch.Tensor:
         status = native.run_parallel(lib, "qplug_gemv_int8", n, max(1, _GEMV_WEIGHTS_PER_THREAD // k), ISAS[name],
                                      *args, inline_first=True)
         if any(status):
-            raise RuntimeError(f"qplug_gemv_int8 returned {status}")
+            raise KernelUnavailableError(f"qplug_gemv_int8 returned {status}")
         y = out
     else:
         mm_dtype = lut4.matmul_dtype(x.dtype)
