@@ -192,6 +192,8 @@ def validate(config, model, module_names):
 
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise qplug.IncompatibleModelError(f"gptq: {type(model).__name__} has no nn.Linear layer to quantize")
+    if module_names is None:  # called without the core's selection: nothing more to check
+        return
     names, settings = select_modules(config, model, module_names, prequantized=False)
     for n in names:
         lin = model.get_submodule(n)
