@@ -60,8 +60,10 @@ def get_config_class(name: str) -> type[QuantConfig]:
 def config_from_dict(data: Mapping[str, Any]) -> QuantConfig:
     """Build the config a ``quantization_config`` dict describes, dispatching on ``quant_method``.
 
-    Without ``quant_method``, the backend is inferred when exactly one recognises the dict (old
-    AutoGPTQ ``quantize_config.json``, autoawq's native keys, trimmed bitsandbytes configs).
+    ``quant_method`` may be a backend's alias (``"bnb"``). Without ``quant_method``, the backend
+    is inferred from the keys (old AutoGPTQ ``quantize_config.json``, autoawq's native keys,
+    trimmed bitsandbytes configs): among the config classes that recognise the dict, the one that
+    knows the most of its keys (:meth:`QuantConfig.claimed_keys <qplug.QuantConfig.claimed_keys>`).
 
     :raises QuantConfigError: the dict is invalid for its backend (names the field).
     :raises UnknownBackendError: no backend is named or recognised.
@@ -77,6 +79,7 @@ def config_from_dict(data: Mapping[str, Any]) -> QuantConfig:
                                accepted="expected a backend name: " + ", ".join(manager.backend_names()))
     else:
         backend = manager.get_backend(method)
+        data = {**data, "quant_method": backend.name}  # an alias resolved here, where aliases are known
     return backend.config_class.from_dict(data)
 
 
@@ -148,10 +151,10 @@ def check(config: QuantConfig | Mapping[str, Any], model: nn.Module | None = Non
 def _validate(config: QuantConfig, model: nn.Module | None, module_names: list[str] | None) -> None:
     """The one call of the ``validate`` hook (:func:`check`, and so quantizing and loading, come through here).
 
-    ``module_names`` is what the core selected for ``model`` (``None`` without one); the hook does not
-    take it yet.
+    ``module_names`` is what the core selected for ``model`` (``None`` without one).
     """
-    get_plugin_manager().hook.validate(config=config, model=model)
+    get_plugin_manager().hook.validate(config=config, model=model,
+                                       module_names=None if module_names is None else list(module_names))
 
 
 def _prepare(config: QuantConfig, model: nn.Module, skip: Iterable[str] = ()) -> tuple[QuantConfig, list[str]]:
@@ -172,9 +175,10 @@ def _prepare(config: QuantConfig, model: nn.Module, skip: Iterable[str] = ()) ->
 
 
 def _replace_modules(config: QuantConfig, model: nn.Module, names: list[str], calibration: Any,
-                     prequantized: bool) -> list[str]:
+                     prequantized: bool, checkpoint_tensors: Mapping[str, Any] | None = None) -> list[str]:
     replaced = get_plugin_manager().hook.replace_modules(
         config=config, model=model, module_names=names, calibration=calibration, prequantized=prequantized,
+        checkpoint_tensors=checkpoint_tensors,
     )
     if replaced is None:
         raise PluginError(f"backend {config.quant_method!r} did not answer replace_modules for {type(config).__name__}")
@@ -240,7 +244,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     config = quantized_config(model)
     if config is None:
         raise QPlugError(f"{type(model).__name__} was not quantized by qplug; use qplug.quantize first")
-    serialized = get_plugin_manager().hook.serialize(config=config, model=model)
+    hook = get_plugin_manager().hook
+    serialized = hook.serialize(config=config, model=model)
     if serialized is None:
         raise PluginError(f"backend {config.quant_method!r} did not answer serialize")
     model_config: dict[str, Any] = {}
@@ -252,7 +257,10 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     tensors, tied = state_tensors(model)
     from qplug import __version__
 
-    return write_checkpoint(directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__})
+    return write_checkpoint(
+        directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__},
+        add_files=lambda staging: hook.add_checkpoint_files(config=config, model=model, directory=staging),
+    )
 
 
 def load_quantized(
@@ -326,10 +334,11 @@ def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model
                config: QuantConfig, prequantized: bool, skip: Iterable[str],
                on_module: Callable[[str], None] | None, placing: tuple | None = None) -> nn.Module:
     """The body of :func:`load_quantized`: build or convert ``model``, fill and place it; returns it."""
+    import contextlib
     from concurrent.futures import ThreadPoolExecutor
 
     from qplug import placement
-    from qplug.checkpoint import build_skeleton, read_tensors
+    from qplug.checkpoint import CheckpointWeights, build_skeleton
 
     def plan(model: nn.Module) -> placement.Placement | None:
         if placing is None:
@@ -338,39 +347,58 @@ def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model
         return placement.plan(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
 
     if prequantized:
-        # Read the tensors on other threads while this one builds the (meta-device) model.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-load") as background:
-            reading = background.submit(read_tensors, directory)
-            if model is None:
-                model = build_skeleton(model_config)
-            config, names = _prepare(config, model)
-            _replace_modules(config, model, names, calibration=None, prequantized=True)
-            where = plan(model)  # the quantized skeleton: the plan counts the bytes really loaded
-            tensors, tied = reading.result()
+        with contextlib.ExitStack() as files:
+            # The headers first (cheap: the backend sizes its modules from them), then the tensors
+            # on another thread while this one builds the (meta-device) model.
+            weights = CheckpointWeights(directory, files)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-load") as background:
+                reading = background.submit(weights.read_all)
+                if model is None:
+                    model = build_skeleton(model_config)
+                config, names = _prepare(config, model)
+                _replace_modules(config, model, names, calibration=None, prequantized=True,
+                                 checkpoint_tensors=weights.tensor_infos())
+                where = plan(model)  # the quantized skeleton: the plan counts the bytes really loaded
+                tensors = reading.result()
         if where is not None:
             where.place_tensors(tensors)
-        _load_tensors(model, tensors, tied, filled=placement.offloaded_module_names(where))
+        _load_tensors(model, tensors, weights.tied, filled=placement.offloaded_module_names(where))
     else:
         if model is None:
             model = build_skeleton(model_config)
         from qplug.streaming import stream_quantize
 
-        backend = get_plugin_manager().backend_for_config(config)
-        if not backend.streams:
+        entry = get_plugin_manager().get_entry(config.quant_method)
+        if not entry.backend.streams:
             raise QPlugError(
-                f"backend {backend.name!r} cannot quantize a checkpoint while loading it (it needs the whole model, "
-                "e.g. for calibration); load the float model and call qplug.quantize"
+                f"backend {entry.backend.name!r} cannot quantize a checkpoint while loading it (it needs the whole "
+                "model, e.g. for calibration); load the float model and call qplug.quantize"
             )
         config.check_quantizable()
         config, names = _prepare(config, model, skip)
-        rest = stream_quantize(
-            model, Path(directory), config, names,
-            lambda one: _replace_modules(config, model, one, calibration=None, prequantized=False),
-            on_module,
-        )
+        quantize_one = _module_quantizer(config, model, entry.quantizes_modules)
+        rest = stream_quantize(model, Path(directory), names, quantize_one, on_module)
         _load_tensors(model, rest, {}, filled=names)
         where = plan(model)
     return model if where is None else where.dispatch(model)
+
+
+def _module_quantizer(config: QuantConfig, model: nn.Module, hooked: bool) -> Callable[[str], None]:
+    """Quantize one module of ``model`` in place, through ``quantize_module`` where the backend has it."""
+    from qplug.modules import get_submodule, set_submodule
+
+    hook = get_plugin_manager().hook
+
+    def quantize_one(name: str) -> None:
+        if not hooked:  # a plugin written before quantize_module: replace_modules, one module at a time
+            _replace_modules(config, model, [name], calibration=None, prequantized=False)
+            return
+        quantized = hook.quantize_module(config=config, model=model, name=name, module=get_submodule(model, name))
+        if quantized is None:
+            raise PluginError(f"backend {config.quant_method!r} did not answer quantize_module for {name!r}")
+        set_submodule(model, name, quantized)
+
+    return quantize_one
 
 
 def _load_tensors(model: nn.Module, tensors: dict[str, Any], tied: Mapping[str, str],

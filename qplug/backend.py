@@ -77,9 +77,13 @@ class Backend:
     :param presets: named settings for common cases, ``{"nf4": {"load_in_4bit": True, ...}}``;
         the CLI's ``--method`` accepts them.
     :param devices: the device types it runs on.
-    :param streams: the backend quantizes each module from its own weights alone (no calibration
-        data, no whole-model pass), so a floating-point checkpoint can be quantized while it is
-        loaded, one layer at a time (``qplug.load_quantized(..., quantization_config=...)``).
+    :param streams: whether a floating-point checkpoint can be quantized while it is loaded, one
+        layer at a time (``qplug.load_quantized(..., quantization_config=...)``). Leave it unset:
+        the manager sets it to whether the plugin implements the
+        :func:`~qplug.hookspecs.quantize_module` hook for this backend's config class. ``False``
+        turns streaming off. ``True`` without that hook is the contract of plugins written before
+        the hook existed (``replace_modules`` called with one module name at a time); it keeps
+        working, but new backends implement ``quantize_module``.
     """
 
     name: str = attrs.field(converter=normalize_name, validator=_check_name)
@@ -90,7 +94,7 @@ class Backend:
     description: str = ""
     presets: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, validator=_check_presets)
     devices: tuple[str, ...] = attrs.field(default=("cpu",), converter=tuple)
-    streams: bool = False
+    streams: bool | None = None
 
     @property
     def names(self) -> tuple[str, ...]:

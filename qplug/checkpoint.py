@@ -16,9 +16,12 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from qplug._io import atomic_directory
 from qplug.errors import BackendUnavailableError, CheckpointError, ConfigFileError
@@ -27,7 +30,16 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["build_skeleton", "read_model_config", "read_tensors", "state_tensors", "write_checkpoint"]
+__all__ = [
+    "CheckpointWeights",
+    "TensorInfo",
+    "build_skeleton",
+    "needs_bias",
+    "read_model_config",
+    "read_tensors",
+    "state_tensors",
+    "write_checkpoint",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -72,11 +84,13 @@ def write_checkpoint(
     *,
     tied: Mapping[str, str] | None = None,
     metadata: Mapping[str, str] | None = None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``tensors`` and ``config`` as a checkpoint directory, atomically.
 
     Files already in ``directory`` that are not weights or configs (a tokenizer, a README) are
-    carried over; old weight files are not.
+    carried over; old weight files are not. ``add_files`` is called with the staging directory
+    once the config and weights are in it, so what it writes is part of the same atomic save.
     """
     from safetensors.torch import save_file
 
@@ -92,6 +106,8 @@ def write_checkpoint(
         # safetensors writes through a private temporary file (mode 0600); give the weights the mode
         # an ordinary new file gets here (0666 less the umask), which config.json just got.
         os.chmod(staging / WEIGHTS_NAME, stat.S_IMODE(os.stat(staging / CONFIG_NAME).st_mode))
+        if add_files is not None:
+            add_files(staging)
     return target
 
 
@@ -200,6 +216,25 @@ def _unsafe_file_name(name: object) -> str | None:
     return None
 
 
+@attrs.frozen
+class TensorInfo:
+    """What a checkpoint's safetensors header says about one tensor, without reading its data."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def needs_bias(name: str, linear: nn.Module, checkpoint_tensors: Mapping[str, TensorInfo] | None) -> bool:
+    """Whether the empty quantized module that replaces ``linear`` at ``name`` gets a bias.
+
+    It does when the checkpoint holds ``<name>.bias`` (AutoGPTQ writes one for every layer, zeros
+    where the float layer had none), and when the skeleton's layer has one: loading then reports a
+    checkpoint that lacks it instead of silently dropping a bias the architecture has.
+    """
+    in_checkpoint = checkpoint_tensors is not None and f"{name}.bias" in checkpoint_tensors
+    return in_checkpoint or getattr(linear, "bias", None) is not None
+
+
 class CheckpointWeights:
     """The safetensors files of a checkpoint directory, opened and cross-checked.
 
@@ -243,6 +278,25 @@ class CheckpointWeights:
     def names(self) -> list[str]:
         return list(self.where)
 
+    def tensor_infos(self) -> Mapping[str, TensorInfo]:
+        """Every tensor name, tied names included, with its dtype and shape: a read-only mapping.
+
+        Built from the headers already read, so it costs no tensor data.
+        """
+        infos = {name: TensorInfo(handle.dtype(name), handle.shape(name)) for name, handle in self.where.items()}
+        for omitted, kept in self.tied.items():
+            if omitted not in infos and kept in infos:
+                infos[omitted] = infos[kept]
+        return types.MappingProxyType(infos)
+
+    def read_all(self, threads: int | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor (see :func:`read_tensors`)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = self.names()
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1), thread_name_prefix="qplug-read") as pool:
+            return dict(zip(jobs, pool.map(self.get, jobs), strict=True))
+
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
@@ -271,13 +325,9 @@ def read_tensors(
     ``threads`` (default: the CPU count, at most 8) read tensors concurrently: copying from the
     page cache into fresh memory is bound by page faults and copies on one core, not by the disk.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     with contextlib.ExitStack() as stack:
         weights = CheckpointWeights(directory, stack)
-        jobs = weights.names()
-        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1), thread_name_prefix="qplug-read") as pool:
-            tensors = dict(zip(jobs, pool.map(weights.get, jobs), strict=True))
+        tensors = weights.read_all(threads)
     return tensors, weights.tied
 
 

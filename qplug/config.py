@@ -359,8 +359,25 @@ class QuantConfig:
 
     @classmethod
     def recognizes(cls, data: Mapping[str, Any]) -> bool:
-        """Whether a dict *without* ``quant_method`` looks like this backend's config."""
+        """Whether a dict *without* ``quant_method`` looks like this backend's config.
+
+        Say only what marks your own format; never refuse a dict because it holds another
+        backend's keys. When several classes recognise a dict, the one claiming the most of its
+        keys (:meth:`claimed_keys`) wins.
+        """
         return False
+
+    @classmethod
+    def claimed_keys(cls, data: Mapping[str, Any]) -> frozenset[str]:
+        """The keys of ``data`` this class knows: its fields, and the foreign spellings
+        :meth:`normalize_dict` translates. How specific a :meth:`recognizes` claim is.
+        """
+        known = set(cls.field_names())
+        try:
+            translated = set(cls.normalize_dict(dict(data)))
+        except Exception:  # a contradictory dict is still weighed by the keys the class knows
+            translated = set(data)
+        return frozenset(k for k in data if isinstance(k, str) and (k in known or k not in translated))
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -439,18 +456,13 @@ class QuantConfig:
 
     @classmethod
     def _check_method(cls, method: Any) -> None:
+        # Aliases ("bnb") are the plugin manager's to resolve: qplug.config_from_dict passes the
+        # canonical name down, so this module never imports the manager (which imports it).
         if isinstance(method, str) and method.strip().lower() == cls.quant_method:
             return
-        if isinstance(method, str):
-            from qplug.manager import get_plugin_manager
-
-            try:
-                if get_plugin_manager().get_backend(method).config_class is cls:
-                    return
-            except LookupError:
-                pass
-        raise QuantConfigError(field="quant_method", value=method, accepted=f"expected {cls.quant_method!r}",
-                               config=cls.__name__)
+        raise QuantConfigError(field="quant_method", value=method,
+                               accepted=f"expected {cls.quant_method!r} (qplug.config_from_dict also accepts "
+                                        "a backend's aliases)", config=cls.__name__)
 
     @classmethod
     def from_json_file(cls: type[C], path: str | os.PathLike[str]) -> C:

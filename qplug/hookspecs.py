@@ -7,7 +7,10 @@ plugins (a policy, telemetry, packaging) may implement the same hooks for every 
 ``wrapper=True`` implementations see every call's result or exception.
 
 Implementations may accept fewer arguments than a specification lists, so new arguments can be
-added later without breaking plugins.
+added later without breaking plugins: a backend written against the first four operations keeps
+working unchanged. Arguments added later have a default in the specification (pluggy >= 1.7
+passes it when a caller leaves the argument out), so code that calls a hook the old way keeps
+working too. :data:`HOOK_NAMES` (in definition order) is derived from this module.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
+    from pathlib import Path
 
     import torch
 
     from qplug.backend import Backend
+    from qplug.checkpoint import TensorInfo
     from qplug.config import QuantConfig
 
 PROJECT = "qplug"
@@ -61,25 +66,32 @@ def register_backends() -> Iterable[Backend]:
 
 
 @_hookspec
-def validate(config: QuantConfig, model: torch.nn.Module | None) -> None:
+def validate(config: QuantConfig, model: torch.nn.Module | None, module_names: list[str] | None = None) -> None:
     """Check that ``config`` can be applied to ``model``; raise to veto.
 
     Called by :func:`qplug.quantize` and :func:`qplug.load_quantized` before any module is
-    replaced. Every implementation runs (this is not a ``firstresult`` hook): the owning backend
-    checks shapes and module kinds, and any other plugin may enforce a policy.
+    replaced, and by ``qplug config validate`` with only a config. Every implementation runs
+    (this is not a ``firstresult`` hook): the owning backend checks shapes and module kinds, and
+    any other plugin may enforce a policy.
 
     :param config: the validated config about to be applied.
     :param model: the model (on the meta device when loading a checkpoint), or ``None`` when only
         the config is being checked.
+    :param module_names: the dotted names of the ``nn.Linear`` modules the core selected for
+        :func:`replace_modules` (output head and skipped patterns removed), in model order; ``None``
+        when ``model`` is ``None``. Check these rather than selecting again.
     :return: nothing; raise :class:`~qplug.QuantConfigError` or
         :class:`~qplug.IncompatibleModelError` naming the field or the module at fault.
+
+    .. versionchanged:: 0.2 ``module_names``.
 
     Example::
 
         @qplug.backend_hookimpl(Int8Config)
-        def validate(config, model):
-            if model is not None and not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
-                raise qplug.IncompatibleModelError("int8-weight: the model has no nn.Linear to quantize")
+        def validate(config, model, module_names):
+            for name in module_names or ():
+                if model.get_submodule(name).in_features % 8:
+                    raise qplug.IncompatibleModelError(f"int8-weight: {name}: in_features is not a multiple of 8")
     """
 
 
@@ -90,6 +102,7 @@ def replace_modules(
     module_names: list[str],
     calibration: Any,
     prequantized: bool,
+    checkpoint_tensors: Mapping[str, TensorInfo] | None = None,
 ) -> list[str] | None:
     """Swap the selected modules of ``model`` for the backend's quantized modules, in place.
 
@@ -105,16 +118,60 @@ def replace_modules(
         removed the output head and every skipped pattern.
     :param calibration: calibration data for methods that need it (token tensors, or texts), else ``None``.
     :param prequantized: whether the weights come later from a quantized checkpoint.
+    :param checkpoint_tensors: with ``prequantized=True``, every tensor name of the checkpoint
+        (tied names included) mapped to its :class:`~qplug.checkpoint.TensorInfo` (``dtype``,
+        ``shape``), read from the safetensors headers before any tensor data: size the empty modules
+        from what the checkpoint holds (an optional bias: :func:`qplug.checkpoint.needs_bias`; a
+        layer it holds quantized), not from the skeleton. A read-only mapping; ``None`` when quantizing.
     :return: the names of the modules replaced.
+
+    .. versionchanged:: 0.2 ``checkpoint_tensors``.
 
     Example::
 
         @qplug.backend_hookimpl(Int8Config)
-        def replace_modules(config, model, module_names, prequantized):
+        def replace_modules(config, model, module_names, prequantized, checkpoint_tensors):
             for name in module_names:
                 linear = qplug.modules.get_submodule(model, name)
-                qplug.modules.set_submodule(model, name, Int8Linear.from_linear(linear, empty=prequantized))
+                if prequantized:
+                    new = Int8Linear.empty(linear, bias=f"{name}.bias" in checkpoint_tensors)
+                else:
+                    new = Int8Linear.from_linear(linear)
+                qplug.modules.set_submodule(model, name, new)
             return module_names
+    """
+
+
+@_hookspec(firstresult=True)
+def quantize_module(config: QuantConfig, model: torch.nn.Module, name: str,
+                    module: torch.nn.Linear) -> torch.nn.Module | None:
+    """Quantize one ``nn.Linear`` from its own weights and return the module that replaces it.
+
+    Called by :func:`qplug.load_quantized` with ``quantization_config=`` (quantize-on-load): the
+    float checkpoint is streamed one layer at a time, and each selected layer, once its weight and
+    bias are read, is handed here; the core puts the result in its place and drops the float
+    tensors before the next layer is read. Stops at first non-None result: only the backend that
+    owns ``config`` answers.
+
+    Implementing this hook is what makes a backend *streamable*: the core offers quantize-on-load
+    for a backend exactly when the plugin that registers it implements ``quantize_module`` for its
+    config class (:attr:`qplug.Backend.streams` then reads ``True``). Implement it only for methods
+    that need nothing but the layer's own weights (no calibration, no whole-model pass).
+
+    :param config: the backend's config (already checked by :func:`validate`).
+    :param model: the model being filled; other modules may still be on the meta device. Set
+        model-level markers here if the backend has any.
+    :param name: the module's dotted name, one of those :func:`validate` was given.
+    :param module: the float ``nn.Linear`` holding its real weights.
+    :return: the quantized module to put at ``name``.
+
+    .. versionadded:: 0.2
+
+    Example::
+
+        @qplug.backend_hookimpl(Int8Config)
+        def quantize_module(config, name, module):
+            return Int8Linear.from_linear(module)
     """
 
 
@@ -157,3 +214,35 @@ def serialize(config: QuantConfig, model: torch.nn.Module | None) -> dict[str, A
         def serialize(config, model):
             return config.to_dict()
     """
+
+
+@_hookspec
+def add_checkpoint_files(config: QuantConfig, model: torch.nn.Module, directory: Path) -> None:
+    """Write extra files into a checkpoint while :func:`qplug.save_quantized` assembles it.
+
+    Called once per save, after ``config.json`` and the weights are written, inside the staging
+    directory that is renamed over the target only when everything succeeded: a file written here
+    is part of the atomic save (a failure leaves an old checkpoint whole) and is never left beside
+    an older checkpoint. Every implementation runs: the owning backend writes what other tools need
+    to read its format, and any other plugin may add its own (a model card, provenance).
+
+    :param config: the config the model was quantized with.
+    :param model: the quantized model being saved.
+    :param directory: the staging directory; write files inside it only, under names that are not
+        ``config.json`` or weight files.
+    :return: nothing; raise to abort the save.
+
+    .. versionadded:: 0.2
+
+    Example::
+
+        @qplug.backend_hookimpl(Int8Config)
+        def add_checkpoint_files(config, directory):
+            (directory / "int8_config.json").write_text(config.to_json_string())
+    """
+
+
+#: The names of the hooks above, in the order they are defined; derived, never kept by hand.
+HOOK_NAMES: tuple[str, ...] = tuple(
+    name for name, value in list(globals().items()) if callable(value) and hasattr(value, f"{PROJECT}_spec")
+)

@@ -67,6 +67,7 @@ import torch
 from torch.nn import functional as F
 
 from qplug import blocked, lut4, native
+from qplug.errors import KernelUnavailableError
 from qplug.kernels import Kernel
 
 __all__ = [
@@ -456,7 +457,7 @@ def dequantize_int8_rows(codes: torch.Tensor, group: int, scale: torch.Tensor, z
     k = codes.shape[1]
     name = native.isa()[0]
     if name is None:
-        raise RuntimeError(f"qplug's CPU kernels are unavailable: {native.isa()[1]}")
+        raise KernelUnavailableError(f"qplug's CPU kernels are unavailable: {native.isa()[1]}")
     native.run_rows(native.CPU_KERNELS.get(), "qplug_dequant_int8", first, count,
                     max(1, _INT8_WEIGHTS_PER_THREAD // k), native.ISAS[name], codes.data_ptr(), k, group,
                     scale.data_ptr(), None if zero is None else zero.data_ptr(), native.DTYPE_CODES[out.dtype],

@@ -54,7 +54,7 @@ ENV_DISABLE_AUTOLOAD = "QPLUG_DISABLE_PLUGIN_AUTOLOAD"
 ENV_DISABLED_PLUGINS = "QPLUG_DISABLED_PLUGINS"
 ENV_TRACE = "QPLUG_TRACE"
 
-_HOOK_NAMES = ("register_backends", "validate", "replace_modules", "dequantize", "serialize")
+_HOOK_NAMES = hookspecs.HOOK_NAMES
 
 
 @attrs.frozen
@@ -79,10 +79,15 @@ class PluginInfo:
 
 @attrs.frozen
 class BackendEntry:
-    """A backend record together with the plugin that provided it."""
+    """A backend record together with the plugin that provided it.
+
+    ``quantizes_modules``: that plugin implements the ``quantize_module`` hook for the backend's
+    config class, so quantize-on-load hands it one layer at a time.
+    """
 
     backend: Backend
     plugin: PluginInfo
+    quantizes_modules: bool = False
 
 
 class PluginManager:
@@ -228,7 +233,7 @@ class PluginManager:
             hooks = tuple(sorted(impl_name for impl_name in _HOOK_NAMES if self._implements(plugin, impl_name)))
             records = self._collect_backends(plugin, who)
             info = PluginInfo(label, "loaded", dist, version, backends=tuple(b.name for b in records), hooks=hooks)
-            new_entries = [BackendEntry(b, info) for b in records]
+            new_entries = [self._entry(plugin, record, info) for record in records]
             if strict:
                 for entry in new_entries:
                     self._raise_on_conflict(entry)
@@ -238,6 +243,23 @@ class PluginManager:
         self._plugins[name] = info
         self._entries.extend(new_entries)
         return name
+
+    def _entry(self, plugin: object, record: Backend, info: PluginInfo) -> BackendEntry:
+        """The entry for ``record``; unset ``streams`` becomes whether the plugin has ``quantize_module``."""
+        quantizes = self._quantizes_modules(plugin, record.config_class)
+        if record.streams is None:
+            record = attrs.evolve(record, streams=quantizes)
+        return BackendEntry(record, info, quantizes)
+
+    def _quantizes_modules(self, plugin: object, config_class: type) -> bool:
+        """Whether ``plugin`` answers ``quantize_module`` for ``config_class`` (wrappers only watch)."""
+        for impl in self._pm.hook.quantize_module.get_hookimpls():
+            if impl.plugin is not plugin or impl.wrapper or impl.hookwrapper:
+                continue
+            owner = getattr(impl.function, "qplug_config_class", None)  # set by qplug.backend_hookimpl
+            if owner is None or issubclass(config_class, owner):
+                return True
+        return False
 
     def _implements(self, plugin: object, hook_name: str) -> bool:
         caller = getattr(self._pm.hook, hook_name)
@@ -370,19 +392,28 @@ class PluginManager:
         return backend
 
     def infer_backend(self, data: dict[str, Any]) -> Backend:
-        """The one backend whose config class recognises a dict that has no ``quant_method``."""
-        claims = []
+        """The backend whose config class claims a dict that has no ``quant_method`` most specifically.
+
+        Every config class whose :meth:`~qplug.QuantConfig.recognizes` accepts the dict makes a claim,
+        weighed by :meth:`~qplug.QuantConfig.claimed_keys`: the number of the dict's keys it knows.
+        The claim with the most keys wins, so no config class needs to know another's keys; a tie
+        at the top is ambiguous and refused.
+        """
+        claims: list[tuple[int, Backend]] = []
         for entry in self.backend_entries():
+            config_class = entry.backend.config_class
             try:
-                if entry.backend.config_class.recognizes(data):
-                    claims.append(entry.backend)
+                if config_class.recognizes(data):
+                    claims.append((len(config_class.claimed_keys(data)), entry.backend))
             except Exception:  # a faulty recogniser must not break config loading
                 continue
-        if len(claims) == 1:
-            return claims[0]
+        best = max((weight for weight, _ in claims), default=None)
+        top = [backend for weight, backend in claims if weight == best]
+        if len(top) == 1:
+            return top[0]
         known = ", ".join(self.backend_names()) or "none"
-        if claims:
-            why = f"it could be any of {', '.join(b.name for b in claims)}"
+        if top:
+            why = f"it could be any of {', '.join(b.name for b in top)} (each knows {best} of its keys)"
         else:
             why = "no backend recognises its keys"
         raise UnknownBackendError(

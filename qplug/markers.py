@@ -50,6 +50,8 @@ def backend_hookimpl(config_class: type, **options: Any) -> Callable[[F], F]:
                 return None
             return func(*args, **kwargs)
 
+        # The core reads the owner to tell which backend a hook serves (quantize_module: streaming).
+        answer_if_owned.qplug_config_class = config_class  # type: ignore[attr-defined]
         return hookimpl(**options)(answer_if_owned)  # type: ignore[return-value]
 
     return decorate

@@ -227,7 +227,9 @@ def run_rows(lib: ctypes.CDLL, name: str, first: int, count: int, min_per_thread
         kernel = getattr(lib, name)
         status = run_in_ranges(lambda start, n: kernel(isa_code, first + start, n, *args), count, min_per_thread)
     if any(status):
-        raise RuntimeError(f"{name} returned {status}")
+        from qplug.errors import KernelUnavailableError
+
+        raise KernelUnavailableError(f"{name} returned {status}")
 
 
 def run_in_ranges(kernel: Callable[..., int], total: int, min_per_thread: int, *args,

@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from qplug.errors import QPlugError
+
 __all__ = ["MAX_PATTERN_LENGTH", "MAX_STATES", "Pattern", "PatternError", "compile_pattern"]
 
 #: The longest pattern accepted, in characters.
@@ -37,7 +39,7 @@ _MAX_DEPTH = 100
 _MAX_CACHED = 1_000_000
 
 
-class PatternError(ValueError):
+class PatternError(QPlugError, ValueError):
     """A pattern is not a regular expression qplug accepts; the message says where and why."""
 
 

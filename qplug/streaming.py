@@ -1,8 +1,9 @@
 """Quantize-on-load: stream a floating-point checkpoint into a quantized model, one layer at a time.
 
 The skeleton's parameters live on the meta device. Each selected ``nn.Linear`` gets its weight
-(and bias) read from safetensors, is quantized by the owning backend's ``replace_modules`` hook
-on its own, and the float copy is dropped before the next one is needed; a reader thread fetches
+(and bias) read from safetensors, is quantized on its own by the owning backend's
+``quantize_module`` hook (see :func:`qplug.hookspecs.quantize_module`; its presence is what makes
+a backend streamable), and the float copy is dropped before the next one is needed; a reader thread fetches
 the next layer's tensors while the current one is quantized. Peak memory is therefore about the
 quantized model plus two layers in floating point, not the whole float model.
 
@@ -23,7 +24,6 @@ from torch import nn
 
 from qplug import memory
 from qplug.checkpoint import CheckpointWeights
-from qplug.config import QuantConfig
 from qplug.errors import CheckpointError, PluginError
 
 __all__ = ["stream_quantize"]
@@ -32,15 +32,14 @@ __all__ = ["stream_quantize"]
 def stream_quantize(
     model: nn.Module,
     directory: Path,
-    config: QuantConfig,
     module_names: list[str],
-    quantize_one: Callable[[list[str]], Any],
+    quantize_one: Callable[[str], Any],
     on_module: Callable[[str], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fill ``model`` from the float checkpoint in ``directory``, quantizing ``module_names`` as they arrive.
 
-    :param quantize_one: called with ``[name]`` once that module holds its float weights; runs the
-        backend's ``replace_modules`` for that one module.
+    :param quantize_one: called with a module's name once that module holds its float weights;
+        replaces it in ``model`` with its quantized form (the backend's ``quantize_module``).
     :param on_module: progress callback, called with each module name once it is quantized.
     :return: the tensors of every other module (embeddings, norms, the head), for the caller to load.
     """
@@ -60,7 +59,7 @@ def stream_quantize(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-read") as reader:
             for name, tensors in _prefetched(reader, read_layer, module_names):
                 _materialize(model, name, tensors)
-                quantize_one([name])
+                quantize_one(name)
                 dropped = sum(t.numel() * t.element_size() for t in tensors.values())
                 del tensors
                 memory.note_freed(dropped, every=_RELEASE_EVERY_BYTES)

@@ -18,9 +18,11 @@ SPECS = [
 ]
 
 
-def test_all_five_hooks_are_specified():
+def test_all_seven_hooks_are_specified_and_named_in_order():
     assert sorted(name for name, _ in SPECS) == [
-        "dequantize", "register_backends", "replace_modules", "serialize", "validate"]
+        "add_checkpoint_files", "dequantize", "quantize_module", "register_backends", "replace_modules",
+        "serialize", "validate"]
+    assert hookspecs.HOOK_NAMES == tuple(name for name, _ in SPECS)  # derived, in definition order
 
 
 @pytest.mark.parametrize(("name", "spec"), SPECS, ids=[n for n, _ in SPECS])

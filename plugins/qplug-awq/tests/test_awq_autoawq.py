@@ -97,7 +97,7 @@ def test_packing_is_bit_identical_to_autoawq(group_size, version):
 def test_autoawq_gemm_module_works_on_cpu_and_agrees_but_is_not_a_cpu_kernel():
     from qplug_awq.autoawq import AUTOAWQ
 
-    assert probe("gemm", "cpu") is None  # no triton here: WQLinear_GEMM dequantizes and multiplies
+    assert probe(AwqLinear, "gemm", "cpu") is None  # no triton here: WQLinear_GEMM dequantizes and multiplies
     torch.manual_seed(0)
     layer = AwqLinear.from_linear(nn.Linear(256, 128), group_size=64)
     x = torch.randn(2, 3, 256, dtype=torch.float16)
@@ -109,7 +109,7 @@ def test_autoawq_gemm_module_works_on_cpu_and_agrees_but_is_not_a_cpu_kernel():
 
 
 def test_autoawq_gemv_module_is_refused_with_the_reason_on_cpu():
-    reason = probe("gemv", "cpu")
+    reason = probe(AwqLinear, "gemv", "cpu")
     assert reason is not None and "GEMV" in reason  # its forward needs autoawq's CUDA extension
     layer = AwqLinear.from_linear(nn.Linear(256, 128), group_size=64, version="gemv", kernel="autoawq")
     with pytest.raises(KernelUnavailableError, match="CUDA kernels"):

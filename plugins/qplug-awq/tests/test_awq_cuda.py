@@ -41,7 +41,7 @@ def test_cuda_forward_matches_cpu(version):
     gpu = gpu.cuda()
     out = gpu(x.cuda()).float().cpu()
     kernel = gpu.kernel
-    print(f"\n{version}: kernel={kernel} ({probe(version, 'cuda:0') or 'autoawq works'})")
+    print(f"\n{version}: kernel={kernel} ({probe(AwqLinear, version, 'cuda:0') or 'autoawq works'})")
     # float16 activations and matmul on the GPU: ~1e-3 relative
     assert relative_error(out, expected) < 1e-2
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from qplug_gptq import GPTQConfig, packing
 from qplug_gptq.algorithm import LayerGPTQ
-from qplug_gptq.config import write_autogptq_quantize_config
 from qplug_gptq.linear import GPTQLinear
 from torch import nn
 
@@ -174,8 +173,7 @@ def test_qplug_checkpoint_loads_in_autogptq_with_the_same_outputs(case, tmp_path
     model = seeded_llama(seed=0, **MODEL_SHAPE)
     settings = MODEL_CASES[case]
     qplug.quantize(model, GPTQConfig(**settings, damp_percent=0.1), calibration=calibration_ids(128))
-    qplug.save_quantized(model, tmp_path / "ckpt")
-    write_autogptq_quantize_config(tmp_path / "ckpt")
+    qplug.save_quantized(model, tmp_path / "ckpt")  # with quantize_config.json, which auto-gptq loads through
     ids = eval_ids(128)
     with torch.no_grad():
         ours = model(ids).logits.float()

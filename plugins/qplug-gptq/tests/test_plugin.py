@@ -69,6 +69,39 @@ def test_save_load_round_trip_in_both_zero_conventions(fmt, tmp_path):
     qzeros = load_file(str(tmp_path / "ckpt" / "model.safetensors"))["model.layers.0.self_attn.q_proj.qzeros"]
     assert (packing.unpack(qzeros, 4, dim=1) == (8 if fmt == "gptq_v2" else 7)).all()
     assert torch.equal(_logits(qplug.load_quantized(tmp_path / "ckpt"), ids), expected)
+    # auto-gptq reads v1 only, through quantize_config.json, written inside the same atomic save
+    autogptq_config = tmp_path / "ckpt" / "quantize_config.json"
+    if fmt == "gptq":
+        assert json.loads(autogptq_config.read_text()) == qplug.quantized_config(model).to_autogptq_dict()
+    else:
+        assert not autogptq_config.exists()
+
+
+def test_quantize_config_json_follows_the_format_of_each_save(tmp_path):
+    model = tiny_llama(seed=0)
+    qplug.quantize(model, GPTQConfig(bits=4, group_size=64), calibration=_cal(model))
+    qplug.save_quantized(model, tmp_path)
+    assert json.loads((tmp_path / "quantize_config.json").read_text())["bits"] == 4
+    qplug.dequantize(model)
+    qplug.quantize(model, GPTQConfig(bits=4, group_size=64, checkpoint_format="gptq_v2"), calibration=_cal(model))
+    qplug.save_quantized(model, tmp_path)  # over the v1 checkpoint: its quantize_config.json must not stay
+    assert not (tmp_path / "quantize_config.json").exists()
+
+
+def test_a_checkpoint_bias_the_float_layer_lacked_is_loaded(tmp_path):
+    """AutoGPTQ writes a bias for every quantized layer (zeros where Llama has none): the empty layer
+    is sized from the checkpoint's tensor names, not from the skeleton."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama(seed=0)
+    qplug.quantize(model, GPTQConfig(bits=4, group_size=64), calibration=_cal(model))
+    qplug.save_quantized(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.full((128,), 0.25, dtype=torch.float16)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = qplug.load_quantized(tmp_path, tiny_llama(seed=1))
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.bias, torch.full((128,), 0.25, dtype=torch.float16))
+    assert loaded.model.layers[0].self_attn.k_proj.bias is None
 
 
 def test_calibration_texts_with_a_tokenizer():
@@ -119,8 +152,13 @@ def test_bfloat16_model():
 
 def test_unpackable_shapes_name_the_module_and_can_be_skipped():
     model = tiny_llama(seed=0, intermediate_size=200)  # 200 is not a multiple of 32 (3-bit runs)
+    config = GPTQConfig(bits=3, group_size=64)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     with pytest.raises(qplug.IncompatibleModelError, match=r"model\.layers\.0\.mlp\.gate_proj.*out_features=200"):
-        qplug.quantize(model, GPTQConfig(bits=3, group_size=64), calibration=_cal(model))
+        qplug.get_plugin_manager().hook.validate(config=config, model=model, module_names=names)  # validate says it
+    with pytest.raises(qplug.IncompatibleModelError, match=r"model\.layers\.0\.mlp\.gate_proj.*out_features=200"):
+        qplug.quantize(model, config, calibration=_cal(model))
+    assert not any(isinstance(m, GPTQLinear) for m in model.modules())  # refused before anything changed
     model = tiny_llama(seed=0, intermediate_size=200)
     qplug.quantize(model, GPTQConfig(bits=3, group_size=64), calibration=_cal(model), skip=["mlp"])
     assert isinstance(model.model.layers[0].self_attn.q_proj, GPTQLinear)

@@ -53,18 +53,20 @@ def _wrap(layer: nn.Module) -> nn.Module:
 
 
 @functools.cache
-def probe(version: str, device: str) -> str | None:
-    """Run autoawq's ``version`` module on ``device`` once; ``None`` if it works, else why not."""
+def probe(layer_class: type, version: str, device: str) -> str | None:
+    """Run autoawq's ``version`` module on ``device`` once; ``None`` if it works, else why not.
+
+    The probe layer is built with ``layer_class`` (:class:`~qplug_awq.linear.AwqLinear`, which lists
+    this kernel), passed in so that this module never imports the one that imports it.
+    """
     if not autoawq_importable():
         return "autoawq is not installed (pip install 'qplug-awq[autoawq]')"
-    from .linear import AwqLinear
-
     try:
         generator = torch.Generator().manual_seed(0)
         linear = nn.Linear(128, 64)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(64, 128, generator=generator))
-        layer = AwqLinear.from_linear(linear, group_size=64, version=version).to(device)
+        layer = layer_class.from_linear(linear, group_size=64, version=version).to(device)
         x = torch.randn(3, 128, generator=generator).to(device=device, dtype=torch.float16)
         with torch.no_grad():
             got = _wrap(layer)(x).float().reshape(3, 64)
@@ -83,7 +85,7 @@ def _refuses(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> str 
         return "autoawq is not installed (pip install 'qplug-awq[autoawq]')"
     if device.type != "cuda":
         return f"its kernels are CUDA kernels (inputs on {device}); on the CPU it only dequantizes to float16"
-    return probe(layer.version, str(device))
+    return probe(type(layer), layer.version, str(device))
 
 
 AUTOAWQ = Kernel(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qplug import int_kernels
+from qplug.errors import IncompatibleModelError
 from qplug.kernels import KernelLayer
 
 from .autoawq import AUTOAWQ
@@ -73,18 +74,18 @@ class AwqLinear(KernelLayer, nn.Module):
         super().__init__()
         names = [k.name for k in self.kernels]
         if kernel not in (None, "auto", *names):
-            raise ValueError(f"kernel={kernel!r}: expected None, 'auto' or one of {names}")
+            raise IncompatibleModelError(f"kernel={kernel!r}: expected None, 'auto' or one of {names}")
         version = str(version).lower()
         if version not in VERSIONS:
-            raise ValueError(f"version={version!r}: AwqLinear stores one of {list(VERSIONS)}")
+            raise IncompatibleModelError(f"version={version!r}: AwqLinear stores one of {list(VERSIONS)}")
         if bits != 4:
-            raise ValueError(f"bits={bits!r}: AWQ layouts are defined for 4-bit weights only")
+            raise IncompatibleModelError(f"bits={bits!r}: AWQ layouts are defined for 4-bit weights only")
         group_size = in_features if group_size in (-1, 0) else group_size
         if group_size <= 0 or in_features % group_size:
-            raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
+            raise IncompatibleModelError(f"group_size={group_size} must divide in_features={in_features}")
         per_word = 32 // bits
         if out_features % per_word or in_features % per_word:
-            raise ValueError(
+            raise IncompatibleModelError(
                 f"in_features={in_features} and out_features={out_features} must be multiples of {per_word}"
             )
         self.in_features = in_features
@@ -256,7 +257,7 @@ class AwqLinear(KernelLayer, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, this AwqLinear expects {self.in_features}")
+            raise IncompatibleModelError(f"input has {x.shape[-1]} features, this AwqLinear expects {self.in_features}")
         return self.run_kernel(x)
 
     def extra_repr(self) -> str:

@@ -40,7 +40,7 @@ def _layout(config: AwqConfig) -> str:
 
 
 @qplug.backend_hookimpl(AwqConfig)
-def validate(config: AwqConfig, model: Any) -> None:
+def validate(config: AwqConfig, model: Any, module_names: list[str] | None) -> None:
     if config.bits != 4:
         raise qplug.QuantConfigError(
             field="bits", value=config.bits, accepted="4: AWQ's checkpoint layouts and kernels are 4-bit",
@@ -53,12 +53,8 @@ def validate(config: AwqConfig, model: Any) -> None:
                      "GEMVFast CUDA kernel) is not supported by qplug-awq",
             config="AwqConfig",
         )
-    if model is None:
-        return
-    from qplug.modules import select_modules
-
     group = config.group_size
-    for name in select_modules(model, config.skip_patterns(), warn_unmatched=False).names:
+    for name in module_names or ():
         linear = model.get_submodule(name)
         in_f, out_f = linear.in_features, linear.out_features
         if out_f % 8 or in_f % 8 or (group != -1 and in_f % group):
@@ -70,7 +66,11 @@ def validate(config: AwqConfig, model: Any) -> None:
 
 
 @qplug.backend_hookimpl(AwqConfig)
-def replace_modules(config: AwqConfig, model: Any, module_names: list[str], calibration: Any, prequantized: bool):
+def replace_modules(
+    config: AwqConfig, model: Any, module_names: list[str], calibration: Any, prequantized: bool,
+    checkpoint_tensors: Any,
+):
+    from qplug.checkpoint import needs_bias
     from qplug.modules import set_submodule
     from qplug_awq.linear import AwqLinear
 
@@ -80,7 +80,7 @@ def replace_modules(config: AwqConfig, model: Any, module_names: list[str], cali
             device = linear.weight.device
             layer = AwqLinear(
                 linear.in_features, linear.out_features, bits=config.bits, group_size=config.group_size,
-                version=_layout(config), bias=linear.bias is not None, device=device,
+                version=_layout(config), bias=needs_bias(name, linear, checkpoint_tensors), device=device,
             )
             set_submodule(model, name, layer)
         return list(module_names)

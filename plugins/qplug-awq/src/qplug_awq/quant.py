@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import torch
 
+from qplug.errors import IncompatibleModelError
+
 __all__ = ["pseudo_quantize", "quantize_weight"]
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     if w.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(w.shape)}")
+        raise IncompatibleModelError(f"weight must be 2-D [out, in], got shape {tuple(w.shape)}")
     g = w.shape[1] if group_size in (-1, 0) else group_size
     if w.shape[1] % g:
-        raise ValueError(f"group_size={group_size} does not divide in_features={w.shape[1]}")
+        raise IncompatibleModelError(f"group_size={group_size} does not divide in_features={w.shape[1]}")
     return w.reshape(-1, g), g
 
 

@@ -47,6 +47,7 @@ import warnings
 import torch
 
 from qplug import lut4, native
+from qplug.errors import KernelUnavailableError
 from qplug.int_kernels import int8_blocked_matmul
 from qplug.native import ISA_ENV_VAR, ISAS, isa
 
@@ -185,7 +186,7 @@ def forward_int8(layer, layout: LayoutInt8, x: torch.Tensor) -> torch.Tensor:
         status = native.run_parallel(lib, "qplug_gemv_int8", n, max(1, _GEMV_WEIGHTS_PER_THREAD // k), ISAS[name],
                                      *args, inline_first=True)
         if any(status):
-            raise RuntimeError(f"qplug_gemv_int8 returned {status}")
+            raise KernelUnavailableError(f"qplug_gemv_int8 returned {status}")
         y = out
     else:  # tiles of CB * (SCB / 127) dequantized by qplug's C kernel, multiplied by torch's matmul
         y = int8_blocked_matmul(x, layout.cb, k, layout.scale, None)

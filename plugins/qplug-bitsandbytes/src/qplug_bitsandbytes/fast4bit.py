@@ -27,6 +27,7 @@ import os
 
 import torch
 
+from qplug.errors import KernelUnavailableError
 from qplug_bitsandbytes import _native
 
 __all__ = ["ENV_VAR", "fast_path_available", "fast_path_enabled", "quantize_4bit", "unavailable_reason", "warm_up"]
@@ -106,7 +107,7 @@ def _run_kernel(flat: torch.Tensor, blocks: int, blocksize: int, quant_type: str
         lambda first, count: kernel(src, dtype, first, count, blocksize, *tables), blocks, _BLOCKS_PER_THREAD_MIN
     )
     if any(status):
-        raise RuntimeError(f"4-bit kernel returned {status} for blocksize {blocksize}, dtype {flat.dtype}")
+        raise KernelUnavailableError(f"4-bit kernel returned {status} for blocksize {blocksize}, dtype {flat.dtype}")
 
     nan_blocks = absmax.isnan()
     if nan_blocks.any():  # keep the NaN bits eager torch produces (the kernel writes a canonical NaN)

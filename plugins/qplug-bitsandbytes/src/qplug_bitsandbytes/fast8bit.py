@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from qplug.errors import KernelUnavailableError
 from qplug_bitsandbytes import _native
 
 __all__ = ["ENV_VAR", "fast_path_enabled", "quantize_weight"]
@@ -58,7 +59,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] |
     per_thread = max(1, _WEIGHTS_PER_THREAD_MIN // cols)
     status = _native.run_in_ranges(lambda first, count: kernel(*args, first, count, *out), rows, per_thread)
     if any(s < 0 for s in status):
-        raise RuntimeError(f"int8 kernel returned {status} for a {tuple(src.shape)} {src.dtype} weight")
+        raise KernelUnavailableError(f"int8 kernel returned {status} for a {tuple(src.shape)} {src.dtype} weight")
     if any(status):  # rows with maximum 0, inf or NaN: bitsandbytes decides those bytes
         return None
     return CB, SCB

@@ -13,11 +13,21 @@ import qplug
 from qplug_bitsandbytes.config import BitsAndBytesConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from types import ModuleType
 
     from torch import nn
 
-__all__ = ["BACKEND_NAME", "PRESETS", "dequantize", "register_backends", "replace_modules", "serialize", "validate"]
+__all__ = [
+    "BACKEND_NAME",
+    "PRESETS",
+    "dequantize",
+    "quantize_module",
+    "register_backends",
+    "replace_modules",
+    "serialize",
+    "validate",
+]
 
 BACKEND_NAME = "bitsandbytes"
 REQUIREMENT = "bitsandbytes>=0.48"
@@ -63,7 +73,7 @@ def register_backends() -> list[qplug.Backend]:
             description="bitsandbytes: 4-bit NF4/FP4 (double quant, QLoRA) and 8-bit LLM.int8; HF-compatible",
             presets=PRESETS,
             devices=("cpu", "cuda", "xpu"),
-            streams=True,  # data-free: each layer is quantized from its own weights while loading
+            # streams: data-free, each layer is quantized from its own weights (quantize_module)
         )
     ]
 
@@ -76,57 +86,93 @@ def validate(config: BitsAndBytesConfig, model: nn.Module | None) -> None:
     config.check_quantizable()
 
 
-@qplug.backend_hookimpl(BitsAndBytesConfig)
-def replace_modules(
-    config: BitsAndBytesConfig, model: nn.Module, module_names: list[str], prequantized: bool
-) -> list[str]:
+def _layer_settings(config: BitsAndBytesConfig) -> dict[str, Any]:
     from qplug.config import torch_dtype
-    from qplug.modules import get_submodule, set_submodule
 
-    modules = _modules()
-    four_bit = config.load_in_4bit
-    kwargs: dict[str, Any]
-    if four_bit:
-        kwargs = dict(
+    if config.load_in_4bit:
+        return dict(
             quant_type=config.bnb_4bit_quant_type,
             compute_dtype=torch_dtype(config.bnb_4bit_compute_dtype),
             double_quant=config.bnb_4bit_use_double_quant,
             quant_storage=torch_dtype(config.bnb_4bit_quant_storage),
         )
-    else:
-        kwargs = dict(threshold=config.llm_int8_threshold, has_fp16_weights=config.llm_int8_has_fp16_weight)
+    return dict(threshold=config.llm_int8_threshold, has_fp16_weights=config.llm_int8_has_fp16_weight)
 
+
+def _quantized(config: BitsAndBytesConfig, name: str, linear: nn.Module, modules: ModuleType) -> nn.Module:
+    if linear.weight.device.type == "meta":
+        raise qplug.IncompatibleModelError(
+            f"module {name!r}: its weight is on the meta device; quantizing needs real weights "
+            "(load the float model first, or use qplug.load_quantized for a quantized checkpoint)"
+        )
+    quantize = modules.quantize_4bit if config.load_in_4bit else modules.quantize_8bit
+    return quantize(linear, **_layer_settings(config))
+
+
+def _mark(config: BitsAndBytesConfig, model: nn.Module) -> None:
+    # What transformers sets on a bitsandbytes model; peft reads it to pick its bnb LoRA layers.
+    model.is_loaded_in_4bit = config.load_in_4bit
+    model.is_loaded_in_8bit = not config.load_in_4bit
+
+
+@qplug.backend_hookimpl(BitsAndBytesConfig)
+def replace_modules(
+    config: BitsAndBytesConfig, model: nn.Module, module_names: list[str], prequantized: bool,
+    checkpoint_tensors: Mapping[str, Any] | None,
+) -> list[str]:
+    from qplug.checkpoint import needs_bias
+    from qplug.modules import get_submodule, set_submodule
+
+    modules = _modules()
     names = list(module_names)
     if prequantized:
-        names += _heads_quantized_by_transformers(config, model, names)
+        names += _heads_quantized_in(checkpoint_tensors, model, names)
+    empty = modules.empty_4bit if config.load_in_4bit else modules.empty_8bit
     for name in names:
         linear = get_submodule(model, name)
         if prequantized:
-            shape = (linear.in_features, linear.out_features, linear.bias is not None)
-            new = modules.empty_4bit(*shape, **kwargs) if four_bit else modules.empty_8bit(*shape, **kwargs)
+            new = empty(linear.in_features, linear.out_features, needs_bias(name, linear, checkpoint_tensors),
+                        **_layer_settings(config))
             new.train(linear.training)
         else:
-            if linear.weight.device.type == "meta":
-                raise qplug.IncompatibleModelError(
-                    f"module {name!r}: its weight is on the meta device; quantizing needs real weights "
-                    "(load the float model first, or use qplug.load_quantized for a quantized checkpoint)"
-                )
-            new = modules.quantize_4bit(linear, **kwargs) if four_bit else modules.quantize_8bit(linear, **kwargs)
+            new = _quantized(config, name, linear, modules)
         set_submodule(model, name, new)
-    # What transformers sets on a bitsandbytes model; peft reads it to pick its bnb LoRA layers.
-    model.is_loaded_in_4bit = four_bit
-    model.is_loaded_in_8bit = not four_bit
+    _mark(config, model)
     return names
 
 
-# -- output heads: transformers' rule and qplug's ----------------------------------------------
+@qplug.backend_hookimpl(BitsAndBytesConfig)
+def quantize_module(config: BitsAndBytesConfig, model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    _mark(config, model)
+    return _quantized(config, name, module, _modules())
+
+
+def _heads_quantized_in(
+    checkpoint_tensors: Mapping[str, Any] | None, model: nn.Module, selected: list[str]
+) -> list[str]:
+    """Output heads the checkpoint holds quantized: it has their 4-bit ``absmax`` or 8-bit ``SCB``.
+
+    qplug keeps the head in floating point, but transformers quantizes it when a checkpoint's
+    ``llm_int8_skip_modules`` is a list that leaves it out; such checkpoints load as they are.
+    """
+    from qplug.modules import output_head_names
+
+    if not checkpoint_tensors:
+        return []
+    quantized_marks = ("weight.absmax", "SCB")
+    return sorted(
+        head for head in output_head_names(model)
+        if head not in selected and any(f"{head}.{mark}" in checkpoint_tensors for mark in quantized_marks)
+    )
+
+
+# -- output heads when saving: transformers' rule ----------------------------------------------
 #
 # qplug always keeps the output head in floating point; ``llm_int8_skip_modules`` adds to that.
 # transformers adds its default skips (the head, tied weights) only when the list is None: given
-# a list, it quantizes every linear the list does not name, the head included. So that both
-# read each other's checkpoints the same way, qplug writes the head into a non-None list when
-# saving, and when loading a checkpoint whose list leaves the head out (transformers quantized
-# it) it makes an empty quantized head as well.
+# a list, it quantizes every linear the list does not name, the head included. So that
+# transformers reads qplug's checkpoints the way qplug wrote them, qplug names the float head in a
+# non-None list when saving.
 
 
 def _hf_skips(name: str, patterns: list[str]) -> bool:
@@ -159,14 +205,6 @@ def _untied_heads(model: nn.Module) -> list[str]:
         name for name in output_head_names(model)
         if getattr(model.get_submodule(name), "weight", None) is not shared
     )
-
-
-def _heads_quantized_by_transformers(config: BitsAndBytesConfig, model: nn.Module, selected: list[str]) -> list[str]:
-    """Output heads a checkpoint written with this config holds quantized (transformers' rule)."""
-    patterns = config.llm_int8_skip_modules
-    if patterns is None:
-        return []
-    return [h for h in _untied_heads(model) if h not in selected and not _hf_skips(h, patterns)]
 
 
 @qplug.backend_hookimpl(BitsAndBytesConfig)

@@ -16,6 +16,8 @@ import warnings
 import torch
 from torch import nn
 
+from qplug.errors import IncompatibleModelError
+
 from . import packing
 
 logger = logging.getLogger("qplug.gptq")
@@ -67,32 +69,22 @@ def is_autogptq_module(module: nn.Module) -> bool:
     return any(c.__module__.startswith("auto_gptq.nn_modules.qlinear") for c in type(module).__mro__)
 
 
-@functools.cache
-def _loadable(cls: type[nn.Module]) -> type[nn.Module]:
-    """``cls`` plus the one thing our loader needs: adopting a checkpoint's optional bias."""
-    from .linear import adopt_optional_bias
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        adopt_optional_bias(self, state_dict, prefix, self.outfeatures, torch.float16)
-        return cls._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
-
-    return type(
-        cls.__name__, (cls,), {"_load_from_state_dict": _load_from_state_dict, "kernel": f"auto-gptq:{cls.QUANT_TYPE}"}
-    )
-
-
 def empty_module(
     in_features: int, out_features: int, *, bits: int, group_size: int, desc_act: bool, bias: bool
 ) -> nn.Module:
     """An auto-gptq QuantLinear ready for ``load_state_dict`` (its buffers are on the CPU)."""
-    cls = _loadable(quant_linear_class(bits, group_size, desc_act))
-    return cls(bits, group_size, in_features, out_features, bias, weight_dtype=torch.float16)
+    cls = quant_linear_class(bits, group_size, desc_act)
+    module = cls(bits, group_size, in_features, out_features, bias, weight_dtype=torch.float16)
+    module.kernel = f"auto-gptq:{cls.QUANT_TYPE}"  # what `qplug inspect` and the benchmarks show
+    return module
 
 
 def from_gptq_linear(module, desc_act: bool) -> nn.Module:
     """Copy a v1 :class:`GPTQLinear`'s tensors into an auto-gptq QuantLinear."""
     if module.checkpoint_format != "gptq":
-        raise ValueError(f"auto-gptq reads checkpoint_format 'gptq' only, this layer is {module.checkpoint_format!r}")
+        raise IncompatibleModelError(
+            f"auto-gptq reads checkpoint_format 'gptq' only, this layer is {module.checkpoint_format!r}"
+        )
     out = empty_module(
         module.in_features,
         module.out_features,

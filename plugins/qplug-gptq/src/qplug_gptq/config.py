@@ -18,9 +18,7 @@ only matter when quantizing (a usable calibration dataset, its tokenizer) live i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
@@ -43,7 +41,7 @@ from qplug.config import (
 )
 from qplug.errors import QuantConfigError
 
-__all__ = ["NAMED_DATASETS", "SUPPORTED_FORMATS", "GPTQConfig", "write_autogptq_quantize_config"]
+__all__ = ["AUTOGPTQ_CONFIG_NAME", "NAMED_DATASETS", "SUPPORTED_FORMATS", "GPTQConfig"]
 
 #: Calibration datasets transformers/optimum know by name (downloaded from the hub by them).
 NAMED_DATASETS = ("wikitext2", "c4", "c4-new")
@@ -235,12 +233,11 @@ class GPTQConfig(QuantConfig):
 
     @classmethod
     def recognizes(cls, data: Mapping[str, Any]) -> bool:
-        """An AutoGPTQ ``quantize_config.json`` (no ``quant_method``).
+        """An AutoGPTQ ``quantize_config.json`` (no ``quant_method``): ``bits`` and a GPTQ-only key.
 
-        ``w_bit``/``q_group_size`` are autoawq's native keys: such a dict is AWQ's to claim,
-        even though AutoGPTQ accepts the spelling when given one explicitly.
+        A dict another backend also recognises goes to the one knowing more of its keys
+        (autoawq's native dicts to AWQ): see :meth:`qplug.QuantConfig.claimed_keys`.
         """
-        has_bits = "bits" in data and "w_bit" not in data
         gptq_keys = {
             "desc_act",
             "damp_percent",
@@ -249,8 +246,7 @@ class GPTQConfig(QuantConfig):
             "model_file_base_name",
             "checkpoint_format",
         }
-        awq_keys = {"zero_point", "version", "load_in_4bit", "load_in_8bit"}
-        return has_bits and bool(gptq_keys & set(data)) and not (awq_keys & set(data))
+        return "bits" in data and bool(gptq_keys & set(data))
 
     # -- writing -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -329,17 +325,6 @@ def _norm(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
-def write_autogptq_quantize_config(directory) -> Path:
-    """Add the ``quantize_config.json`` auto-gptq needs to a checkpoint qplug saved.
-
-    auto-gptq 0.7.1 loads a local directory only through that file (it never falls back to
-    ``config.json``), and looks for ``<model_file_base_name>.safetensors``: qplug writes
-    ``model.safetensors``. A later :func:`qplug.save_quantized` into the same directory keeps it.
-    """
-    from qplug.config import read_quantization_config
-
-    directory = Path(directory)
-    cfg = GPTQConfig.from_dict(read_quantization_config(directory / "config.json"))
-    path = directory / "quantize_config.json"
-    path.write_text(json.dumps(cfg.to_autogptq_dict(), indent=2) + "\n", encoding="utf-8")
-    return path
+#: The file auto-gptq reads a checkpoint's settings from; ``qplug.save_quantized`` writes it with
+#: every ``gptq`` (v1) checkpoint, inside the atomic save (the backend's ``add_checkpoint_files``).
+AUTOGPTQ_CONFIG_NAME = "quantize_config.json"

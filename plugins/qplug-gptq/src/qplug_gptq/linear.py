@@ -25,26 +25,10 @@ import torch
 from torch import nn
 
 from qplug import int_kernels
-from qplug.errors import CheckpointError
+from qplug.errors import CheckpointError, IncompatibleModelError
 from qplug.kernels import KernelLayer
 
 from . import packing
-
-
-def adopt_optional_bias(module: nn.Module, state_dict, prefix: str, out_features: int, dtype: torch.dtype) -> None:
-    """Give ``module`` a ``bias`` buffer when the checkpoint has one and the module has none.
-
-    AutoGPTQ (and the tools built on it) write a ``bias`` for every quantized layer, zeros
-    when the float layer had none (Llama's projections), so a checkpoint may hold a bias the
-    model's own ``nn.Linear`` lacked.
-    """
-    if getattr(module, "bias", None) is None and (prefix + "bias") in state_dict:
-        if "bias" in module._parameters:
-            del module._parameters["bias"]
-        elif hasattr(module, "bias"):
-            delattr(module, "bias")
-        device = module.qweight.device
-        module.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
 
 
 def _codes_out_in(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -102,9 +86,11 @@ class GPTQLinear(KernelLayer, nn.Module):
         super().__init__()
         packing.check_bits(bits)
         if group_size != -1 and group_size <= 0:
-            raise ValueError(f"group_size={group_size!r}: must be -1 or a positive integer")
+            raise IncompatibleModelError(f"group_size={group_size!r}: must be -1 or a positive integer")
         if checkpoint_format not in packing.FORMATS:
-            raise ValueError(f"checkpoint_format={checkpoint_format!r}; accepted values: {list(packing.FORMATS)}")
+            raise IncompatibleModelError(
+                f"checkpoint_format={checkpoint_format!r}; accepted values: {list(packing.FORMATS)}"
+            )
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -185,19 +171,20 @@ class GPTQLinear(KernelLayer, nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         where = prefix.rstrip(".") or type(self).__name__
-        adopt_optional_bias(self, state_dict, prefix, self.out_features, self.scales.dtype)
         for name, (shape, dtypes) in self._expected().items():
             t = state_dict.get(prefix + name)
             if t is None:
                 continue
             if tuple(t.shape) != shape:
-                raise ValueError(
+                raise CheckpointError(
                     f"{where}: tensor {prefix + name} has shape {tuple(t.shape)}, expected {shape} "
                     f"for a {self.bits}-bit GPTQ layer with in_features={self.in_features}, "
                     f"out_features={self.out_features}, group_size={self.group_size}"
                 )
             if t.dtype not in dtypes:
-                raise ValueError(f"{where}: tensor {prefix + name} has dtype {t.dtype}, expected one of {list(dtypes)}")
+                raise CheckpointError(
+                    f"{where}: tensor {prefix + name} has dtype {t.dtype}, expected one of {list(dtypes)}"
+                )
         # Cheap content checks (qplug.checks): finite scales, and every g_idx entry a group of this layer.
         from qplug.checks import check_tensor
 
@@ -292,7 +279,9 @@ class GPTQLinear(KernelLayer, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, this GPTQLinear expects {self.in_features}")
+            raise IncompatibleModelError(
+                f"input has {x.shape[-1]} features, this GPTQLinear expects {self.in_features}"
+            )
         return self.run_kernel(x)
 
     def to_linear(self) -> nn.Linear:

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import torch
 
+from qplug.errors import IncompatibleModelError
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
 
 
 def check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits!r} is not supported; accepted values: {list(SUPPORTED_BITS)}")
+        raise IncompatibleModelError(f"bits={bits!r} is not supported; accepted values: {list(SUPPORTED_BITS)}")
 
 
 def run_length(bits: int) -> int:
@@ -49,7 +51,9 @@ def packed_length(n: int, bits: int, what: str = "dimension") -> int:
     """Packed size of a dimension of ``n`` values; raises when ``n`` does not pack evenly."""
     run = run_length(bits)
     if n % run:
-        raise ValueError(f"{what} of size {n} cannot be packed at {bits} bits: it must be a multiple of {run}")
+        raise IncompatibleModelError(
+            f"{what} of size {n} cannot be packed at {bits} bits: it must be a multiple of {run}"
+        )
     return n * bits // 32
 
 

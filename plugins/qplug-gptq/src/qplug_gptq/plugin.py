@@ -15,6 +15,7 @@ Kernel choice (environment variable ``QPLUG_GPTQ_KERNEL``):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -182,7 +183,7 @@ def calibration_batches(config: GPTQConfig, model, calibration: Any):
 
 
 @qplug.backend_hookimpl(GPTQConfig)
-def validate(config, model):
+def validate(config, model, module_names):
     config.check_loadable()
     kernel_choice()
     if model is None:
@@ -191,22 +192,26 @@ def validate(config, model):
 
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise qplug.IncompatibleModelError(f"gptq: {type(model).__name__} has no nn.Linear layer to quantize")
+    if module_names is None:  # called without the core's selection: nothing more to check
+        return
+    names, settings = select_modules(config, model, module_names, prequantized=False)
+    for n in names:
+        lin = model.get_submodule(n)
+        if not isinstance(lin, nn.Linear):
+            raise qplug.IncompatibleModelError(f"gptq: module {n!r} is a {type(lin).__name__}, not an nn.Linear")
+        _check_shape(n, lin, settings[n]["bits"])
 
 
 @qplug.backend_hookimpl(GPTQConfig)
-def replace_modules(config, model, module_names, calibration, prequantized):
-    from torch import nn
-
+def replace_modules(config, model, module_names, calibration, prequantized, checkpoint_tensors):
+    from qplug.checkpoint import needs_bias
     from qplug.modules import get_submodule, set_submodule
     from qplug_gptq import autogptq
     from qplug_gptq.linear import GPTQLinear
 
+    # validate has checked the layers selected here (the output head a checkpoint quantized aside:
+    # building its module checks its shape)
     names, settings = select_modules(config, model, module_names, prequantized=prequantized)
-    for n in names:
-        lin = get_submodule(model, n)
-        if not isinstance(lin, nn.Linear):
-            raise qplug.IncompatibleModelError(f"gptq: module {n!r} is a {type(lin).__name__}, not an nn.Linear")
-        _check_shape(n, lin, settings[n]["bits"])
 
     results = {}
     if not prequantized:
@@ -241,7 +246,7 @@ def replace_modules(config, model, module_names, calibration, prequantized):
                 lin.out_features,
                 bits=s["bits"],
                 group_size=s["group_size"],
-                bias=lin.bias is not None,
+                bias=needs_bias(n, lin, checkpoint_tensors),
                 checkpoint_format=config.checkpoint_format,
                 sym=s["sym"],
                 weight_dtype=lin.weight.dtype,
@@ -269,7 +274,7 @@ def replace_modules(config, model, module_names, calibration, prequantized):
                     bits=s["bits"],
                     group_size=s["group_size"],
                     desc_act=s["desc_act"],
-                    bias=lin.bias is not None,
+                    bias=needs_bias(n, lin, checkpoint_tensors),
                 )
             else:
                 new = autogptq.from_gptq_linear(new, desc_act=s["desc_act"])
@@ -315,3 +320,19 @@ def _model_float_dtype(model):
 @qplug.backend_hookimpl(GPTQConfig)
 def serialize(config, model):
     return config.to_dict()
+
+
+@qplug.backend_hookimpl(GPTQConfig)
+def add_checkpoint_files(config, directory):
+    """auto-gptq 0.7.1 loads a directory only through ``quantize_config.json`` (never ``config.json``).
+
+    It reads ``gptq`` (v1) checkpoints only; for other formats a copy carried over from an earlier
+    save into the same directory is removed, so auto-gptq is never told the wrong layout.
+    """
+    from qplug_gptq.config import AUTOGPTQ_CONFIG_NAME
+
+    path = directory / AUTOGPTQ_CONFIG_NAME
+    if config.checkpoint_format == "gptq":
+        path.write_text(json.dumps(config.to_autogptq_dict(), indent=2) + "\n", encoding="utf-8")
+    elif path.exists():
+        path.unlink()

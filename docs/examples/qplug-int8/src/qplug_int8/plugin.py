@@ -70,16 +70,15 @@ def _int8_linear_class():
             self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
         @classmethod
-        def from_linear(cls, linear, compute_dtype, empty=False):
+        def from_linear(cls, linear, compute_dtype):
             device = linear.weight.device
             module = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype, device)
-            if not empty:
-                w = linear.weight.detach().float()
-                scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-                module.weight.copy_(torch.round(w / scale).clamp(-127, 127).to(torch.int8))
-                module.weight_scale.copy_(scale)
-                if linear.bias is not None:
-                    module.bias = nn.Parameter(linear.bias.detach().clone())
+            w = linear.weight.detach().float()
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+            module.weight.copy_(torch.round(w / scale).clamp(-127, 127).to(torch.int8))
+            module.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                module.bias = nn.Parameter(linear.bias.detach().clone())
             return module
 
         def dequantized_weight(self):
@@ -115,23 +114,22 @@ def register_backends():
             requires=("torch>=2.1",),
             description="int8 weight-only, per-channel scales (pure PyTorch example)",
             presets={"int8w": {}},
-            streams=True,  # each layer is quantized from its own weights: quantize-on-load can stream
+            # streams: implementing quantize_module below is what makes quantize-on-load stream
         )
     ]
 
 
 @qplug.backend_hookimpl(Int8WeightConfig)
-def validate(config, model):
-    if model is None:
-        return
-    import torch
-
-    if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
-        raise qplug.IncompatibleModelError(f"int8-weight: {type(model).__name__} has no nn.Linear to quantize")
+def validate(config, model, module_names):
+    # module_names: the layers the core selected (None when only the config is checked)
+    for name in module_names or ():
+        weight = model.get_submodule(name).weight
+        if not weight.is_floating_point():
+            raise qplug.IncompatibleModelError(f"int8-weight: {name} holds {weight.dtype} weights, not floats")
 
 
 @qplug.backend_hookimpl(Int8WeightConfig)
-def replace_modules(config, model, module_names, prequantized):
+def replace_modules(config, model, module_names, prequantized, checkpoint_tensors):
     from qplug.config import torch_dtype
     from qplug.modules import get_submodule, set_submodule
 
@@ -139,8 +137,20 @@ def replace_modules(config, model, module_names, prequantized):
     dtype = torch_dtype(config.compute_dtype)
     for name in module_names:
         linear = get_submodule(model, name)
-        set_submodule(model, name, int8_linear.from_linear(linear, dtype, empty=prequantized))
+        if prequantized:  # an empty layer shaped as the checkpoint's tensors say (its bias, not the skeleton's)
+            has_bias = f"{name}.bias" in checkpoint_tensors
+            new = int8_linear(linear.in_features, linear.out_features, has_bias, dtype, linear.weight.device)
+        else:
+            new = int8_linear.from_linear(linear, dtype)
+        set_submodule(model, name, new)
     return module_names
+
+
+@qplug.backend_hookimpl(Int8WeightConfig)
+def quantize_module(config, module):
+    from qplug.config import torch_dtype
+
+    return _int8_linear_class().from_linear(module, torch_dtype(config.compute_dtype))
 
 
 @qplug.backend_hookimpl(Int8WeightConfig)
