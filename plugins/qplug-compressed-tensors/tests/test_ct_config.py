@@ -133,4 +133,4 @@ def test_listing_backends_imports_neither_torch_nor_the_library():
 
 
 class TestConfigFuzz(ConfigFuzzTests):
-    seeds = [W4A16_2024, W4A16_ACTORDER, FP8_DYNAMIC, CompressedTensorsConfig().to_dict()]
+    seeds = (W4A16_2024, W4A16_ACTORDER, FP8_DYNAMIC, CompressedTensorsConfig().to_dict())

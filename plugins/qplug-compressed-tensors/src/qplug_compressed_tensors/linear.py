@@ -50,7 +50,7 @@ def _unpack_bytes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 ``[rows, n]`` fields below ``2**bits`` -> int32 words ``[rows, ceil(n * bits / 32)]`` (inverse of above)."""
+    """uint8 ``[rows, n]`` fields below ``2**bits`` -> int32 words ``[rows, ceil(n * bits / 32)]`` (the inverse)."""
     rows, n = codes.shape
     per_word = 32 // bits
     pad = -n % per_word
@@ -202,7 +202,8 @@ class CompressedTensorsLinear(KernelLayer, nn.Module):
             signed = zero.to(torch.int16) - layer.offset
             if format == "pack-quantized" and strategy != "tensor":
                 # packed along `out`: the words of zero^T's rows, transposed back
-                layer.weight_zero_point = _pack_bytes((signed + layer.offset).to(torch.uint8).t(), bits).t().contiguous()
+                unsigned = (signed + layer.offset).to(torch.uint8)
+                layer.weight_zero_point = _pack_bytes(unsigned.t(), bits).t().contiguous()
             else:
                 layer.weight_zero_point = signed.to(torch.int8).contiguous()
         if format == "pack-quantized":
