@@ -191,10 +191,11 @@ class Scheme:
         """A short name: ``W4A16 group 128 symmetric``."""
         if self.num_bits is None:
             return "no weight quantization"
-        kind = "" if self.type == "int" else f" {self.type}"
+        weights = f"{'W' if self.type == 'int' else 'FP'}{self.num_bits}"
         size = f" {self.group_size}" if self.strategy == "group" else ""
-        return (f"W{self.num_bits}{kind}{'A8' if self.activations else 'A16'} {self.strategy}{size} "
-                f"{'symmetric' if self.symmetric else 'asymmetric'}")
+        acts = ", activations quantized" if self.activations else ""
+        return (f"{weights}{'' if self.activations else 'A16'} {self.strategy}{size} "
+                f"{'symmetric' if self.symmetric else 'asymmetric'}{acts}")
 
     def refusal(self) -> str | None:
         """Why qplug cannot run this scheme, or ``None`` when it can."""
@@ -327,7 +328,7 @@ class CompressedTensorsConfig(QuantConfig):
             )
 
     def check_quantizable(self) -> None:
-        self._check_runnable()
+        """What only matters when quantizing (the ``validate`` hook refuses unrunnable schemes on every path)."""
         for scheme in self.schemes():
             if scheme.has_g_idx:
                 raise QuantConfigError(
