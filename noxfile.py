@@ -10,7 +10,8 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
-nox.options.sessions = ["tests", "bitsandbytes", "gptq", "gptq_autogptq", "awq", "awq_autoawq", "lint", "docs"]
+nox.options.sessions = ["tests", "bitsandbytes", "gptq", "gptq_autogptq", "awq", "awq_autoawq", "compressed_tensors",
+                        "lint", "docs"]
 
 TORCH = "torch==2.13.0"
 EXAMPLE_PLUGIN = "docs/examples/qplug-int8"
@@ -80,6 +81,16 @@ def awq_autoawq(session: nox.Session) -> None:
     session.install("--no-deps", "autoawq==0.2.9")
     session.install("accelerate", "datasets", "zstandard", "huggingface_hub>=0.26.5", "tokenizers", "typing_extensions")
     _pytest(session, "plugins/qplug-awq/tests")
+
+
+@nox.session(name="compressed_tensors")
+def compressed_tensors(session: nox.Session) -> None:
+    """qplug-compressed-tensors against the compressed-tensors library's packers and compressors, llm-compressor-made
+    fixtures and transformers' own loading; calibrated quantization through qplug-gptq."""
+    _install_core(session, "test")
+    session.install("compressed-tensors==0.20.0")  # works with torch >= 2.10
+    session.install("-e", "plugins/qplug-gptq", "-e", "plugins/qplug-compressed-tensors[test]")
+    _pytest(session, "plugins/qplug-compressed-tensors/tests")
 
 
 @nox.session
