@@ -1,4 +1,4 @@
-"""The contract kit catches what it promises to: a toy backend passes it, and each broken copy fails the check meant for it.
+"""The contract kit catches what it promises: a toy backend passes it, each broken copy fails the check meant for it.
 
 Each run is the kit as a plugin's suite runs it: a ``BackendContractTests`` subclass collected by
 pytest (in process, through ``pytester``), with the toy backend of ``contract_toys`` registered.
@@ -6,9 +6,9 @@ pytest (in process, through ``pytester``), with the toy backend of ``contract_to
 
 from __future__ import annotations
 
+import contract_toys
 import pytest
 
-import contract_toys
 from qplug.testing import default_tolerance, tiny_llama
 
 # The checks each broken toy could plausibly trip: the ones it must fail and their neighbours

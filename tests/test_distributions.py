@@ -1,4 +1,7 @@
-"""Every backend distribution in this repository pins qplug to a range that holds the core's version and stops before the next incompatible one."""
+"""Every backend distribution here pins qplug to a range that holds the core's version.
+
+The range stops before the next version that may change the hooks.
+"""
 
 from __future__ import annotations
 

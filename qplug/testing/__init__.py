@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BackendContractTests", "default_tolerance", "example_tokens", "relative_error", "tiny_llama", "tiny_llama_config"]
+__all__ = [
+    "BackendContractTests",
+    "default_tolerance",
+    "example_tokens",
+    "relative_error",
+    "tiny_llama",
+    "tiny_llama_config",
+]
 
 
 def __getattr__(name: str) -> Any:
