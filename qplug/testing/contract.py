@@ -295,6 +295,7 @@ class BackendContractTests:
         arguments = {"config": foreign, "model": model, "module_names": _linear_names(model),
                      "calibration": None, "prequantized": False}
         modules = dict(model.named_modules())
+        tensors = {name: t.clone() for name, t in model.state_dict().items()}
         asked = []
         for hook_name, caller in _per_config_hooks(manager):
             for impl in caller.get_hookimpls():
@@ -310,6 +311,7 @@ class BackendContractTests:
                 asked.append(hook_name)
         assert asked, f"the plugin of {config.quant_method!r} implements no hook that takes a config"
         changed = [n for n, m in model.named_modules() if modules.get(n) is not m]
+        changed += [n for n, t in model.state_dict().items() if n not in tensors or not torch.equal(t, tensors[n])]
         assert not changed, f"hooks changed the model for a config they do not own: {changed}"
 
     def test_validate_checks_a_config_without_a_model(self, config):
