@@ -179,7 +179,10 @@ class ScaleSharedByTheCall(RtnPlugin):
 
 
 class RoundsTwoBitsShort(RtnPlugin):
-    """Rounds to ``bits - 2`` bits: an 8-bit config gets 6-bit error (0.08, inside the old 0.25 default)."""
+    """Rounds to ``bits - 2`` bits: an 8-bit config gets 6-bit error.
+
+    0.086 relative logit error against 0.022 at 8 bits: inside the kit's old single default (0.25).
+    """
 
     def rounding_bits(self, config):
         return config.bits - 2
