@@ -1,15 +1,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import EXAMPLE_PLUGIN
 
 import qplug
 from qplug.manager import reset_plugin_manager
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_PLUGIN = REPO / "docs" / "examples" / "qplug-int8"
 
 
 @pytest.fixture(autouse=True)

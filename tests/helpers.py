@@ -26,6 +26,10 @@ from qplug.config import (
     to_lower,
 )
 
+REPO = Path(__file__).resolve().parents[1]
+#: The example third-party backend of the docs.
+EXAMPLE_PLUGIN = REPO / "docs" / "examples" / "qplug-int8"
+
 
 def make_distribution(site: Path, dist: str, version: str, modules: dict[str, str], entry_points: dict[str, str]):
     """Install a minimal real distribution (dist-info + modules) into ``site``, as pip would."""

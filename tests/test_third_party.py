@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EXAMPLE_PLUGIN
-from helpers import run_python
+from helpers import EXAMPLE_PLUGIN, run_python
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BackendContractTests", "example_tokens", "relative_error", "tiny_llama", "tiny_llama_config"]
+__all__ = [
+    "BackendContractTests",
+    "default_tolerance",
+    "example_tokens",
+    "relative_error",
+    "tiny_llama",
+    "tiny_llama_config",
+]
 
 
 def __getattr__(name: str) -> Any:
     # pytest is only needed by the contract kit; tiny models only need transformers.
-    if name in {"BackendContractTests", "relative_error"}:
+    if name in {"BackendContractTests", "default_tolerance", "relative_error"}:
         from qplug.testing import contract
 
         return getattr(contract, name)

@@ -26,6 +26,10 @@ INVALID = [
 
 class _BnbContract(BackendContractTests):
     @pytest.fixture
+    def weight_bits(self, config):
+        return 4 if config.load_in_4bit else 8
+
+    @pytest.fixture
     def invalid_configs(self, config):
         flag = "load_in_4bit" if config.load_in_8bit else "load_in_8bit"
         return [(CONFLICT, flag), *INVALID]
