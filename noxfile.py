@@ -40,7 +40,7 @@ def tests(session: nox.Session) -> None:
 def bitsandbytes(session: nox.Session) -> None:
     """qplug-bitsandbytes against bitsandbytes' real CPU kernels and transformers' own bnb path."""
     _install_core(session, "test")
-    session.install("-e", "plugins/qplug-bitsandbytes", "peft", "accelerate")
+    session.install("-e", "plugins/qplug-bitsandbytes[transformers]", "peft")  # [transformers]: accelerate
     _pytest(session, "plugins/qplug-bitsandbytes/tests")
 
 
@@ -54,13 +54,11 @@ def gptq(session: nox.Session) -> None:
 
 @nox.session(name="gptq_autogptq")
 def gptq_autogptq(session: nox.Session) -> None:
-    """qplug-gptq against auto-gptq 0.7.1 itself (pins: transformers<4.50, peft<0.11)."""
+    """qplug-gptq against auto-gptq 0.7.1 itself, and transformers<4.50 loading its checkpoints (peft<0.11)."""
     session.install(TORCH)
-    # auto-gptq 0.7.1 imports only with these pins; its prebuilt wheel falls back to torch code on this torch.
-    session.install("transformers<4.50", "peft<0.11", "auto-gptq==0.7.1", "optimum==1.24.0", "pytest>=8",
-                    "hypothesis>=6.100")
-    session.install("-e", ".")
-    session.install("-e", "plugins/qplug-gptq")
+    # [transformers-v4]: auto-gptq 0.7.1 with the pins it imports with (transformers<4.50, peft<0.11) and
+    # optimum 1.24, through which transformers 4 loads GPTQ; its prebuilt wheel falls back to torch code here.
+    session.install("-e", ".", "-e", "plugins/qplug-gptq[transformers-v4]", "pytest>=8", "hypothesis>=6.100")
     _pytest(session, "plugins/qplug-gptq/tests")
 
 
@@ -112,7 +110,9 @@ def docs(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The main job: quantize a tiny seeded Llama with every installed backend and print what happened."""
     _install_core(session, "transformers", "plot")  # `qplug demo --plot demo.png`, the help's own example
-    session.install("-e", "plugins/qplug-bitsandbytes", "-e", "plugins/qplug-gptq", "-e", "plugins/qplug-awq")
+    # [transformers]: accelerate, so transformers' from_pretrained loads the bitsandbytes checkpoints here too
+    session.install("-e", "plugins/qplug-bitsandbytes[transformers]", "-e", "plugins/qplug-gptq",
+                    "-e", "plugins/qplug-awq")
     session.run("qplug", "demo", *session.posargs)
 
 
@@ -128,6 +128,20 @@ def bench(session: nox.Session) -> None:
     for script in ("plugins/qplug-bitsandbytes/benchmarks/bench_bnb.py", "plugins/qplug-gptq/benchmarks/bench_gptq.py",
                    "plugins/qplug-awq/benchmarks/bench_awq.py"):
         session.run("python", script)
+
+
+@nox.session(name="transformers_gptqmodel")
+def transformers_gptqmodel(session: nox.Session) -> None:
+    """transformers 5 loads qplug's GPTQ and AWQ checkpoints through GPTQModel 7.7 (on torch 2.14.1; not in `nox`)."""
+    # GPTQModel 7.7 needs torch >= 2.14.1: the CUDA build, about 5.5 GB (it runs on the CPU too).
+    session.install("torch==2.14.1")
+    session.install("-e", ".[test]")
+    session.install("-e", "plugins/qplug-gptq[transformers,test]", "-e", "plugins/qplug-awq[transformers,test]")
+    # GPTQModel and the `kernels` package reach for the model hub while loading; offline nothing waits on it.
+    session.env["HF_HUB_OFFLINE"] = "1"
+    session.run("python", "-c", "import gptqmodel")  # the tests skip where it does not import: fail here instead
+    _pytest(session, "-m", "gptqmodel", "plugins/qplug-gptq/tests")
+    _pytest(session, "-m", "gptqmodel", "plugins/qplug-awq/tests")
 
 
 GPTQMODEL_BENCH_PATHS = ("bf16,torch-int4,gptq-4bit-sym,gptqmodel-4bit-sym,gptq-4bit-asym,gptqmodel-4bit-asym,"

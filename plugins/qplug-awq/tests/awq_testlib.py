@@ -22,6 +22,17 @@ def autoawq_importable() -> bool:
     return importable()
 
 
+def gptqmodel_import_error() -> str | None:
+    """Why ``gptqmodel`` does not import here, or None (the ``gptqmodel`` marker's condition)."""
+    if importlib.util.find_spec("gptqmodel") is None:
+        return "gptqmodel is not installed (nox -s transformers_gptqmodel installs it, with torch 2.14.1)"
+    try:
+        import gptqmodel  # noqa: F401
+    except Exception as exc:  # any failure to import is a reason to skip, shown in the report
+        return f"gptqmodel does not import: {exc!r}"
+    return None
+
+
 def calibration(samples: int = 4, length: int = 32, seed: int = 5, vocab: int = 256) -> torch.Tensor:
     """Seeded calibration token ids."""
     return torch.randint(0, vocab, (samples, length), generator=torch.Generator().manual_seed(seed))

@@ -18,13 +18,15 @@ import torch
 # per quantization of the tiny Llama).
 torch.set_num_threads(1)
 
-from awq_testlib import autoawq_importable  # noqa: E402
+from awq_testlib import autoawq_importable, gptqmodel_import_error  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
     skips = {}
     if not autoawq_importable():
         skips["autoawq"] = pytest.mark.skip(reason="autoawq is not importable (pip install 'qplug-awq[autoawq]')")
+    if any("gptqmodel" in item.keywords for item in items) and (why := gptqmodel_import_error()) is not None:
+        skips["gptqmodel"] = pytest.mark.skip(reason=why)
     if not torch.cuda.is_available():
         skips["cuda"] = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     for item in items:

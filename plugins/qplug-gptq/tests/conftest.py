@@ -7,6 +7,7 @@ auto-gptq does not import. ``@pytest.mark.cuda`` tests are skipped only where no
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -28,15 +29,31 @@ def _autogptq_error() -> str | None:
     return autogptq.import_error()
 
 
+def _gptqmodel_error() -> str | None:
+    if importlib.util.find_spec("gptqmodel") is None:
+        return "gptqmodel is not installed (nox -s transformers_gptqmodel installs it, with torch 2.14.1)"
+    try:
+        import gptqmodel  # noqa: F401
+    except Exception as exc:  # any failure to import is a reason to skip, shown in the report
+        return f"gptqmodel does not import: {exc!r}"
+    return None
+
+
 def pytest_configure(config):
     # also declared in pyproject.toml; repeated here so --strict-markers holds whichever ini file is found
     config.addinivalue_line("markers", "autogptq: needs auto-gptq 0.7.1 importable (skipped only when it is not)")
+    config.addinivalue_line(
+        "markers", "gptqmodel: transformers 5 loads through GPTQModel (skipped only when `gptqmodel` does not import)"
+    )
     config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU (skipped only when none is present)")
 
 
 def pytest_collection_modifyitems(config, items):
     agq = _autogptq_error()
+    gm = _gptqmodel_error() if any("gptqmodel" in item.keywords for item in items) else None
     for item in items:
+        if "gptqmodel" in item.keywords and gm is not None:
+            item.add_marker(pytest.mark.skip(reason=gm))
         if "autogptq" in item.keywords and agq is not None:
             item.add_marker(pytest.mark.skip(reason=f"auto-gptq does not import here: {agq}"))
         if "cuda" in item.keywords and not torch.cuda.is_available():
