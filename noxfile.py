@@ -121,7 +121,8 @@ def bench(session: nox.Session) -> None:
     """Figures and ratios measured side by side (never timed tests): core, streaming, decode, then each backend."""
     _install_core(session, "transformers", "plot")
     session.install("--no-deps", EXAMPLE_PLUGIN)
-    session.install("-e", "plugins/qplug-bitsandbytes", "-e", "plugins/qplug-gptq", "-e", "plugins/qplug-awq")
+    session.install("-e", "plugins/qplug-bitsandbytes", "-e", "plugins/qplug-gptq", "-e", "plugins/qplug-awq",
+                    "-e", "plugins/qplug-compressed-tensors")
     session.run("python", "benchmarks/bench_core.py")
     session.run("python", "benchmarks/run.py", *session.posargs)  # e.g. `nox -s bench -- --small`
     session.run("python", "benchmarks/decode.py", *session.posargs)  # batch-1 decode of every quantized path

@@ -17,6 +17,8 @@ Paths:
   (``_weight_int4pack_mm_for_cpu``, RTN 4-bit g128, bf16 activations): what torch's built-ins reach;
 * ``gptq-4bit-sym``, ``gptq-4bit-asym``, ``gptq-4bit-actorder``, ``gptq-8bit``, ``awq-4bit`` (GEMM):
   qplug checkpoints of round-to-nearest integers (no calibration), loaded with ``qplug.load_quantized``;
+* ``ct-w4a16``: the ``gptq-4bit-sym`` checkpoint repacked as compressed-tensors ``pack-quantized``
+  (``qplug_compressed_tensors.convert``: the same integers), target within 1.1x of it;
 * ``nf4``, ``fp4`` (double quant, bf16 compute), ``int8`` (LLM.int8, threshold 6.0): qplug checkpoints
   made by quantize-on-load; ``nf4-bnb``, ``int8-bnb``: the same checkpoints on bitsandbytes' own code
   (``qplug.set_kernel(model, "bitsandbytes")``; n/a where no layer declares that kernel);
@@ -52,7 +54,9 @@ sys.path.insert(0, str(HERE))
 from model import CACHE, model_dir  # noqa: E402
 
 PATHS = ("bf16", "fp32", "torch-int4", "gptq-4bit-sym", "gptq-4bit-asym", "gptq-4bit-actorder", "gptq-8bit",
-         "awq-4bit", "nf4", "fp4", "int8", "nf4-bnb", "int8-bnb", "floor")
+         "awq-4bit", "ct-w4a16", "nf4", "fp4", "int8", "nf4-bnb", "int8-bnb", "floor")
+#: paths whose checkpoint is another path's, repacked (qplug_compressed_tensors.convert: the same integers)
+REPACKED = {"ct-w4a16": "gptq-4bit-sym"}
 #: also accepted by --paths: GPTQModel's TorchAtenLinear on the same GPTQ checkpoints (nox -s bench_gptqmodel)
 GPTQMODEL = ("gptqmodel-4bit-sym", "gptqmodel-4bit-asym", "gptqmodel-4bit-actorder")
 FLOATS = ("bf16", "fp32")
@@ -60,13 +64,14 @@ QUANTIZED = tuple(p for p in PATHS if p not in (*FLOATS, "torch-int4", "floor"))
 #: the checkpoint each quantized path loads (the -bnb rows run another path's checkpoint)
 CHECKPOINTS = ({p: p for p in QUANTIZED} | {"nf4-bnb": "nf4", "int8-bnb": "int8"}
                | {p: p.replace("gptqmodel-", "gptq-") for p in GPTQMODEL})
-FOUR_BIT = ("gptq-4bit-sym", "gptq-4bit-asym", "gptq-4bit-actorder", "awq-4bit")
+FOUR_BIT = ("gptq-4bit-sym", "gptq-4bit-asym", "gptq-4bit-actorder", "awq-4bit", "ct-w4a16")
 FASTER_FLOAT = "faster float"  # per repeat, the faster of bf16 and fp32
 
 # (path, compared with, metric, target ratio)
 TARGETS = (
     [(p, ref, "decode_ms", t) for p in FOUR_BIT for ref, t in (("bf16", 0.4), ("torch-int4", 1.0))]
     + [(p, "gptq-4bit-sym", "decode_ms", 1.15) for p in ("gptq-4bit-actorder", "gptq-4bit-asym")]
+    + [("ct-w4a16", "gptq-4bit-sym", "decode_ms", 1.1)]  # the same weights as compressed-tensors
     + [("gptq-8bit", "bf16", "decode_ms", 0.7)]
     + [(p, "bf16", "decode_ms", 0.45) for p in ("nf4", "fp4")]
     + [("nf4", "nf4-bnb", "decode_ms", 1.0), ("int8", "bf16", "decode_ms", 0.6), ("int8", "int8-bnb", "decode_ms", 1.0)]
@@ -197,8 +202,8 @@ def main() -> None:
     print(header, flush=True)
     targets: dict[str, Path | str] = {}
     for path in paths:
-        if path in GPTQMODEL:  # the GPTQ checkpoint plus the tokenizer GPTQModel.load insists on
-            base = ensure_checkpoint(CHECKPOINTS[path], src, env)
+        if path in GPTQMODEL or path in REPACKED:  # built from another path's checkpoint
+            base = ensure_checkpoint(REPACKED.get(path) or CHECKPOINTS[path], src, env)
             targets[path] = base if isinstance(base, str) else ensure_checkpoint(path, base, env, stem=src.name)
         elif path in CHECKPOINTS:
             targets[path] = ensure_checkpoint(CHECKPOINTS[path], src, env)

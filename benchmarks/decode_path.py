@@ -35,7 +35,7 @@ from transformers import LlamaForCausalLM  # noqa: F401  (transformers imports m
 
 import qplug
 
-for _plugin in ("qplug_gptq.linear", "qplug_awq.linear", "qplug_bitsandbytes.modules"):
+for _plugin in ("qplug_gptq.linear", "qplug_awq.linear", "qplug_bitsandbytes.modules", "qplug_compressed_tensors"):
     try:  # imported by every path too (a broken plugin fails only the paths that use it)
         __import__(_plugin)
     except ImportError:
@@ -64,6 +64,8 @@ BNB_PATHS = {
 #: rows that load another path's checkpoint and run it on bitsandbytes' own code
 LIBRARY_KERNEL_PATHS = {"nf4-bnb": "nf4", "int8-bnb": "int8"}
 LIBRARY_KERNEL = "bitsandbytes"
+#: the gptq-4bit-sym checkpoint repacked into another format (qplug_compressed_tensors.convert)
+REPACKED_PATHS = {"ct-w4a16": "compressed-tensors"}
 #: GPTQModel (>= 7.7, torch >= 2.14.1) running qplug's GPTQ checkpoints on its TorchAtenLinear (nox -s bench_gptqmodel)
 GPTQMODEL_PATHS = {f"gptqmodel-{p.removeprefix('gptq-')}": p
                    for p in ("gptq-4bit-sym", "gptq-4bit-asym", "gptq-4bit-actorder")}
@@ -72,7 +74,7 @@ GPTQMODEL_PATHS = {f"gptqmodel-{p.removeprefix('gptq-')}": p
 def checkpoint_of(path: str) -> str | None:
     """The cached checkpoint a path loads (``None``: the float model itself)."""
     path = LIBRARY_KERNEL_PATHS.get(path, GPTQMODEL_PATHS.get(path, path))
-    return path if path in GPTQ_PATHS or path in BNB_PATHS or path == "awq-4bit" else None
+    return path if path in GPTQ_PATHS or path in BNB_PATHS or path in REPACKED_PATHS or path == "awq-4bit" else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +216,11 @@ def build(path: str, src: Path, dst: Path) -> None:
 
     if path in GPTQMODEL_PATHS:  # src: the qplug GPTQ checkpoint
         build_gptqmodel_view(src, dst)
+        return
+    if path in REPACKED_PATHS:  # src: the qplug GPTQ checkpoint, its integers repacked
+        from qplug_compressed_tensors.convert import convert
+
+        convert(src, dst, to=REPACKED_PATHS[path])
         return
     if path in BNB_PATHS:
         model = qplug.load_quantized(src, quantization_config={"quant_method": "bitsandbytes", **BNB_PATHS[path]})
