@@ -145,21 +145,31 @@ def quantize(
     *,
     calibration: Any = None,
     skip: Iterable[str] = (),
+    progress: bool | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place with the backend that owns ``config``; returns the model.
 
     Every ``nn.Linear`` is replaced except the output head, the config's own skip list and
     ``skip`` (which adds to them and is recorded in the config, so it round-trips through a save).
 
-    :param calibration: data for methods that calibrate (GPTQ, AWQ): token tensors or texts.
-    :raises QuantConfigError: the config cannot quantize (e.g. neither 4- nor 8-bit chosen).
+    :param calibration: data for methods that calibrate (GPTQ, AWQ): token ids, texts with a
+        tokenizer, or a file; see :mod:`qplug.calibration` for every accepted form.
+    :param progress: ``False`` silences the progress display, ``True`` shows it even where
+        ``QPLUG_PROGRESS=0``; ``None`` (default) follows the variable (see :mod:`qplug.progress`).
+    :raises QuantConfigError: the config cannot quantize (e.g. neither 4- nor 8-bit chosen), or a
+        method that calibrates got no ``calibration`` (refused before any work).
     :raises BackendUnavailableError: the backend's library is not installed.
     """
+    from qplug.calibration import check_given
+    from qplug.progress import enabled
+
     config = _resolve(config)
     config.check_quantizable()
+    check_given(config, calibration)
     config, names = _prepare(config, model, skip)
     _require_linear(config, model)
-    _replace_modules(config, model, names, calibration, prequantized=False)
+    with enabled(progress):
+        _replace_modules(config, model, names, calibration, prequantized=False)
     setattr(model, _CONFIG_ATTR, config)
     return model
 
@@ -188,12 +198,16 @@ def dequantize(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+def save_quantized(model: nn.Module, directory: str | os.PathLike[str], *, progress: bool | None = None) -> Path:
     """Save a quantized model as safetensors plus a ``config.json`` carrying ``quantization_config``.
 
     The directory is written atomically: on failure an existing checkpoint there stays whole.
+
+    :param progress: show (``True``) or silence (``False``) the progress display; ``None`` follows
+        ``QPLUG_PROGRESS`` (see :mod:`qplug.progress`).
     """
     from qplug.checkpoint import state_tensors, write_checkpoint
+    from qplug.progress import enabled
 
     config = quantized_config(model)
     if config is None:
@@ -210,7 +224,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     tensors, tied = state_tensors(model)
     from qplug import __version__
 
-    return write_checkpoint(directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__})
+    with enabled(progress):
+        return write_checkpoint(directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__})
 
 
 def load_quantized(
@@ -220,6 +235,7 @@ def load_quantized(
     quantization_config: QuantConfig | Mapping[str, Any] | None = None,
     skip: Iterable[str] = (),
     on_module: Callable[[str], None] | None = None,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Load a quantized checkpoint, or quantize a floating-point one while loading it.
 
@@ -233,10 +249,13 @@ def load_quantized(
 
     :param skip: with ``quantization_config``: more modules to leave in floating point.
     :param on_module: with ``quantization_config``: called with each module name once quantized.
+    :param progress: show (``True``) or silence (``False``) the progress display; ``None`` follows
+        ``QPLUG_PROGRESS`` (see :mod:`qplug.progress`).
     :raises CheckpointError: a tensor is missing, unexpected or mis-shaped (named).
     """
     from qplug._io import recover_directory
     from qplug.checkpoint import read_model_config
+    from qplug.progress import enabled
 
     # A save killed between its two renames leaves the checkpoint beside its path: finish that save.
     directory = recover_directory(directory)
@@ -253,7 +272,8 @@ def load_quantized(
     # back as it was (a half-converted model would run and give wrong outputs).
     snapshot = _ModelSnapshot(model) if model is not None else None
     try:
-        model = _load_into(directory, model, model_config, config, saved is not None, skip, on_module)
+        with enabled(progress):
+            model = _load_into(directory, model, model_config, config, saved is not None, skip, on_module)
     except BaseException as exc:
         if snapshot is not None:
             try:

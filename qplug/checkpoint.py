@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qplug import progress
 from qplug._io import atomic_directory
 from qplug.errors import BackendUnavailableError, CheckpointError, ConfigFileError
 
@@ -78,14 +79,19 @@ def write_checkpoint(
     meta = {"format": "pt", **(metadata or {})}
     if tied:
         meta[TIED_KEY] = json.dumps(dict(tied), sort_keys=True)
-    with atomic_directory(target) as staging:
-        if target.is_dir():
-            _carry_over(target, staging)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(dict(tensors), str(staging / WEIGHTS_NAME), metadata=meta)
-        # safetensors writes through a private temporary file (mode 0600); give the weights the mode
-        # an ordinary new file gets here (0666 less the umask), which config.json just got.
-        os.chmod(staging / WEIGHTS_NAME, stat.S_IMODE(os.stat(staging / CONFIG_NAME).st_mode))
+    # three steps: config (and the files carried over), the weights, the sync and swap into place
+    with progress.task(f"saving {target}", total=3, unit="steps") as saving:
+        with atomic_directory(target) as staging:
+            if target.is_dir():
+                _carry_over(target, staging)
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            saving.advance()
+            save_file(dict(tensors), str(staging / WEIGHTS_NAME), metadata=meta)
+            # safetensors writes through a private temporary file (mode 0600); give the weights the mode
+            # an ordinary new file gets here (0666 less the umask), which config.json just got.
+            os.chmod(staging / WEIGHTS_NAME, stat.S_IMODE(os.stat(staging / CONFIG_NAME).st_mode))
+            saving.advance()
+        saving.advance()
     return target
 
 
@@ -271,7 +277,8 @@ def read_tensors(
         weights = CheckpointWeights(directory, stack)
         jobs = weights.names()
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1), thread_name_prefix="qplug-read") as pool:
-            tensors = dict(zip(jobs, pool.map(weights.get, jobs), strict=True))
+            read = progress.track(pool.map(weights.get, jobs), f"reading {directory}", total=len(jobs), unit="tensors")
+            tensors = dict(zip(jobs, read, strict=True))
     return tensors, weights.tied
 
 

@@ -82,6 +82,7 @@ def replace_modules(
 ) -> list[str]:
     from qplug.config import torch_dtype
     from qplug.modules import get_submodule, set_submodule
+    from qplug.progress import track
 
     modules = _modules()
     four_bit = config.load_in_4bit
@@ -99,7 +100,8 @@ def replace_modules(
     names = list(module_names)
     if prequantized:
         names += _heads_quantized_by_transformers(config, model, names)
-    for name in names:
+    # Building empty modules for a checkpoint is instant; quantizing weights is the long work.
+    for name in names if prequantized else track(names, "bitsandbytes", unit="modules"):
         linear = get_submodule(model, name)
         if prequantized:
             shape = (linear.in_features, linear.out_features, linear.bias is not None)
