@@ -1,0 +1,94 @@
+"""How the ``qplug`` command talks: its error type, exit codes, consoles, tables, JSON and help text.
+
+Imports nothing heavy: rich is imported by the functions that draw with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from qplug.errors import QPlugError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+class CLIError(QPlugError):
+    """A mistake in what the user asked for; printed as one line, exit code 1."""
+
+
+# --------------------------------------------------------------------------------------------
+# Output helpers
+# --------------------------------------------------------------------------------------------
+
+
+def make_console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Not a terminal (a pipe, a test, the docs): no colour, and a fixed width unless COLUMNS says.
+    columns = os.environ.get("COLUMNS", "")
+    width = None if stream.isatty() else (int(columns) if columns.isdigit() else 120)
+    return Console(file=stream, width=width, highlight=False, soft_wrap=False)
+
+
+def rich_text(value: Any, style: str = "") -> Text:
+    from rich.text import Text
+
+    return Text("" if value is None else str(value), style=style)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def mib(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    if n < 1024**3:
+        return f"{n / 1024**2:.2f} MiB"
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, QPlugError | OSError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def warn(message: str) -> None:
+    print(f"qplug: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    warn(f"{message}")
+
+
+
+def quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # older or newer transformers: their chatter is harmless
+        pass
+
+
+def examples(*lines: str) -> str:
+    """The ``examples:`` block of a command's ``--help``."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
