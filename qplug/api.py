@@ -6,6 +6,7 @@ listing backends) stays fast.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -299,7 +300,8 @@ def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model
     if prequantized:
         # Read the tensors on other threads while this one builds the (meta-device) model.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-load") as background:
-            reading = background.submit(read_tensors, directory)
+            # in this thread's context, so the progress switch (qplug.progress.enabled) holds there too
+            reading = background.submit(contextvars.copy_context().run, read_tensors, directory)
             if model is None:
                 model = build_skeleton(model_config)
             config, names = _prepare(config, model)
