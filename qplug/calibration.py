@@ -7,7 +7,8 @@ One set of rules for every backend and for the CLI. Accepted:
   optionally ``attention_mask``), alone or in a list;
 * texts: a string or a list of strings, tokenized with the ``tokenizer`` given (a Hugging Face
   tokenizer, or any callable returning ``{"input_ids": ...}``);
-* a file (a :class:`pathlib.Path`), in one of the formats of :func:`read_file`.
+* a file (a :class:`pathlib.Path`), in one of the formats of :func:`read_file`;
+* :class:`Sample` records, as :func:`token_samples` returns them.
 
 :func:`token_samples` turns any of them into :class:`Sample` records. The two ways backends
 feed samples to a model are here too, so both read the same samples:
@@ -95,7 +96,7 @@ def token_samples(calibration: Any, *, tokenizer: Any = None, method: str = "thi
         calibration = read_file(calibration)
     if isinstance(calibration, str):
         calibration = [calibration]
-    if isinstance(calibration, torch.Tensor) or _is_encoding(calibration):
+    if isinstance(calibration, (torch.Tensor, Sample)) or _is_encoding(calibration):
         items: list[Any] = [calibration]
         names = ["calibration"]
     elif isinstance(calibration, Iterable):
@@ -126,6 +127,8 @@ def _is_encoding(value: Any) -> bool:
 def _item_samples(name: str, item: Any, tokenizer: Any, method: str) -> list[Sample]:
     import torch
 
+    if isinstance(item, Sample):  # already checked (the CLI reads files before the model loads)
+        return [item]
     mask = None
     if isinstance(item, str):
         if tokenizer is None:

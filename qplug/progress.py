@@ -85,8 +85,10 @@ class Task:
 
     def _line(self, done: bool = False) -> str:
         unit = f" {self.unit}" if self.unit else ""
-        count = f"{self.completed}/{self.total}{unit}" if self.total else f"{self.completed}{unit}"
         elapsed = time.monotonic() - self._started
+        if self.total is None and not self.completed:  # one step of unknown length: no count to give
+            return f"{self.description}{' done' if done else ''} ({elapsed:.1f} s)"
+        count = f"{self.completed}/{self.total}{unit}" if self.total else f"{self.completed}{unit}"
         return f"{self.description}: {count}{' done' if done else ''} ({elapsed:.1f} s)"
 
     def _maybe_log(self) -> None:

@@ -14,7 +14,15 @@ import warnings
 from collections.abc import Sequence
 
 from qplug.cli import backends, config, demo, inspect, quantize
-from qplug.cli.output import EXIT_ERROR, EXIT_USAGE, FORMATTER, examples, one_line, show_warning
+from qplug.cli.output import (
+    EXIT_ERROR,
+    EXIT_USAGE,
+    FORMATTER,
+    examples,
+    one_line,
+    show_progress_lines,
+    show_warning,
+)
 from qplug.errors import QPlugError
 
 __all__ = ["build_parser", "main"]
@@ -54,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     warnings.showwarning = show_warning
+    show_progress_lines()
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -92,3 +93,29 @@ def quiet_transformers() -> None:
 def examples(*lines: str) -> str:
     """The ``examples:`` block of a command's ``--help``."""
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record arrives (tests swap it between runs)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property decides
+        pass
+
+
+def show_progress_lines() -> None:
+    """Off a terminal, print :mod:`qplug.progress`'s log lines on stderr (``qplug: gptq: 3/24 blocks``).
+
+    On a terminal the live bar draws itself and nothing is logged; ``QPLUG_PROGRESS=0`` silences both.
+    """
+    logger = logging.getLogger("qplug.progress")
+    if any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("qplug: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
