@@ -410,7 +410,7 @@ def test_calibration_files_are_read_and_checked_before_the_model(tmp_path):
     with pytest.raises(QuantConfigError, match=r"^calibration\[1\]: torch\.float32 given — token ids must be"):
         load_calibration(tmp_path / "bad.json")
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(QuantConfigError, match="empty.txt: no samples"):
+    with pytest.raises(QuantConfigError, match=r"empty\.txt: no samples"):
         load_calibration(tmp_path / "empty.txt")
     # texts need a tokenizer: --tokenizer DIR, else SRC's; the message says which had none
     (tmp_path / "texts.txt").write_text("first sample\n\nsecond sample\n")
