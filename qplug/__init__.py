@@ -15,6 +15,7 @@ any backend library.
 
 from qplug.api import (
     available_backends,
+    check,
     config_from_dict,
     dequantize,
     get_config_class,
@@ -61,6 +62,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "backend_hookimpl",
+    "check",
     "config_from_dict",
     "dequantize",
     "get_config_class",

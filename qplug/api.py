@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "available_backends",
+    "check",
     "config_from_dict",
     "dequantize",
     "get_config_class",
@@ -113,6 +114,47 @@ def _resolve(config: QuantConfig | Mapping[str, Any]) -> QuantConfig:
     raise TypeError(f"config must be a qplug.QuantConfig or a quantization_config dict, got {type(config).__name__}")
 
 
+def check(config: QuantConfig | Mapping[str, Any], model: nn.Module | None = None) -> QuantConfig:
+    """Check ``config``, and ``model`` when given, the way quantizing and loading will; nothing is changed.
+
+    Every plugin's :func:`~qplug.hookspecs.validate` hook runs: the backend that owns the config
+    checks it (and, with a model, the model's shapes and module kinds), and any other plugin may
+    veto. Use it to fail early, before a long load: ``qplug config validate`` and ``qplug quantize``
+    do. :func:`quantize` and :func:`load_quantized` run the same check themselves.
+
+    The backend's library need not be installed: a config can always be checked.
+
+    :param config: a :class:`QuantConfig`, or a ``quantization_config`` dict (built first, as
+        :func:`config_from_dict` builds it).
+    :param model: the model the config is meant for (its parameters may be on the meta device), or
+        ``None`` to check the config alone.
+    :return: the config checked (the one built from the dict, when a dict was given).
+    :raises QuantConfigError: the config is invalid (names the field and what is accepted).
+    :raises UnknownBackendError: no registered backend owns the config.
+    :raises IncompatibleModelError: ``model`` cannot take the config (names the module).
+
+    A plugin's own error type, if it raises one, propagates unchanged.
+    """
+    config = _resolve(config)
+    get_plugin_manager().backend_for_config(config)  # a config whose backend is gone: UnknownBackendError
+    names = None
+    if model is not None:
+        from qplug.modules import select_modules
+
+        names = list(select_modules(model, config.skip_patterns(), warn_unmatched=False).names)
+    _validate(config, model, names)
+    return config
+
+
+def _validate(config: QuantConfig, model: nn.Module | None, module_names: list[str] | None) -> None:
+    """The one call of the ``validate`` hook (:func:`check`, and so quantizing and loading, come through here).
+
+    ``module_names`` is what the core selected for ``model`` (``None`` without one); the hook does not
+    take it yet.
+    """
+    get_plugin_manager().hook.validate(config=config, model=model)
+
+
 def _prepare(config: QuantConfig, model: nn.Module, skip: Iterable[str] = ()) -> tuple[QuantConfig, list[str]]:
     """Check the backend and the model, record ``skip`` in the config, choose the modules."""
     from qplug.modules import select_modules
@@ -125,9 +167,9 @@ def _prepare(config: QuantConfig, model: nn.Module, skip: Iterable[str] = ()) ->
             "call qplug.dequantize(model) first"
         )
     config = config.with_skips(skip)
-    selection = select_modules(model, config.skip_patterns())
-    manager.hook.validate(config=config, model=model)
-    return config, list(selection.names)
+    names = list(select_modules(model, config.skip_patterns()).names)
+    _validate(config, model, names)
+    return config, names
 
 
 def _replace_modules(config: QuantConfig, model: nn.Module, names: list[str], calibration: Any,

@@ -1,5 +1,8 @@
 """Checkpoint directories on disk: safetensors weights plus a ``config.json``.
 
+Finding a checkpoint's weight files and reading their headers import no torch (the CLI describes a
+checkpoint that way); the functions that make or fill tensors import it.
+
 The layout is the one Hugging Face transformers reads: ``config.json`` (the model config with a
 ``quantization_config``) and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``). Nothing is ever pickled. Writes are atomic: the new checkpoint
@@ -15,14 +18,15 @@ import shutil
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from qplug import progress
 from qplug._io import atomic_directory
 from qplug.errors import BackendUnavailableError, CheckpointError, ConfigFileError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["build_skeleton", "read_model_config", "read_tensors", "state_tensors", "write_checkpoint"]
 
@@ -41,6 +45,8 @@ def state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     :return: ``(tensors, tied)`` where ``tied`` maps each omitted name to the name kept.
     :raises CheckpointError: a tensor is still on the meta device (never loaded).
     """
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -296,6 +302,8 @@ def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
             "installed: pip install 'qplug[transformers]' (or pass model=...)",
             install="pip install 'qplug[transformers]'",
         ) from exc
+    from torch import nn
+
     from qplug.config import check_model_config
     from qplug.modules import build_empty
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -39,7 +38,6 @@ from typing import Any, ClassVar, NoReturn, TypeVar
 
 import attrs
 
-from qplug._io import atomic_write_text
 from qplug.errors import ConfigFileError, QuantConfigError, _short_repr
 from qplug.patterns import PatternError, compile_pattern
 
@@ -67,7 +65,6 @@ __all__ = [
     "torch_dtype",
 ]
 
-logger = logging.getLogger("qplug")
 
 C = TypeVar("C", bound="QuantConfig")
 
@@ -147,7 +144,8 @@ def torch_dtype(name: str):
 Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
-def reject(inst: Any, attribute: attrs.Attribute, value: Any, accepted: str) -> NoReturn:
+def reject(inst: Any, attribute: attrs.Attribute, value: Any, accepted: str,
+           *, choices: tuple[Any, ...] | None = None) -> NoReturn:
     """Raise the :class:`QuantConfigError` a validator raises: field, value given, what is accepted.
 
     For validators a backend writes itself::
@@ -155,8 +153,11 @@ def reject(inst: Any, attribute: attrs.Attribute, value: Any, accepted: str) -> 
         def even(inst, attribute, value):
             if value % 2:
                 reject(inst, attribute, value, "expected an even number")
+
+    ``choices``: the accepted values, when they are a fixed list.
     """
-    raise QuantConfigError(field=attribute.name, value=value, accepted=accepted, config=type(inst).__name__)
+    raise QuantConfigError(field=attribute.name, value=value, accepted=accepted, config=type(inst).__name__,
+                           choices=choices)
 
 
 def _type_names(types: tuple[type, ...]) -> str:
@@ -194,7 +195,7 @@ def one_of(choices: Iterable[Any]) -> Validator:
         except Exception:
             ok = False
         if not ok:
-            reject(inst, attribute, value, "expected one of " + ", ".join(repr(c) for c in allowed))
+            reject(inst, attribute, value, "expected one of " + ", ".join(repr(c) for c in allowed), choices=allowed)
 
     return validate
 
@@ -324,6 +325,10 @@ class QuantConfig:
     #: The field that holds the list of module-name patterns to leave unquantized, if any.
     #: :func:`qplug.quantize` adds the user's ``skip`` patterns to it so they round-trip.
     skip_field: ClassVar[str | None] = None
+    #: Keys :meth:`to_dict` writes only because another tool reads them from the file (transformers'
+    #: private ``_load_in_4bit`` mirrors a public field): kept in files, left out of
+    #: :meth:`to_diff_dict` and of what the ``qplug`` command shows a person.
+    file_only_keys: ClassVar[frozenset[str]] = frozenset()
 
     #: Keys of the source dict this class does not know, kept verbatim.
     extra_keys: dict[str, Any] = attrs.field(factory=dict, repr=False)
@@ -471,10 +476,14 @@ class QuantConfig:
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:
-        """Only what differs from the class defaults, plus ``quant_method`` and unknown keys."""
+        """Only what differs from the class defaults, plus ``quant_method`` and unknown keys.
+
+        :attr:`file_only_keys` are left out: they mirror fields the diff already shows.
+        """
         full = self.to_dict()
         defaults = self.defaults()
-        out = {k: v for k, v in full.items() if k not in defaults or defaults[k] != v}
+        out = {k: v for k, v in full.items()
+               if k not in self.file_only_keys and (k not in defaults or defaults[k] != v)}
         out["quant_method"] = self.quant_method
         return out
 
@@ -483,6 +492,8 @@ class QuantConfig:
 
     def to_json_file(self, path: str | os.PathLike[str], *, use_diff: bool = False) -> None:
         """Write the JSON atomically (a failed write leaves an existing file whole)."""
+        from qplug._io import atomic_write_text
+
         atomic_write_text(Path(path), self.to_json_string(use_diff=use_diff))
 
 
@@ -520,7 +531,10 @@ def _report_unknown(cls: type[QuantConfig], unknown: Mapping[str, Any]) -> None:
     new = [k for k in unknown if (cls.__name__, k) not in _reported_unknown]
     if new:
         _reported_unknown.update((cls.__name__, k) for k in new)
-        logger.info("%s: keeping unknown keys %s as they are", cls.__name__, ", ".join(sorted(new)))
+        import logging  # only here: listing backends and checking configs need no logging machinery
+
+        logging.getLogger("qplug").info("%s: keeping unknown keys %s as they are", cls.__name__,
+                                        ", ".join(sorted(new)))
 
 
 def read_quantization_config(path: str | os.PathLike[str]) -> dict[str, Any]:

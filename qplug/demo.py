@@ -15,7 +15,7 @@ model, and measures:
 
 Every backend gets the same short calibration set (seeded token ids, as ``calibration=``); backends
 that do not calibrate ignore it. A backend that fails is reported with its error and the demo goes
-on. The helpers that measure a model are reused by ``qplug quantize`` and ``qplug inspect``.
+on. The helpers that measure a model live in :mod:`qplug.measure`, shared with ``qplug quantize``.
 
 This module imports torch; the CLI imports it only when a command needs it.
 """
@@ -30,8 +30,7 @@ import statistics
 import tempfile
 import time
 import warnings
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +40,7 @@ from torch import nn
 
 import qplug
 from qplug.manager import get_plugin_manager
+from qplug.measure import LinearSnapshot, linear_snapshot, model_tensor_bytes
 
 __all__ = [
     "DemoReport",
@@ -60,7 +60,7 @@ FORWARD_REPEATS = 5
 
 
 # --------------------------------------------------------------------------------------------
-# Measuring a model (shared with `qplug quantize` and `qplug inspect`)
+# Measuring (the model helpers are qplug.measure's, re-exported here as before)
 # --------------------------------------------------------------------------------------------
 
 
@@ -70,69 +70,6 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, qplug.QPlugError):
         return text
     return f"{type(exc).__name__}: {text}"
-
-
-def model_tensor_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor a checkpoint of ``model`` holds (shared storage counted once)."""
-    from qplug.checkpoint import state_tensors
-
-    tensors, _ = state_tensors(model)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
-
-
-@attrs.define
-class LinearSnapshot:
-    """The linear layers of a model before quantization, to tell afterwards which were replaced.
-
-    Holds weak references only, so the float layers a backend replaces can be freed.
-    """
-
-    refs: dict[str, weakref.ref] = attrs.field(factory=dict)
-    types: dict[str, type] = attrs.field(factory=dict)
-    params: dict[str, int] = attrs.field(factory=dict)
-
-    def replaced(self, model: nn.Module) -> list[str]:
-        """Names of the layers that are no longer the original float module (in model order)."""
-        out = []
-        for name, ref in self.refs.items():
-            try:
-                current = model.get_submodule(name)
-            except AttributeError:  # the backend removed or fused it
-                out.append(name)
-                continue
-            if current is not ref() or type(current) is not self.types[name]:
-                out.append(name)
-        return out
-
-    def bits_per_param(self, model: nn.Module, names: Iterable[str]) -> float | None:
-        """Bits the quantized layers ``names`` hold per parameter they had in floating point."""
-        names = list(names)
-        params = sum(self.params[n] for n in names)
-        if not params:
-            return None
-        held = 0
-        for name in names:
-            try:
-                held += _module_bytes(model.get_submodule(name))
-            except AttributeError:
-                continue
-        return 8 * held / params
-
-
-def linear_snapshot(model: nn.Module) -> LinearSnapshot:
-    """Remember every ``nn.Linear`` of ``model`` (see :class:`LinearSnapshot`)."""
-    from qplug.modules import iter_linear
-
-    snap = LinearSnapshot()
-    for name, module in iter_linear(model):
-        snap.refs[name] = weakref.ref(module)
-        snap.types[name] = type(module)
-        snap.params[name] = sum(p.numel() for p in module.parameters())
-    return snap
 
 
 def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

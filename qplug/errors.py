@@ -37,6 +37,8 @@ class QuantConfigError(QPlugError, ValueError, TypeError):
     :param value: the value given.
     :param accepted: a human-readable description of what is accepted.
     :param config: the config class name, for the message.
+    :param choices: the accepted values, when they are a fixed list (the ``qplug`` command spells
+        them as JSON).
     """
 
     def __init__(
@@ -47,8 +49,10 @@ class QuantConfigError(QPlugError, ValueError, TypeError):
         value: Any = None,
         accepted: str | None = None,
         config: str | None = None,
+        choices: tuple[Any, ...] | None = None,
     ) -> None:
         self.field = field
+        self.choices = choices
         self.value = value
         self.accepted = accepted
         self.config = config

@@ -11,6 +11,9 @@ any tensor memory is allocated: the header is a JSON object of well-formed entri
 byte count agrees with its dtype and shape, and the entries' byte ranges tile the data buffer
 exactly (in bounds, no overlap, no hole), as the format requires. No allocation can then exceed
 the file's size. Every problem is a :class:`~qplug.CheckpointError` naming the file and the tensor.
+
+Opening a file and reading its header import no torch: ``qplug inspect`` and the checkpoint checks
+describe a checkpoint from its headers alone. Torch is imported when a tensor is read.
 """
 
 from __future__ import annotations
@@ -20,19 +23,25 @@ import os
 import stat
 import struct
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from qplug.errors import CheckpointError
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["SafetensorsFile"]
 
+# The format's dtype names -> the torch dtype (by attribute name, so this table needs no torch).
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
-_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in _DTYPES.items()}
+_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
 _MAX_HEADER = 100 * 1024 * 1024
 # torch keeps sizes in int64 and caps the number of dimensions; anything beyond is not a real tensor.
 _MAX_DIM = 2**53
@@ -84,7 +93,7 @@ class SafetensorsFile:
         where = f"{self.path}: tensor {tensor!r}" if tensor is not None else str(self.path)
         return CheckpointError(f"{where}: {problem}")
 
-    def _read_header(self) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], dict[str, str], int]:
+    def _read_header(self) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], int]:
         if self._size < 8:
             raise self._fail(f"not a safetensors file (truncated: {self._size} bytes)")
         (length,) = struct.unpack("<Q", self._read_exact(8, 0))
@@ -120,7 +129,7 @@ class SafetensorsFile:
             )
         return entries, metadata, 8 + length
 
-    def _check_entry(self, name: str, entry: object, data_size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    def _check_entry(self, name: str, entry: object, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
         if not isinstance(entry, dict):
             raise self._fail(f"header entry is a JSON {type(entry).__name__}, not an object", name)
         for key in ("dtype", "shape", "data_offsets"):
@@ -149,7 +158,7 @@ class SafetensorsFile:
                 f"{end - start} bytes for shape {shape} of {dtype_name} ({numel * _ITEMSIZE[dtype_name]} expected)",
                 name,
             )
-        return _DTYPES[dtype_name], tuple(shape), start, end
+        return dtype_name, tuple(shape), start, end
 
     # ------------------------------------------------------------------ tensors
     def keys(self) -> list[str]:
@@ -158,7 +167,7 @@ class SafetensorsFile:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
-    def _entry(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    def _entry(self, name: str) -> tuple[str, tuple[int, ...], int, int]:
         try:
             return self._entries[name]
         except KeyError:
@@ -168,6 +177,10 @@ class SafetensorsFile:
         return self._entry(name)[1]
 
     def dtype(self, name: str) -> torch.dtype:
+        return _torch_dtype(self._entry(name)[0])
+
+    def dtype_name(self, name: str) -> str:
+        """The format's name for the dtype of ``name`` (``"F16"``, ``"U8"``, ...); needs no torch."""
         return self._entry(name)[0]
 
     def nbytes(self, name: str) -> int:
@@ -176,9 +189,11 @@ class SafetensorsFile:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """Read tensor ``name`` into fresh memory (of exactly its validated byte count)."""
-        dtype, shape, start, end = self._entry(name)
+        import torch
+
+        dtype_name, shape, start, end = self._entry(name)
         try:
-            out = _allocate(shape, dtype, end - start)
+            out = _allocate(shape, _torch_dtype(dtype_name), end - start)
         except RuntimeError as exc:  # e.g. an empty tensor whose shape torch cannot represent
             raise self._fail(f"torch cannot build shape {list(shape)}: {exc}", name) from None
         if end > start:
@@ -212,6 +227,14 @@ class SafetensorsFile:
         self.close()
 
 
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _DTYPES[name])
+
+
 def _allocate(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
     """The one place tensor memory is allocated (``nbytes`` is already checked against the file size)."""
+    import torch
+
     return torch.empty(shape, dtype=dtype)

@@ -285,3 +285,37 @@ def test_a_failed_load_into_a_given_model_leaves_it_unchanged(int8_plugin, tmp_p
     assert qplug.quantized_config(model) is None and not hasattr(model, "is_loaded_in_8bit")
     assert torch.equal(logits(model, tokens), reference)
     qplug.quantize(model, {"quant_method": "int8-weight"})  # and it is still an ordinary float model
+
+
+def test_check_runs_every_validate_hook_and_changes_nothing(int8_plugin, model):
+    calls = []
+
+    class Policy:
+        @qplug.hookimpl
+        def validate(self, config, model):
+            calls.append((config.quant_method, model))
+            if config.to_dict().get("compute_dtype") == "float16":
+                raise qplug.QuantConfigError(field="compute_dtype", value="float16", accepted="policy: no fp16")
+
+    qplug.register_plugin(Policy())
+    config = qplug.check({"quant_method": "int8w"})  # a dict is built as config_from_dict builds it
+    assert isinstance(config, qplug.get_config_class("int8-weight"))
+    assert qplug.check(config, model) is config
+    assert calls == [("int8-weight", None), ("int8-weight", model)]
+    assert qplug.quantized_config(model) is None
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    with pytest.raises(qplug.QuantConfigError, match="policy: no fp16"):
+        qplug.check({"quant_method": "int8-weight", "compute_dtype": "float16"})
+    with pytest.raises(qplug.UnknownBackendError, match="no-such"):
+        qplug.check({"quant_method": "no-such"})
+    # quantize runs the same check, with the model
+    calls.clear()
+    qplug.quantize(model, config)
+    assert calls == [("int8-weight", model)]
+
+
+def test_check_refuses_a_config_whose_backend_is_gone(int8_plugin):
+    config = qplug.get_config_class("int8-weight")()
+    qplug.unregister_plugin(int8_plugin)
+    with pytest.raises(qplug.UnknownBackendError):
+        qplug.check(config)

@@ -264,6 +264,8 @@ def config_files(tmp_path):
         "bad": {"quant_method": BACKEND, "bits": 4, "compute_dtype": "int4", "modules_to_not_convert": ["lm_head"]},
         "typo": {"quant_method": BACKEND, "compute_dtyp": "float16"},
         "unknown": {"quant_method": "no-such-method", "bits": 4},
+        "misspelt_method": {"quant_method": "int8-weigth", "bits": 8},
+        "bad_and_typo": {"quant_method": "INT8W", "bits": True, "compute_dtyp": "float16"},
         "model": {"model_type": "llama", "quantization_config": {"quant_method": BACKEND}},
     }
     paths = {}
@@ -281,7 +283,7 @@ def test_config_validate_valid(config_files):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{config_files['good']}: valid {BACKEND} config" in proc.stdout
     assert f"{config_files['model']}: valid {BACKEND} config" in proc.stdout
-    assert "note: unknown key 'compute_dtyp' is kept as it is (did you mean 'compute_dtype'?)" in proc.stdout
+    assert 'note: unknown key "compute_dtyp" is kept as it is (did you mean "compute_dtype"?)' in proc.stdout
 
 
 def test_config_validate_invalid_lists_every_problem(config_files):
@@ -289,10 +291,39 @@ def test_config_validate_invalid_lists_every_problem(config_files):
     assert proc.returncode == 1
     assert f"{config_files['bad']}: invalid {BACKEND} config" in proc.stdout
     assert "  bits: 4 given — expected one of 8" in proc.stdout
-    assert "  compute_dtype: 'int4' given — expected one of 'float32', 'bfloat16', 'float16'" in proc.stdout
+    assert '  compute_dtype: "int4" given — expected one of "float32", "bfloat16", "float16"' in proc.stdout
     unknown = qplug("config", "validate", config_files["unknown"])
     assert unknown.returncode == 1
-    assert "no quantization backend named 'no-such-method'" in unknown.stdout
+    assert unknown.stdout.splitlines()[:2] == [
+        f"{config_files['unknown']}: invalid config: no installed backend reads it",
+        f'  quant_method: "no-such-method" given — no installed backend has that name. Backends: {BACKEND} '
+        "(see `qplug backends`)",
+    ]
+
+
+def test_config_validate_names_a_misspelt_method_and_suggests_the_right_one(config_files):
+    proc = qplug("config", "validate", config_files["misspelt_method"])
+    assert proc.returncode == 1
+    header, problem = proc.stdout.splitlines()
+    assert header == f"{config_files['misspelt_method']}: invalid config: no installed backend reads it"
+    assert problem.startswith(f'  quant_method: "int8-weigth" given — no installed backend has that name '
+                              f'(did you mean "{BACKEND}"?). Backends: {BACKEND}')
+    report = json.loads(qplug("config", "validate", "--json", config_files["misspelt_method"]).stdout)[0]
+    assert report["method"] is None and report["status"] == "invalid"
+
+
+def test_config_validate_an_invalid_file_keeps_its_notes_and_speaks_json(config_files):
+    """An alias is reported under the canonical name, values as JSON spells them, the typo note kept."""
+    proc = qplug("config", "validate", config_files["bad_and_typo"])
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [
+        f"{config_files['bad_and_typo']}: invalid {BACKEND} config",
+        "  bits: true given — expected an integer",
+        '  note: unknown key "compute_dtyp" is kept as it is (did you mean "compute_dtype"?)',
+    ]
+    report = json.loads(qplug("config", "validate", "--json", config_files["bad_and_typo"]).stdout)[0]
+    assert report["method"] == BACKEND
+    assert report["notes"] == ['unknown key "compute_dtyp" is kept as it is (did you mean "compute_dtype"?)']
 
 
 def test_config_validate_unreadable(config_files):
@@ -602,3 +633,25 @@ def test_docs_page_shows_current_output():
             f"docs/cli.md is out of date for `qplug {block['args']}`; run "
             "QPLUG_REGENERATE_DOCS=1 python -m pytest tests/test_cli.py -k docs\n" + expected
         )
+
+
+def test_inspect_and_quantize_read_checkpoints_as_loading_does(tmp_path, float_dir):
+    """The command finds and checks weight files with the core's reader, so it names the same faults."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                    "quantization_config": {"quant_method": BACKEND}}))
+    (broken / "model.safetensors").write_bytes(b"abc")
+    proc = qplug("inspect", broken)
+    assert proc.returncode == 1
+    truncated = f"{broken / 'model.safetensors'}: not a safetensors file (truncated: 3 bytes)"
+    assert error_line(proc) == f"qplug: error: {truncated}"
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text((float_dir / "config.json").read_text())
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "gone.safetensors"}}))
+    proc = qplug("quantize", sharded, tmp_path / "dst", "--method", BACKEND)
+    assert proc.returncode == 1
+    assert error_line(proc) == (f"qplug: error: SRC {sharded / 'model.safetensors.index.json'}: tensor 'w' is in "
+                                f"'gone.safetensors', which is missing from {sharded}")

@@ -416,3 +416,27 @@ def test_fuzzed_checkpoints_raise_only_qplug_errors_and_never_allocate_past_the_
     finally:
         safetensors_io._allocate = original
         path.unlink()
+
+
+def test_headers_are_read_without_torch(tmp_path):
+    """Finding a checkpoint's files and reading their headers imports no torch (the CLI describes
+    checkpoints this way); reading a tensor does."""
+    import subprocess
+    import sys
+
+    save_file({"b": torch.ones(2, 3, dtype=torch.float16), "a": torch.zeros(4, dtype=torch.uint8)},
+              tmp_path / "model.safetensors")
+    code = (
+        "import contextlib, json, sys\n"
+        "from qplug.checkpoint import CheckpointWeights\n"
+        "with contextlib.ExitStack() as stack:\n"
+        f"    weights = CheckpointWeights({str(tmp_path)!r}, stack)\n"
+        "    out = {n: [fh.dtype_name(n), list(fh.shape(n)), fh.nbytes(n)] for n, fh in weights.where.items()}\n"
+        "    out['torch_before'] = 'torch' in sys.modules\n"
+        "    weights.get('b')\n"
+        "    out['torch_after'] = 'torch' in sys.modules\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(proc.stdout) == {"a": ["U8", [4], 4], "b": ["F16", [2, 3], 12],
+                                       "torch_before": False, "torch_after": True}

@@ -11,7 +11,7 @@ import contextlib
 import json
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,59 +26,31 @@ from qplug.cli.output import (
     one_line,
     print_json,
     quiet_transformers,
+    readable_config,
     rich_text,
     warn,
 )
 from qplug.errors import QPlugError, QuantConfigError, UnknownBackendError
 from qplug.manager import get_plugin_manager
+from qplug.measure import numel
 
-__all__ = ["add_parser", "cmd_inspect", "read_safetensors_header"]
-
-
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """``{tensor: {"dtype", "shape", "bytes"}}`` from a safetensors file's header (no tensor is read)."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise CLIError(f"{path}: not a safetensors file (too short)")
-        size = int.from_bytes(raw, "little")
-        if size > 100 * 1024 * 1024:
-            raise CLIError(f"{path}: not a safetensors file (header of {size} bytes)")
-        try:
-            header = json.loads(fh.read(size))
-        except ValueError as exc:
-            raise CLIError(f"{path}: not a safetensors file (bad header: {exc})") from exc
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        out[name] = {"dtype": info["dtype"], "shape": list(info["shape"]), "bytes": end - start}
-    return out
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint (index order when sharded), found without importing torch."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CLIError(f"{index}: not a safetensors index ({one_line(exc)})") from exc
-        return [directory / name for name in dict.fromkeys(weight_map.values())]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CLIError(f"{directory}: no safetensors weights (qplug never reads pickled .bin files)")
-    return files
+__all__ = ["add_parser", "cmd_inspect"]
 
 
 def _checkpoint_tensors(directory: Path) -> dict[str, dict[str, Any]]:
-    tensors: dict[str, dict[str, Any]] = {}
-    for path in _weight_files(directory):
-        if not path.is_file():
-            raise CLIError(f"{directory}: weight file {path.name} is missing")
-        tensors.update(read_safetensors_header(path))
-    return tensors
+    """``{tensor: {"dtype", "shape", "bytes"}}`` from the checkpoint's safetensors headers (no tensor is read).
+
+    The files are found and their headers validated by the core (:class:`qplug.checkpoint.CheckpointWeights`),
+    the way loading finds and checks them.
+    """
+    from qplug.checkpoint import CheckpointWeights
+
+    with contextlib.ExitStack() as stack:
+        weights = CheckpointWeights(directory, stack)
+        return {
+            name: {"dtype": fh.dtype_name(name), "shape": list(fh.shape(name)), "bytes": fh.nbytes(name)}
+            for name, fh in weights.where.items()
+        }
 
 
 def _module_rows(tensors: Mapping[str, Mapping[str, Any]], model: Any) -> list[dict[str, Any]]:
@@ -124,37 +96,38 @@ def _module_rows(tensors: Mapping[str, Mapping[str, Any]], model: Any) -> list[d
 
 
 def _weight_errors(model: Any, source: Path, kinds: Mapping[str, str]) -> dict[str, dict[str, float]]:
-    """Per quantized layer: error of its dequantized weight against the float checkpoint in ``source``."""
+    """Per quantized layer: error of its dequantized weight against the float checkpoint in ``source``.
+
+    The float weights are read one at a time with the core's reader (plain reads, no memory map).
+    """
     import torch
-    from safetensors import safe_open
+
+    from qplug.checkpoint import CheckpointWeights
 
     if not source.is_dir():
         raise CLIError(f"--source {source}: no such directory")
-    where = {}
-    for path in _weight_files(source):
-        with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
-                where[name] = path
     qplug.dequantize(model)
     errors = {}
-    for module, kind in kinds.items():
-        sub = model.get_submodule(module)
-        if kind in {"Linear", "?"} or not isinstance(sub, torch.nn.Linear):
-            continue
-        key = f"{module}.weight"
-        if key not in where:
-            raise CLIError(f"--source {source}: has no tensor {key!r}; is it the float model this was quantized from?")
-        with safe_open(str(where[key]), framework="pt") as fh:
-            reference = fh.get_tensor(key).double()
-        weight = sub.weight.detach().double()
-        if weight.shape != reference.shape:
-            raise CLIError(f"--source {source}: {key} has shape {list(reference.shape)}, the checkpoint's layer "
-                           f"{list(weight.shape)}")
-        diff = weight - reference
-        errors[module] = {
-            "relative_error": float(diff.norm() / reference.norm().clamp_min(1e-30)),
-            "max_abs_error": float(diff.abs().max()),
-        }
+    with contextlib.ExitStack() as stack:
+        reference_weights = CheckpointWeights(source, stack)
+        for module, kind in kinds.items():
+            sub = model.get_submodule(module)
+            if kind in {"Linear", "?"} or not isinstance(sub, torch.nn.Linear):
+                continue
+            key = f"{module}.weight"
+            if key not in reference_weights:
+                raise CLIError(f"--source {source}: has no tensor {key!r}; is it the float model this was "
+                               "quantized from?")
+            reference = reference_weights.get(key).double()
+            weight = sub.weight.detach().double()
+            if weight.shape != reference.shape:
+                raise CLIError(f"--source {source}: {key} has shape {list(reference.shape)}, the checkpoint's "
+                               f"layer {list(weight.shape)}")
+            diff = weight - reference
+            errors[module] = {
+                "relative_error": float(diff.norm() / reference.norm().clamp_min(1e-30)),
+                "max_abs_error": float(diff.abs().max()),
+            }
     return errors
 
 
@@ -197,7 +170,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         load_error = one_line(exc)
     if config is not None:
         method, provider = config.quant_method, get_plugin_manager().get_entry(config.quant_method).plugin.provider
-        config_dict, config_diff = config.to_dict(), config.to_diff_dict()
+        config_dict, config_diff = readable_config(config.to_dict(), type(config)), config.to_diff_dict()
         quiet_transformers()
         try:
             with warnings.catch_warnings():
@@ -222,7 +195,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for row in rows:
             row.update(errors.get(row["module"], {}))
     total_bytes = sum(r["bytes"] for r in rows)
-    total_params = sum(_numel(r["shape"]) for r in rows)
+    total_params = sum(numel(r["shape"]) for r in rows)
     report = {
         "directory": str(directory),
         "method": method,
@@ -289,13 +262,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         console.print(f"weight error vs {args.source}: mean relative {mean:.2e}, worst {worst[0]} "
                       f"{worst[1]['relative_error']:.2e}", markup=False)
     return EXIT_OK
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -70,11 +70,12 @@ def resolve_method(name: str) -> tuple[Backend, str | None, dict[str, Any]]:
     raise CLIError(
         f"no backend or preset named {name!r}.{hint} Backends: {', '.join(backends) or 'none'}; "
         f"presets: {', '.join(presets) or 'none'} (see `qplug backends`)"
-        + _failed_plugins_note(unknown)
+        + failed_plugins_note(unknown)
     )
 
 
-def _failed_plugins_note(exc: UnknownBackendError) -> str:
+def failed_plugins_note(exc: UnknownBackendError) -> str:
+    """The part of ``exc`` that names plugins which failed to load (they may be the backend asked for)."""
     text = str(exc)
     at = text.find(" Plugin ")
     return text[at:] if at >= 0 else ""

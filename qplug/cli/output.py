@@ -95,6 +95,23 @@ def examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+def readable_config(data: dict[str, Any], config_class: type | None) -> dict[str, Any]:
+    """``data`` (a config's ``to_dict()``) without the keys only files carry for other tools
+    (:attr:`~qplug.QuantConfig.file_only_keys`, e.g. transformers' private ``_load_in_4bit``)."""
+    hidden = getattr(config_class, "file_only_keys", frozenset())
+    return {k: v for k, v in data.items() if k not in hidden}
+
+
+def json_value(value: Any, limit: int = 80) -> str:
+    """``value`` spelled as a JSON file spells it (``true``, ``"nf4"``, ``null``), shortened; Python's
+    repr for what JSON cannot hold. The command talks about JSON files in their own notation."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record arrives (tests swap it between runs)."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from qplug.cli.output import (
     one_line,
     quiet_transformers,
 )
+from qplug.errors import CheckpointError
 from qplug.manager import get_plugin_manager
 
 __all__ = ["TOKENIZER_FILES", "add_parser", "cmd_quantize", "load_calibration"]
@@ -58,8 +58,12 @@ def _check_source(src: Path) -> None:
         raise CLIError(f"SRC {src}: not a directory (expected a model directory with config.json and safetensors)")
     if not (src / "config.json").is_file():
         raise CLIError(f"SRC {src}: no config.json (is this a Hugging Face model directory?)")
-    if not any(src.glob("*.safetensors")):
-        raise CLIError(f"SRC {src}: no .safetensors weights (qplug never reads pickled .bin files)")
+    from qplug.checkpoint import weight_files
+
+    try:  # the files loading will read, found the way loading finds them
+        weight_files(src)
+    except CheckpointError as exc:
+        raise CLIError(f"SRC {exc}") from exc
 
 
 def _check_destination(dst: Path, src: Path) -> None:
@@ -161,28 +165,6 @@ def _skeleton(src: Path) -> Any:
     return build_skeleton(read_model_config(src))
 
 
-def _checkpoint_bytes(src: Path) -> int:
-    """Bytes of SRC's tensors, from the safetensors headers (nothing is loaded)."""
-    from qplug.checkpoint import weight_files
-    from qplug.safetensors_io import SafetensorsFile
-
-    total = 0
-    for path in weight_files(src):
-        with SafetensorsFile(path) as fh:
-            total += sum(fh.nbytes(name) for name in fh.keys())
-    return total
-
-
-def _peak_memory() -> int | None:
-    """Peak resident memory of this process in bytes (``getrusage``), or ``None`` where unsupported."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
-
-
 def _copy_tokenizer_files(src: Path, staging: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -200,13 +182,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_destination(dst, src)
     config, label = build_config(args.method, args.config, args.set or [])
     config = config.with_skips(args.skip or [])
+    # Every mistake that needs no model is caught here, before the (long) load.
     config.check_quantizable()
+    qplug.check(config)
     backend = get_plugin_manager().backend_for_config(config)
     backend.ensure_available()
 
     from qplug import progress
     from qplug.calibration import FILE_FORMATS
-    from qplug.demo import linear_snapshot, model_tensor_bytes
+    from qplug.checkpoint import weight_files
+    from qplug.measure import checkpoint_bytes, linear_snapshot, model_tensor_bytes, peak_memory
     from qplug.modules import select_modules
 
     # Calibration mistakes are the user's, and cheap to find: before the model loads.
@@ -222,7 +207,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with progress.task(f"loading {src}"):
         model = _skeleton(src) if streaming else _load_model(src, args.dtype)
     loaded = time.perf_counter()
-    size_before = _checkpoint_bytes(src) if streaming else model_tensor_bytes(model)
+    size_before = checkpoint_bytes(src) if streaming else model_tensor_bytes(model)
     snapshot = linear_snapshot(model)
     selection = select_modules(model, config.skip_patterns(), warn_unmatched=False)  # quantize warns
     # the backends and the streaming loader report their own progress (qplug.progress)
@@ -242,8 +227,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         qplug.save_quantized(model, staging)
         copied = _copy_tokenizer_files(src, staging)
     saved = time.perf_counter()
-    on_disk = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
-    peak = _peak_memory()
+    on_disk = sum(f.stat().st_size for f in weight_files(dst))
+    peak = peak_memory()
 
     skipped = {n: why for n, why in selection.skipped.items()}
     for name in selection.names:

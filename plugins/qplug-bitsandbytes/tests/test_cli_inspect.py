@@ -57,3 +57,56 @@ def test_inspect_groups_the_statistics_with_their_layer(float_checkpoint, tmp_pa
     table = _inspect(tmp_path / "q")
     assert table.returncode == 0, table.stderr
     assert "kernels for float32 inputs on the CPU:" in table.stdout
+
+
+def test_private_keys_stay_in_the_file_and_out_of_what_a_person_reads(float_checkpoint, tmp_path):
+    """transformers' ``_load_in_4bit``/``_load_in_8bit`` mirror public fields: written to config.json
+    (transformers reads them), never shown by `config show`, `--diff` or inspect (issue 17)."""
+    private = ("_load_in_4bit", "_load_in_8bit")
+    model = qplug.load_quantized(float_checkpoint, quantization_config={"quant_method": "bitsandbytes",
+                                                                        "load_in_4bit": True})
+    qplug.save_quantized(model, tmp_path / "q")
+    written = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert written["_load_in_4bit"] is True and written["_load_in_8bit"] is False
+
+    shown = _qplug("config", "show", "bitsandbytes")
+    preset = _qplug("config", "show", "nf4", "--diff", tmp_path / "q" / "config.json")
+    diff = _qplug("config", "show", "bnb", "--diff", tmp_path / "q" / "config.json")
+    table = _inspect(tmp_path / "q")
+    report = _inspect(tmp_path / "q", "--json")
+    for proc in (shown, preset, diff, table, report):
+        assert proc.returncode == 0, proc.stderr
+        assert not any(key in proc.stdout for key in private), proc.stdout
+    assert json.loads(diff.stdout) == {"load_in_4bit": True, "quant_method": "bitsandbytes"}
+    config_line = next(line for line in table.stdout.splitlines() if line.startswith("config: "))
+    assert json.loads(config_line.removeprefix("config: ")) == {"load_in_4bit": True, "quant_method": "bitsandbytes"}
+    assert "load_in_4bit" in json.loads(report.stdout)["config"]
+
+
+@pytest.mark.parametrize(("data", "lines"), [
+    ({"quant_method": "bnb", "load_in_4bit": True, "load_in_8bit": True, "bnb_4bit_quant_typ": "nf4"}, [
+        "invalid bitsandbytes config",
+        "  load_in_4bit: true given — load_in_4bit and load_in_8bit are both true; choose one (4-bit NF4/FP4 or "
+        "8-bit LLM.int8)",
+        '  note: unknown key "bnb_4bit_quant_typ" is kept as it is (did you mean "bnb_4bit_quant_type"?)',
+    ]),
+    ({"quant_method": "bitsandbyts", "load_in_4bit": True}, [
+        "invalid config: no installed backend reads it",
+        '  quant_method: "bitsandbyts" given — no installed backend has that name (did you mean "bitsandbytes"?). '
+        "Backends: ",
+    ]),
+    ({"quant_method": "BNB", "load_in_4bit": "yes"}, [
+        "invalid bitsandbytes config", '  load_in_4bit: "yes" given — expected true or false',
+    ]),
+    ({"quant_method": "bnb", "load_in_8bit": True}, ["valid bitsandbytes config"]),
+], ids=["both-bits-and-typo", "misspelt-method", "alias-and-string", "alias-valid"])
+def test_config_validate_speaks_of_bitsandbytes_by_its_name_and_in_json(tmp_path, data, lines):
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(data))
+    proc = _qplug("config", "validate", path)
+    assert proc.returncode == (0 if lines[0].startswith("valid") else 1), proc.stderr
+    got = proc.stdout.splitlines()
+    assert got[0] == f"{path}: {lines[0]}"
+    assert len(got) == len(lines)
+    for line, expected in zip(got[1:], lines[1:], strict=True):
+        assert line.startswith(expected), line

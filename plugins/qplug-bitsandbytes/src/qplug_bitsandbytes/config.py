@@ -2,7 +2,8 @@
 
 Field names, defaults and JSON are those of ``transformers.BitsAndBytesConfig``, so the
 ``quantization_config`` of any bitsandbytes checkpoint loads, and :meth:`BitsAndBytesConfig.to_dict`
-writes what transformers writes, its private ``_load_in_4bit`` / ``_load_in_8bit`` keys included.
+writes what transformers writes, its private ``_load_in_4bit`` / ``_load_in_8bit`` keys included
+(they are ``file_only_keys``: ``to_diff_dict`` and the ``qplug`` command leave them out).
 
 Validation is transformers' with the gaps closed: a quant type other than ``nf4``/``fp4`` or an
 unknown dtype name fails at construction (not later inside bitsandbytes), an integer threshold
@@ -72,6 +73,7 @@ class BitsAndBytesConfig(QuantConfig):
     """
 
     quant_method: ClassVar[str] = "bitsandbytes"
+    file_only_keys: ClassVar[frozenset[str]] = frozenset(_PRIVATE_KEYS)
     skip_field: ClassVar[str | None] = "llm_int8_skip_modules"
 
     load_in_8bit: bool = _flag()
@@ -151,12 +153,4 @@ class BitsAndBytesConfig(QuantConfig):
         out = super().to_dict()
         for private, public in _PRIVATE_KEYS.items():
             out[private] = getattr(self, public)
-        return out
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        """Only what differs from a default config (transformers' rule, private keys included)."""
-        out = super().to_diff_dict()
-        for private, public in _PRIVATE_KEYS.items():
-            if not getattr(self, public):
-                out.pop(private, None)
         return out
