@@ -118,10 +118,28 @@ class Backend:
             )
 
 
-def _dist_name(requirement: str) -> str:
+# The form a backend's ``requires`` takes: a distribution name, optional extras, optional version
+# specifiers ("bitsandbytes>=0.48", "torch[cpu]>=2.1,<3"). Splitting it here spares listing backends
+# the import of packaging's full PEP 508 parser (a large part of `qplug backends`' start-up); any
+# other form (markers, URLs) still goes to packaging.
+_SIMPLE_REQUIREMENT = re.compile(
+    r"\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(?:\[[^\]]*\])?\s*([<>=!~][^;@]*)?$"
+)
+
+
+def split_requirement(requirement: str) -> tuple[str, str]:
+    """``"bitsandbytes>=0.48"`` → ``("bitsandbytes", ">=0.48")``: the distribution and its version specifiers."""
+    match = _SIMPLE_REQUIREMENT.fullmatch(requirement)
+    if match:
+        return match.group(1), (match.group(2) or "").strip()
     from packaging.requirements import Requirement
 
-    return Requirement(requirement).name
+    req = Requirement(requirement)
+    return req.name, str(req.specifier)
+
+
+def _dist_name(requirement: str) -> str:
+    return split_requirement(requirement)[0]
 
 
 @functools.cache  # parsing METADATA is the slow part of `qplug backends`
@@ -133,10 +151,12 @@ def _installed_version(dist: str) -> str | None:
 
 
 def _satisfied(requirement: str) -> bool:
-    from packaging.requirements import Requirement
-
-    req = Requirement(requirement)
-    version = _installed_version(req.name)
+    name, specifier = split_requirement(requirement)
+    version = _installed_version(name)
     if version is None:
         return False
-    return not req.specifier or req.specifier.contains(version, prereleases=True)
+    if not specifier:
+        return True
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(specifier).contains(version, prereleases=True)

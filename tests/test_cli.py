@@ -207,6 +207,19 @@ def test_backends_imports_no_torch_nor_backend_library():
     assert not imported & HEAVY_MODULES, sorted(imported & HEAVY_MODULES)
 
 
+def test_backends_imports_only_what_listing_needs():
+    """Cold start (issue 14): listing needs no PEP 508 parser, no logging, no emoji table, no file writer
+    and none of the model-side modules; each of these was on the start-up path once."""
+    proc = qplug("backends", python_args=("-X", "importtime"))
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip()
+                for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "qplug.cli.backends" in imported  # the check itself works
+    unneeded = {"packaging.requirements", "packaging.markers", "rich._emoji_codes", "qplug._io", "qplug.measure",
+                "qplug.checkpoint", "qplug.modules", "qplug.safetensors_io", "qplug.demo", "logging"}
+    assert not imported & unneeded, sorted(imported & unneeded)
+
+
 def test_backends_reports_blocked_and_broken_plugins(tmp_path):
     from helpers import make_distribution
 
@@ -582,6 +595,24 @@ def test_help_with_examples(command):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: qplug")
     assert "examples:\n  qplug " in proc.stdout
+
+
+def test_every_way_to_start_the_command_is_the_same_command():
+    """The console script, ``python -m qplug`` and ``python -m qplug.cli`` run one parser (the CLI is a package)."""
+    script = Path(sys.executable).with_name("qplug")
+    if not script.is_file():
+        pytest.skip("the qplug console script is not installed beside this interpreter")
+    outputs = {
+        "-m qplug": qplug("--help").stdout,
+        "-m qplug.cli": subprocess.run([sys.executable, "-m", "qplug.cli", "--help"], capture_output=True,
+                                       text=True, env=cli_env(), timeout=120).stdout,
+        "script": subprocess.run([str(script), "--help"], capture_output=True, text=True, env=cli_env(),
+                                 timeout=120).stdout,
+    }
+    assert outputs["-m qplug"].startswith("usage: qplug")
+    assert outputs["-m qplug.cli"] == outputs["-m qplug"] == outputs["script"]
+    for command in ("backends", "config", "quantize", "inspect", "demo"):
+        assert f"    {command} " in outputs["script"]
 
 
 def test_usage_errors():

@@ -142,6 +142,35 @@ def test_unavailable_backend_says_what_to_install():
     assert isinstance(info.value, ImportError)
 
 
+@pytest.mark.parametrize(("requirement", "name", "specifier"), [
+    ("bitsandbytes>=0.48", "bitsandbytes", ">=0.48"),
+    ("torch", "torch", ""),
+    ("torch[cpu] >= 2.1, <3", "torch", ">= 2.1, <3"),
+    ("auto-gptq==0.7.1", "auto-gptq", "==0.7.1"),
+    ('foo>=1; python_version > "3"', "foo", ">=1"),  # beyond the simple form: packaging parses it
+])
+def test_requirements_split_as_packaging_splits_them(requirement, name, specifier):
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    from qplug.backend import split_requirement
+
+    got = split_requirement(requirement)
+    assert got[0] == name == Requirement(requirement).name
+    assert SpecifierSet(got[1]) == SpecifierSet(specifier) == Requirement(requirement).specifier
+
+
+def test_requirement_versions_are_compared_as_packaging_compares_them():
+    from importlib import metadata
+
+    installed = metadata.version("pluggy")
+    satisfied = [f"pluggy>={installed}", f"pluggy=={installed}", "pluggy", "pluggy<9999"]
+    missing = [f"pluggy>{installed}", "pluggy<0.1", "qplug-no-such-package"]
+    for requirement in satisfied + missing:
+        record = qplug.Backend(name="toy", config_class=ToyConfig, requires=(requirement,))
+        assert record.missing_requirements() == ([] if requirement in satisfied else [requirement]), requirement
+
+
 def test_unknown_name_lists_and_suggests():
     qplug.register_plugin(ToyPlugin())
     with pytest.raises(qplug.UnknownBackendError, match="Did you mean 'toy'") as info:

@@ -98,7 +98,7 @@ def test_config_validate_reports_a_bad_regex(tmp_path):
                           text=True, env={**_environ(), **env}, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"{path}: invalid int8-weight config" in proc.stdout
-    assert "modules_to_not_convert: 're:(q|k_proj' given" in proc.stdout
+    assert 'modules_to_not_convert: "re:(q|k_proj" given' in proc.stdout  # spelled as in the JSON file
     assert "missing ')'" in proc.stdout
 
 

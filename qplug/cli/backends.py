@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from qplug.backend import split_requirement
 from qplug.cli.output import EXIT_OK, FORMATTER, examples, make_console, print_json, rich_text
 from qplug.manager import get_plugin_manager
 
@@ -45,7 +46,7 @@ def backend_rows() -> list[dict[str, Any]]:
             "version": e.plugin.version,
             "status": status,
             "libraries": b.library_versions(),
-            "optional_libraries": sorted({_requirement_name(r) for r in b.optional}),
+            "optional_libraries": sorted({split_requirement(r)[0] for r in b.optional}),
             "devices": list(b.devices),
             "presets": {name: dict(settings) for name, settings in b.presets.items()},
         })
@@ -58,12 +59,6 @@ def backend_rows() -> list[dict[str, Any]]:
                 "libraries": {}, "optional_libraries": [], "devices": [], "presets": {},
             })
     return rows
-
-
-def _requirement_name(requirement: str) -> str:
-    from packaging.requirements import Requirement
-
-    return Requirement(requirement).name
 
 
 def _name_cell(name: str, aliases: Sequence[str], provider: str, devices: Sequence[str]) -> Any:

@@ -32,7 +32,6 @@ from qplug.cli.output import (
 )
 from qplug.errors import QPlugError, QuantConfigError, UnknownBackendError
 from qplug.manager import get_plugin_manager
-from qplug.measure import numel
 
 __all__ = ["add_parser", "cmd_inspect"]
 
@@ -195,6 +194,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for row in rows:
             row.update(errors.get(row["module"], {}))
     total_bytes = sum(r["bytes"] for r in rows)
+    from qplug.measure import numel
+
     total_params = sum(numel(r["shape"]) for r in rows)
     report = {
         "directory": str(directory),

@@ -41,7 +41,9 @@ def make_console(stderr: bool = False) -> Console:
     # Not a terminal (a pipe, a test, the docs): no colour, and a fixed width unless COLUMNS says.
     columns = os.environ.get("COLUMNS", "")
     width = None if stream.isatty() else (int(columns) if columns.isdigit() else 120)
-    return Console(file=stream, width=width, highlight=False, soft_wrap=False)
+    # emoji=False: text from plugins (descriptions, errors) is printed as written, and rich's emoji
+    # table stays unloaded.
+    return Console(file=stream, width=width, highlight=False, soft_wrap=False, emoji=False)
 
 
 def rich_text(value: Any, style: str = "") -> Text:
