@@ -20,7 +20,6 @@ from qplug.cli.output import (
     FORMATTER,
     examples,
     one_line,
-    show_progress_lines,
     show_warning,
 )
 from qplug.errors import QPlugError
@@ -62,7 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     warnings.showwarning = show_warning
-    show_progress_lines()
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ from qplug.cli.output import (
     mib,
     one_line,
     quiet_transformers,
+    show_progress_lines,
 )
 from qplug.errors import CheckpointError
 from qplug.manager import get_plugin_manager
@@ -190,6 +191,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from qplug import progress
     from qplug.calibration import FILE_FORMATS
+
+    show_progress_lines()
     from qplug.checkpoint import weight_files
     from qplug.measure import checkpoint_bytes, linear_snapshot, model_tensor_bytes, peak_memory
     from qplug.modules import select_modules
