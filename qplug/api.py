@@ -6,6 +6,7 @@ listing backends) stays fast.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -191,21 +192,31 @@ def quantize(
     *,
     calibration: Any = None,
     skip: Iterable[str] = (),
+    progress: bool | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place with the backend that owns ``config``; returns the model.
 
     Every ``nn.Linear`` is replaced except the output head, the config's own skip list and
     ``skip`` (which adds to them and is recorded in the config, so it round-trips through a save).
 
-    :param calibration: data for methods that calibrate (GPTQ, AWQ): token tensors or texts.
-    :raises QuantConfigError: the config cannot quantize (e.g. neither 4- nor 8-bit chosen).
+    :param calibration: data for methods that calibrate (GPTQ, AWQ): token ids, texts with a
+        tokenizer, or a file; see :mod:`qplug.calibration` for every accepted form.
+    :param progress: ``False`` silences the progress display, ``True`` shows it even where
+        ``QPLUG_PROGRESS=0``; ``None`` (default) follows the variable (see :mod:`qplug.progress`).
+    :raises QuantConfigError: the config cannot quantize (e.g. neither 4- nor 8-bit chosen), or a
+        method that calibrates got no ``calibration`` (refused before any work).
     :raises BackendUnavailableError: the backend's library is not installed.
     """
+    from qplug.calibration import check_given
+    from qplug.progress import enabled
+
     config = _resolve(config)
     config.check_quantizable()
+    check_given(config, calibration)
     config, names = _prepare(config, model, skip)
     _require_linear(config, model)
-    _replace_modules(config, model, names, calibration, prequantized=False)
+    with enabled(progress):
+        _replace_modules(config, model, names, calibration, prequantized=False)
     setattr(model, _CONFIG_ATTR, config)
     return model
 
@@ -234,12 +245,16 @@ def dequantize(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+def save_quantized(model: nn.Module, directory: str | os.PathLike[str], *, progress: bool | None = None) -> Path:
     """Save a quantized model as safetensors plus a ``config.json`` carrying ``quantization_config``.
 
     The directory is written atomically: on failure an existing checkpoint there stays whole.
+
+    :param progress: show (``True``) or silence (``False``) the progress display; ``None`` follows
+        ``QPLUG_PROGRESS`` (see :mod:`qplug.progress`).
     """
     from qplug.checkpoint import state_tensors, write_checkpoint
+    from qplug.progress import enabled
 
     config = quantized_config(model)
     if config is None:
@@ -257,10 +272,11 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     tensors, tied = state_tensors(model)
     from qplug import __version__
 
-    return write_checkpoint(
-        directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__},
-        add_files=lambda staging: hook.add_checkpoint_files(config=config, model=model, directory=staging),
-    )
+    with enabled(progress):
+        return write_checkpoint(
+            directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__},
+            add_files=lambda staging: hook.add_checkpoint_files(config=config, model=model, directory=staging),
+        )
 
 
 def load_quantized(
@@ -273,6 +289,7 @@ def load_quantized(
     device_map: str | Mapping[str, Any] | None = None,
     max_memory: Mapping[Any, Any] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Load a quantized checkpoint, or quantize a floating-point one while loading it.
 
@@ -292,12 +309,15 @@ def load_quantized(
         device, ``"disk"`` included (tensors then go to ``offload_folder`` and are read back at each
         forward). A pre-quantized checkpoint's tensors go from the file to their device; a model
         quantized while loading is placed once it is complete.
+    :param progress: show (``True``) or silence (``False``) the progress display; ``None`` follows
+        ``QPLUG_PROGRESS`` (see :mod:`qplug.progress`).
     :raises CheckpointError: a tensor is missing, unexpected or mis-shaped (named).
     :raises PlacementError: a device that does not exist, a map that misses a module, disk without
         ``offload_folder``, or a layer that cannot be offloaded (named, before any tensor is read).
     """
     from qplug._io import recover_directory
     from qplug.checkpoint import read_model_config
+    from qplug.progress import enabled
 
     # A save killed between its two renames leaves the checkpoint beside its path: finish that save.
     directory = recover_directory(directory)
@@ -315,7 +335,9 @@ def load_quantized(
     snapshot = _ModelSnapshot(model) if model is not None else None
     placing = None if device_map is None else (device_map, max_memory, offload_folder)
     try:
-        model = _load_into(directory, model, model_config, config, saved is not None, skip, on_module, placing)
+        with enabled(progress):
+            model = _load_into(directory, model, model_config, config, saved is not None, skip, on_module,
+                               placing)
     except BaseException as exc:
         if snapshot is not None:
             try:
@@ -352,7 +374,8 @@ def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model
             # on another thread while this one builds the (meta-device) model.
             weights = CheckpointWeights(directory, files)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-load") as background:
-                reading = background.submit(weights.read_all)
+                # in this thread's context, so the progress switch (qplug.progress.enabled) holds there too
+                reading = background.submit(contextvars.copy_context().run, weights.read_all)
                 if model is None:
                     model = build_skeleton(model_config)
                 config, names = _prepare(config, model)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from qplug import progress
 from qplug._io import atomic_directory
 from qplug.errors import BackendUnavailableError, CheckpointError, ConfigFileError
 
@@ -98,16 +99,21 @@ def write_checkpoint(
     meta = {"format": "pt", **(metadata or {})}
     if tied:
         meta[TIED_KEY] = json.dumps(dict(tied), sort_keys=True)
-    with atomic_directory(target) as staging:
-        if target.is_dir():
-            _carry_over(target, staging)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(dict(tensors), str(staging / WEIGHTS_NAME), metadata=meta)
-        # safetensors writes through a private temporary file (mode 0600); give the weights the mode
-        # an ordinary new file gets here (0666 less the umask), which config.json just got.
-        os.chmod(staging / WEIGHTS_NAME, stat.S_IMODE(os.stat(staging / CONFIG_NAME).st_mode))
-        if add_files is not None:
-            add_files(staging)
+    # three steps: config (and the files carried over), the weights, the sync and swap into place
+    with progress.task(f"saving {target}", total=3, unit="steps") as saving:
+        with atomic_directory(target) as staging:
+            if target.is_dir():
+                _carry_over(target, staging)
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            saving.advance()
+            save_file(dict(tensors), str(staging / WEIGHTS_NAME), metadata=meta)
+            # safetensors writes through a private temporary file (mode 0600); give the weights the mode
+            # an ordinary new file gets here (0666 less the umask), which config.json just got.
+            os.chmod(staging / WEIGHTS_NAME, stat.S_IMODE(os.stat(staging / CONFIG_NAME).st_mode))
+            saving.advance()
+            if add_files is not None:
+                add_files(staging)
+        saving.advance()
     return target
 
 
@@ -248,7 +254,7 @@ class CheckpointWeights:
     def __init__(self, directory: str | os.PathLike[str], stack: contextlib.ExitStack) -> None:
         from qplug.safetensors_io import SafetensorsFile
 
-        directory = Path(directory)
+        directory = self.directory = Path(directory)
         weight_map = _index_map(directory)
         self.where: dict[str, SafetensorsFile] = {}
         self.tied: dict[str, str] = {}
@@ -295,7 +301,9 @@ class CheckpointWeights:
 
         jobs = self.names()
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1), thread_name_prefix="qplug-read") as pool:
-            return dict(zip(jobs, pool.map(self.get, jobs), strict=True))
+            read = progress.track(pool.map(self.get, jobs), f"reading {self.directory}", total=len(jobs),
+                                  unit="tensors")
+            return dict(zip(jobs, read, strict=True))
 
     def __contains__(self, name: str) -> bool:
         return name in self.where

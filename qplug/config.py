@@ -352,6 +352,14 @@ class QuantConfig:
     def check_quantizable(self) -> None:
         """Validation that only matters when quantizing a float model (not when loading a checkpoint)."""
 
+    def needs_calibration(self) -> bool:
+        """Whether quantizing with this config needs calibration data from the caller.
+
+        ``qplug.quantize`` (``calibration=``) and ``qplug quantize`` (``--calibration``) refuse a
+        missing one before any work starts. ``False`` here: data-free methods.
+        """
+        return False
+
     @classmethod
     def normalize_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
         """Translate foreign spellings (other libraries' key names) before construction."""

@@ -39,6 +39,7 @@ import pluggy
 from qplug import hookspecs
 from qplug.backend import Backend, normalize_name
 from qplug.config import QuantConfig
+from qplug.environment import env_flag
 from qplug.errors import BackendConflictError, PluginError, UnknownBackendError
 
 __all__ = [
@@ -99,7 +100,7 @@ class PluginManager:
 
     def __init__(self, *, autoload: bool | None = None) -> None:
         if autoload is None:
-            autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").strip().lower() not in {"1", "true", "yes", "on"}
+            autoload = not env_flag(ENV_DISABLE_AUTOLOAD)
         self._autoload = autoload
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
@@ -109,7 +110,7 @@ class PluginManager:
         self._lock = threading.RLock()
         self._plugins: dict[str, PluginInfo] = {}
         self._entries: list[BackendEntry] = []
-        if os.environ.get(ENV_TRACE, "").strip() not in {"", "0"}:
+        if env_flag(ENV_TRACE):
             self._pm.add_hookcall_monitoring(_trace_before, _trace_after)
 
     # -- hooks -------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ __all__ = [
     "Selection",
     "SkipPatternWarning",
     "build_empty",
+    "dequantized_dtype",
     "empty_weights",
     "get_submodule",
     "iter_linear",
@@ -237,6 +238,23 @@ def _rebuild_on_cpu(module: nn.Module) -> tuple[nn.Module | None, str | None]:
             return cls(**kwargs), None
     except Exception as exc:  # any failure of third-party code means: cannot rebuild this way
         return None, f"{cls.__name__}(...) failed: {exc}"
+
+
+def dequantized_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype a backend's ``dequantize`` gives the ``nn.Linear`` layers it rebuilds.
+
+    The floating-point dtype holding most of the model's loaded parameters (by element count),
+    which is the dtype its activations have. Counting, rather than taking the first parameter,
+    matters for a skeleton built from a config.json without a dtype: its linears are float32
+    while the tensors loaded over it (embeddings, norms) are float16, and the rebuilt layers
+    must match the latter. Quantized layers hold integer tensors, so they do not vote.
+    ``default`` when the model has no loaded floating-point parameter.
+    """
+    counts: dict[torch.dtype, int] = {}
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.device.type != "meta":
+            counts[parameter.dtype] = counts.get(parameter.dtype, 0) + parameter.numel()
+    return max(counts, key=counts.__getitem__) if counts else default
 
 
 def meta_tensor_names(model: nn.Module) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qplug import memory
+from qplug import memory, progress
 from qplug.checkpoint import CheckpointWeights
 from qplug.errors import CheckpointError, PluginError
 
@@ -56,10 +56,13 @@ def stream_quantize(
             keys = [f"{name}.weight", *([f"{name}.bias"] if f"{name}.bias" in source else [])]
             return {key.rsplit(".", 1)[1]: source.get(key) for key in keys}
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-read") as reader:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-read") as reader, \
+                progress.task(f"quantizing {directory} on load", total=len(module_names), unit="modules") as task:
             for name, tensors in _prefetched(reader, read_layer, module_names):
                 _materialize(model, name, tensors)
-                quantize_one(name)
+                with progress.enabled(False):  # this task counts the modules; the backend's own would count one
+                    quantize_one(name)
+                task.advance()
                 dropped = sum(t.numel() * t.element_size() for t in tensors.values())
                 del tensors
                 memory.note_freed(dropped, every=_RELEASE_EVERY_BYTES)

@@ -431,28 +431,37 @@ def test_set_values_are_json_when_they_parse():
         parse_set(["quant_method=gptq"], Int8WeightConfig)
 
 
-def test_calibration_files(tmp_path):
+def test_calibration_files_are_read_and_checked_before_the_model(tmp_path):
     import torch
     from safetensors.torch import save_file
 
+    from qplug.calibration import Sample
     from qplug.cli import CLIError, load_calibration
+    from qplug.errors import QuantConfigError
+
+    def ids(samples):
+        assert all(isinstance(s, Sample) for s in samples)
+        return [s.input_ids.tolist() for s in samples]
 
     (tmp_path / "same.json").write_text("[[1, 2, 3], [4, 5, 6]]")
-    assert torch.equal(load_calibration(tmp_path / "same.json"), torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert ids(load_calibration(tmp_path / "same.json")) == [[1, 2, 3], [4, 5, 6]]
     (tmp_path / "ragged.jsonl").write_text('[1, 2]\n\n{"input_ids": [3, 4, 5]}\n')
-    ragged = load_calibration(tmp_path / "ragged.jsonl")
-    assert [t.tolist() for t in ragged] == [[[1, 2]], [[3, 4, 5]]]
-    (tmp_path / "texts.txt").write_text("first sample\n\nsecond sample\n")
-    assert load_calibration(tmp_path / "texts.txt") == ["first sample", "second sample"]  # no tokenizer given
+    assert ids(load_calibration(tmp_path / "ragged.jsonl")) == [[1, 2], [3, 4, 5]]
     save_file({"input_ids": torch.arange(8, dtype=torch.int32).reshape(2, 4)}, str(tmp_path / "ids.safetensors"))
-    ids = load_calibration(tmp_path / "ids.safetensors")
-    assert ids.dtype == torch.long and ids.shape == (2, 4)
-    (tmp_path / "bad.json").write_text('[[1, 2], [3.5]]')
-    with pytest.raises(CLIError, match="non-empty list of token ids or a string"):
+    assert ids(load_calibration(tmp_path / "ids.safetensors")) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # the same rules as qplug.quantize's, and the same error (a QPlugError: one line at the terminal)
+    (tmp_path / "bad.json").write_text("[[1, 2], [3.5]]")
+    with pytest.raises(QuantConfigError, match=r"^calibration\[1\]: torch\.float32 given — token ids must be"):
         load_calibration(tmp_path / "bad.json")
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(CLIError, match="no samples"):
+    with pytest.raises(QuantConfigError, match=r"empty\.txt: no samples"):
         load_calibration(tmp_path / "empty.txt")
+    # texts need a tokenizer: --tokenizer DIR, else SRC's; the message says which had none
+    (tmp_path / "texts.txt").write_text("first sample\n\nsecond sample\n")
+    with pytest.raises(CLIError, match=r"holds texts, and SRC .* has no tokenizer .*: pass --tokenizer DIR"):
+        load_calibration(tmp_path / "texts.txt", src=tmp_path)
+    with pytest.raises(CLIError, match=r"holds texts, and --tokenizer .* has no tokenizer"):
+        load_calibration(tmp_path / "texts.txt", src=tmp_path, tokenizer_dir=tmp_path)
 
 
 def test_debug_shows_the_traceback():

@@ -14,7 +14,14 @@ import warnings
 from collections.abc import Sequence
 
 from qplug.cli import backends, config, demo, inspect, quantize
-from qplug.cli.output import EXIT_ERROR, EXIT_USAGE, FORMATTER, examples, one_line, show_warning
+from qplug.cli.output import (
+    EXIT_ERROR,
+    EXIT_USAGE,
+    FORMATTER,
+    examples,
+    one_line,
+    show_warning,
+)
 from qplug.errors import QPlugError
 
 __all__ = ["build_parser", "main"]

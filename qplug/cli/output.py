@@ -111,3 +111,32 @@ def json_value(value: Any, limit: int = 80) -> str:
     except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show_progress_lines() -> None:
+    """Off a terminal, print :mod:`qplug.progress`'s log lines on stderr (``qplug: gptq: 3/24 blocks``).
+
+    On a terminal the live bar draws itself and nothing is logged; ``QPLUG_PROGRESS=0`` silences both.
+    Called by the commands that do long work (logging is not imported for the others: cold start).
+    """
+    import logging
+
+    class StderrHandler(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is when a record arrives (tests swap it between runs)."""
+
+        @property
+        def stream(self):  # type: ignore[override]
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property decides
+            pass
+
+    logger = logging.getLogger("qplug.progress")
+    if any(getattr(h, "qplug_cli", False) for h in logger.handlers):
+        return
+    handler = StderrHandler()
+    handler.qplug_cli = True
+    handler.setFormatter(logging.Formatter("qplug: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

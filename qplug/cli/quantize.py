@@ -7,16 +7,11 @@ others load it whole first. Torch and transformers are imported when the command
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import shutil
-import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +22,10 @@ from qplug.cli.output import (
     FORMATTER,
     CLIError,
     examples,
-    make_console,
     mib,
     one_line,
     quiet_transformers,
-    warn,
+    show_progress_lines,
 )
 from qplug.errors import CheckpointError
 from qplug.manager import get_plugin_manager
@@ -95,83 +89,52 @@ def _check_destination(dst: Path, src: Path) -> None:
         raise CLIError(f"DST {dst}: cannot write there: {exc.strerror or exc}") from exc
 
 
-def load_calibration(path: str | Path, tokenizer_dir: Path | None = None) -> Any:
-    """Read ``--calibration FILE``: token ids or texts, in the shape backends accept.
+#: Files whose presence makes a directory hold a tokenizer (what AutoTokenizer reads).
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
-    * ``.safetensors`` — an integer tensor named ``input_ids`` (or the file's only tensor);
-    * ``.json`` — a list of token-id lists, or a list of strings;
-    * ``.jsonl`` — one sample a line: a token-id list, a string, or ``{"text": ...}`` / ``{"input_ids": ...}``;
-    * anything else — plain text, one sample per non-empty line.
 
-    Texts are tokenized with the tokenizer in ``tokenizer_dir`` when there is one; otherwise they
-    are passed on as texts (a backend may bring its own tokenizer).
+def load_calibration(path: str | Path, src: Path | None = None, tokenizer_dir: Path | None = None) -> list:
+    """Read ``--calibration FILE`` into checked token samples, before any model is loaded.
+
+    The formats and rules are :mod:`qplug.calibration`'s (what ``qplug.quantize`` accepts too).
+    Texts are tokenized with the tokenizer in ``tokenizer_dir`` (``--tokenizer``), else the one in
+    ``src``; with neither, the error says so.
+
+    :return: :class:`qplug.calibration.Sample` records, which every backend accepts as they are.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"--calibration {path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from qplug.calibration import FILE_FORMATS, holds_texts, read_file, token_samples
 
-        tensors = load_file(str(path))
-        tensor = tensors.get("input_ids") if "input_ids" in tensors else (
-            next(iter(tensors.values())) if len(tensors) == 1 else None)
-        if tensor is None or tensor.is_floating_point():
-            raise CLIError(f"--calibration {path}: expected an integer tensor named 'input_ids'")
-        return tensor.long()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CLIError(f"--calibration {path}: cannot read: {exc}") from exc
-    if suffix == ".json":
-        try:
-            samples = json.loads(text)
-        except ValueError as exc:
-            raise CLIError(f"--calibration {path}: not valid JSON: {exc}") from exc
-        if not isinstance(samples, list):
-            raise CLIError(f"--calibration {path}: expected a JSON list of token-id lists or of strings")
-    elif suffix == ".jsonl":
-        samples = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError as exc:
-                raise CLIError(f"--calibration {path}:{number}: not valid JSON: {exc}") from exc
-            if isinstance(item, dict):
-                item = item.get("input_ids", item.get("text"))
-            samples.append(item)
-    else:
-        samples = [line for line in text.splitlines() if line.strip()]
-    if not samples:
-        raise CLIError(f"--calibration {path}: no samples")
-    if all(isinstance(s, str) for s in samples):
-        tokenizer = _tokenizer(tokenizer_dir)
-        if tokenizer is None:
-            return samples
-        samples = [tokenizer(s, return_tensors="pt")["input_ids"][0].tolist() for s in samples]
-    if not all(isinstance(s, list) and s and all(isinstance(t, int) and not isinstance(t, bool) for t in s)
-               for s in samples):
-        raise CLIError(f"--calibration {path}: every sample must be a non-empty list of token ids or a string")
-    import torch
-
-    if len({len(s) for s in samples}) == 1:
-        return torch.tensor(samples, dtype=torch.long)
-    return [torch.tensor([s], dtype=torch.long) for s in samples]
+    data = read_file(path)
+    tokenizer = None
+    if holds_texts(data):
+        directory = tokenizer_dir if tokenizer_dir is not None else src
+        if directory is None or not _has_tokenizer(directory):
+            where = f"--tokenizer {tokenizer_dir} has" if tokenizer_dir is not None else (
+                f"SRC {src} has" if src is not None else "there is")
+            raise CLIError(
+                f"--calibration {path} holds texts, and {where} no tokenizer to turn them into token ids: "
+                f"pass --tokenizer DIR (a directory with {' or '.join(_TOKENIZER_MARKERS[:2])}), or give "
+                f"token ids instead ({FILE_FORMATS})"
+            )
+        tokenizer = _load_tokenizer(directory)
+    return token_samples(data, tokenizer=tokenizer)
 
 
-def _tokenizer(directory: Path | None) -> Any:
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-    if directory is None or not any((directory / name).is_file() for name in tokenizer_files):
-        return None
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_MARKERS)
+
+
+def _load_tokenizer(directory: Path) -> Any:
     try:
         from transformers import AutoTokenizer
-
+    except ImportError as exc:
+        raise CLIError("calibration texts are tokenized with transformers, which is not installed: "
+                       "pip install 'qplug[transformers]'") from exc
+    quiet_transformers()
+    try:
         return AutoTokenizer.from_pretrained(str(directory))
-    except Exception as exc:
-        warn(f"cannot load the tokenizer in {directory} ({one_line(exc)}); passing calibration texts as they are")
-        return None
+    except Exception as exc:  # any failure of third-party code reads: this directory's tokenizer cannot load
+        raise CLIError(f"cannot load the tokenizer in {directory}: {one_line(exc)}") from exc
 
 
 def _load_model(src: Path, dtype: str) -> Any:
@@ -203,40 +166,6 @@ def _skeleton(src: Path) -> Any:
     return build_skeleton(read_model_config(src))
 
 
-@contextlib.contextmanager
-def _module_progress(model: Any, names: list[str], snapshot: Any, enabled: bool) -> Iterator[None]:
-    """A progress bar over the modules to quantize, advanced as the backend replaces them.
-
-    The backend works in one call, so a watcher thread counts the modules already replaced.
-    """
-    if not enabled or not names:
-        yield
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=make_console(stderr=True), transient=True)
-    task = progress.add_task("quantize", total=len(names))
-    done = threading.Event()
-    targets = set(names)
-
-    def watch() -> None:
-        while not done.wait(0.1):
-            with contextlib.suppress(Exception):  # the model is changing under us; try again
-                progress.update(task, completed=len(targets.intersection(snapshot.replaced(model))))
-
-    watcher = threading.Thread(target=watch, name="qplug-progress", daemon=True)
-    with progress:
-        watcher.start()
-        try:
-            yield
-        finally:
-            done.set()
-            watcher.join()
-            with contextlib.suppress(Exception):
-                progress.update(task, completed=len(targets.intersection(snapshot.replaced(model))))
-
-
 def _copy_tokenizer_files(src: Path, staging: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -259,33 +188,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     qplug.check(config)
     backend = get_plugin_manager().backend_for_config(config)
     backend.ensure_available()
-    interactive = sys.stderr.isatty()
-    status = make_console(stderr=True)
 
+    from qplug import progress
+    from qplug.calibration import FILE_FORMATS
+
+    show_progress_lines()
     from qplug.checkpoint import weight_files
     from qplug.measure import checkpoint_bytes, linear_snapshot, model_tensor_bytes, peak_memory
     from qplug.modules import select_modules
 
-    calibration = load_calibration(args.calibration, src) if args.calibration else None
+    # Calibration mistakes are the user's, and cheap to find: before the model loads.
+    if args.calibration is None and config.needs_calibration():
+        raise CLIError(f"{label} calibrates on sample inputs: give them with --calibration FILE ({FILE_FORMATS})")
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else None
+    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+        raise CLIError(f"--tokenizer {tokenizer_dir}: no such directory")
+    calibration = load_calibration(args.calibration, src, tokenizer_dir) if args.calibration else None
     # Data-free backends quantize SRC while reading it, one layer at a time (the float model never
     # sits in memory); calibrating ones need the whole float model loaded first.
     streaming = backend.streams and calibration is None and args.dtype == "auto"
-    with status.status(f"loading {src}", spinner="dots") if interactive else contextlib.nullcontext():
+    with progress.task(f"loading {src}"):
         model = _skeleton(src) if streaming else _load_model(src, args.dtype)
     loaded = time.perf_counter()
     size_before = checkpoint_bytes(src) if streaming else model_tensor_bytes(model)
     snapshot = linear_snapshot(model)
     selection = select_modules(model, config.skip_patterns(), warn_unmatched=False)  # quantize warns
-    try:
-        with _module_progress(model, list(selection.names), snapshot, enabled=interactive):
-            if streaming:
-                qplug.load_quantized(src, model, quantization_config=config)
-            else:
-                qplug.quantize(model, config, calibration=calibration)
-    except Exception as exc:
-        if calibration is None and "calibration" in str(exc).lower() and not args.debug:
-            raise CLIError(f"{one_line(exc)} (give samples with --calibration FILE)") from exc
-        raise
+    # the backends and the streaming loader report their own progress (qplug.progress)
+    if streaming:
+        qplug.load_quantized(src, model, quantization_config=config)
+    else:
+        qplug.quantize(model, config, calibration=calibration)
     quantized = time.perf_counter()
     names = snapshot.replaced(model)
     size_after = model_tensor_bytes(model)
@@ -293,8 +225,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from qplug._io import atomic_directory
 
-    with status.status(f"writing {dst}", spinner="dots") if interactive else contextlib.nullcontext(), \
-            atomic_directory(dst) as staging:
+    with atomic_directory(dst) as staging:
         # Weights, config and tokenizer are assembled beside DST and renamed over it in one step.
         qplug.save_quantized(model, staging)
         copied = _copy_tokenizer_files(src, staging)
@@ -349,8 +280,10 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
                    help="leave modules matching PATTERN in floating point (dotted name components, or "
                         "re:REGEX). Repeatable")
     p.add_argument("--calibration", metavar="FILE",
-                   help="calibration samples for methods that calibrate: .json/.jsonl token ids or texts, "
-                        ".safetensors with input_ids, or text with one sample per line")
+                   help="calibration samples, required by methods that calibrate (gptq, awq): .json/.jsonl "
+                        "token ids or texts, .safetensors with input_ids, or text with one sample per line")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="the tokenizer for calibration texts (default: the one in SRC, when it has one)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the dtype SRC is loaded in (default: as stored)")
     p.set_defaults(handler=cmd_quantize)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -363,3 +364,23 @@ def test_peft_merge_after_inference_sees_canonical_weights_once_moved(input_ids)
         with pytest.warns(UserWarning, match="rounding errors"):
             merged.append(logits(model.merge_and_unload(), input_ids))
     assert torch.equal(merged[0], merged[1])
+
+
+def test_int8_cast_notice_is_logged_once_not_per_layer(monkeypatch, caplog):
+    # bitsandbytes' own int8 forward logs "MatMul8bitLt: inputs will be cast ..." on every layer of
+    # every float32 forward (28 lines for two forwards of this model); once is enough.
+    monkeypatch.setenv("QPLUG_KERNEL", "bitsandbytes")
+    model = make_tiny_llama()
+    qplug.quantize(model, BitsAndBytesConfig(load_in_8bit=True))
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    for once in logging.getLogger("bitsandbytes.autograd._functions").filters:
+        if isinstance(once, modules._OnceFilter):
+            once._seen.clear()  # as in a fresh process, whatever ran before in this one
+    with caplog.at_level("WARNING", logger="bitsandbytes"), torch.no_grad():
+        model(ids)
+        model(ids)
+    notices = [r for r in caplog.records if r.getMessage().startswith("MatMul8bitLt: inputs will be cast")]
+    assert len(notices) == 1
+    # the notice is only filtered, not lost: other messages of that logger pass
+    logging.getLogger("bitsandbytes.autograd._functions").warning("another notice")
+    assert caplog.records[-1].getMessage() == "another notice"

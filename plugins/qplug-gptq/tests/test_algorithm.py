@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from qplug_gptq.algorithm import LayerGPTQ, find_params, prepare_calibration, quantize_column
+from qplug_gptq.algorithm import LayerGPTQ, find_params, quantize_column
 
 
 def _layer_and_inputs(inf=128, outf=64, n=256, seed=0):
@@ -91,21 +91,3 @@ def test_errors_name_the_layer():
         layer.add_batch(torch.randn(1, 3, 7))
 
 
-def test_prepare_calibration_accepts_tensors_lists_dicts_and_batches():
-    ids = torch.arange(12).reshape(3, 4)
-    assert [b["input_ids"].tolist() for b in prepare_calibration(ids)] == [
-        [[0, 1, 2, 3]],
-        [[4, 5, 6, 7]],
-        [[8, 9, 10, 11]],
-    ]
-    mixed = prepare_calibration([[1, 2, 3], {"input_ids": [4, 5], "attention_mask": [1, 0]}], max_length=2)
-    assert mixed[0]["input_ids"].tolist() == [[1, 2]] and mixed[1]["attention_mask"].tolist() == [[1, 0]]
-    batched = prepare_calibration([[1, 2, 3], [4]], batch_size=2, pad_token_id=9)
-    assert batched[0]["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
-    assert batched[0]["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    with pytest.raises(ValueError, match="tokenizer"):
-        prepare_calibration(["some text"])
-    with pytest.raises(TypeError, match="token ids"):
-        prepare_calibration(torch.randn(2, 3))
-    with pytest.raises(ValueError, match="calibration"):
-        prepare_calibration(None)

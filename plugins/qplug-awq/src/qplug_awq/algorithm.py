@@ -38,7 +38,11 @@ import attrs
 import torch
 from torch import nn
 
+from qplug.blocks import capture_first_block, first_output
+from qplug.blocks import find_blocks as find_block_list
+from qplug.calibration import token_blocks, token_samples
 from qplug.errors import IncompatibleModelError
+from qplug.progress import track
 
 from .linear import AwqLinear
 from .quant import pseudo_quantize
@@ -66,7 +70,6 @@ class AwqSettings:
     n_grid: int = 20
     max_shrink: float = 0.5
     clip_sample_tokens: int = 512
-    progress: bool = True
 
 
 @attrs.frozen
@@ -85,80 +88,28 @@ class ScalingGroup:
     block_kwargs: bool = False
 
 
-class _Captured(Exception):
-    """Raised by the hook that records the first block's input, to stop the forward early."""
-
-
 # ---------------------------------------------------------------------------------------------
 # calibration data and blocks
 # ---------------------------------------------------------------------------------------------
 
 
 def calibration_tokens(calibration: Any) -> torch.Tensor:
-    """Calibration data as one LongTensor ``[samples, seq]``.
-
-    Accepts a LongTensor ``[samples, seq]`` (or ``[seq]``), a dict or ``BatchEncoding`` with
-    ``input_ids``, or a list of token-id lists / tensors. Lists of different lengths are
-    concatenated and cut into blocks of ``min(512, total)`` tokens (the remainder is dropped),
-    as autoawq does with its ``max_calib_seq_len``.
+    """Calibration data as one LongTensor ``[samples, seq]``: the samples of
+    :func:`qplug.calibration.token_samples` (the rules every backend shares), stacked when of one
+    length, else joined and cut into blocks of ``min(512, total)`` tokens as autoawq does with its
+    ``max_calib_seq_len``.
     """
-    if calibration is None:
-        raise ValueError(
-            "AWQ needs calibration data: pass calibration= token ids to qplug.quantize "
-            "(a LongTensor [samples, seq] or a list of token-id lists)"
-        )
-    if isinstance(calibration, Mapping) or hasattr(calibration, "input_ids"):
-        ids = calibration["input_ids"] if isinstance(calibration, Mapping) else calibration.input_ids
-        return calibration_tokens(ids)
-    if isinstance(calibration, str) or (
-        isinstance(calibration, Sequence) and calibration and isinstance(calibration[0], str)
-    ):
-        raise TypeError(
-            "AWQ calibration: texts need a tokenizer; tokenize them first and pass the token ids "
-            "(e.g. tokenizer(texts, return_tensors='pt')['input_ids'])"
-        )
-    if isinstance(calibration, torch.Tensor):
-        tokens = calibration
-    elif isinstance(calibration, Sequence) and calibration:
-        rows = [torch.as_tensor(row).reshape(-1) for row in calibration]
-        rows = [r for r in rows if r.numel()]
-        if not rows:
-            raise ValueError("AWQ calibration: expected token ids, got only empty samples")
-        if any(r.dtype.is_floating_point or r.dtype == torch.bool for r in rows):
-            raise TypeError("AWQ calibration: token ids must be integers")
-        if len({len(r) for r in rows}) == 1:
-            tokens = torch.stack(rows)
-        else:
-            # samples of different lengths: one stream cut into equal blocks, as autoawq does
-            stream = torch.cat(rows)
-            block = min(_MAX_BLOCK, len(stream))
-            tokens = stream[: len(stream) // block * block].view(-1, block)
-    else:
-        raise TypeError(f"AWQ calibration: expected token ids, got {type(calibration).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise TypeError(f"AWQ calibration: token ids must be integers, got {tokens.dtype}")
-    if tokens.dim() == 1:
-        tokens = tokens.unsqueeze(0)
-    if tokens.dim() != 2 or tokens.numel() == 0:
-        raise ValueError(f"AWQ calibration: expected [samples, seq] token ids, got shape {tuple(tokens.shape)}")
-    return tokens.long()
+    return token_blocks(token_samples(calibration, method="awq"), max_block=_MAX_BLOCK)
 
 
 def find_blocks(model: nn.Module, module_names: Iterable[str]) -> tuple[str, nn.ModuleList]:
     """The ``nn.ModuleList`` of repeated blocks holding most of ``module_names``, with its name."""
-    names = list(module_names)
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            prefix = f"{name}." if name else ""
-            count = sum(1 for n in names if n.startswith(prefix))
-            if count and (best is None or count > best[0]):
-                best = (count, name, module)
-    if best is None:
+    found = find_block_list(model, module_names)
+    if found is None:
         raise IncompatibleModelError(
             f"AWQ: {type(model).__name__} has no list of blocks (nn.ModuleList) holding the layers to quantize"
         )
-    return best[1], best[2]
+    return found
 
 
 def scaling_groups(block: nn.Module, selected: set[str]) -> list[ScalingGroup]:
@@ -191,51 +142,9 @@ def _get(module: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _capture_first_block_input(
-    model: nn.Module, block: nn.Module, tokens: torch.Tensor
-) -> tuple[torch.Tensor, dict]:
-    captured: dict[str, Any] = {}
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if args:
-            captured["x"], rest = args[0], args[1:]
-            if rest:
-                raise ValueError(
-                    "AWQ: the block is called with extra positional arguments; only keyword arguments are supported"
-                )
-        else:
-            key = next(iter(kwargs))
-            kwargs = dict(kwargs)
-            captured["x"] = kwargs.pop(key)
-        captured["kwargs"] = dict(kwargs)
-        raise _Captured
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            try:
-                model(tokens, use_cache=False)
-            except TypeError:
-                model(tokens)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    if "x" not in captured:
-        raise IncompatibleModelError(f"AWQ: running {type(model).__name__} never reached its first block")
-    kwargs = captured["kwargs"]
-    for key in ("past_key_value", "past_key_values", "use_cache", "output_attentions"):
-        kwargs.pop(key, None)
-    return captured["x"], kwargs
-
-
 def _accepted_kwargs(module: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     params = inspect.signature(module.forward).parameters
     return {k: v for k, v in kwargs.items() if k in params}
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple | list) else output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,14 +266,6 @@ def _apply_scale(block: nn.Module, group: ScalingGroup, scales: torch.Tensor, fe
 # ---------------------------------------------------------------------------------------------
 
 
-def _progress(items: Sequence[Any], enabled: bool, description: str) -> Iterable[Any]:
-    if not enabled:
-        return items
-    from rich.progress import track
-
-    return track(items, description=description, transient=True)
-
-
 @torch.no_grad()
 def quantize_model(
     model: nn.Module, module_names: Sequence[str], calibration: Any, settings: AwqSettings
@@ -382,12 +283,13 @@ def quantize_model(
     selected = list(module_names)
     blocks_name, blocks = find_blocks(model, selected)
     prefix = f"{blocks_name}." if blocks_name else ""
-    device = next(model.parameters()).device
-    x, block_kwargs = _capture_first_block_input(model, blocks[0], tokens.to(device))
+    # all samples in one batch, so the block sees them as one [samples, seq, hidden] tensor
+    (call,) = capture_first_block(model, blocks[0], [{"input_ids": tokens}], name=f"{prefix}0")
+    x, block_kwargs = call.hidden, call.kwargs
 
     replaced: list[str] = []
     warned = False
-    for index in _progress(range(len(blocks)), settings.progress, "AWQ"):
+    for index in track(range(len(blocks)), "awq", unit="blocks"):
         block = blocks[index]
         block_prefix = f"{prefix}{index}."
         local = [n[len(block_prefix) :] for n in selected if n.startswith(block_prefix)]
@@ -400,7 +302,7 @@ def quantize_model(
             for n in local
         ]
         try:
-            next_x = _first(block(x, **_accepted_kwargs(block, block_kwargs)))
+            next_x = call.run(block, x)
         finally:
             for h in handles:
                 h.remove()
@@ -422,7 +324,7 @@ def quantize_model(
                 kwargs = _accepted_kwargs(target, block_kwargs) if group.block_kwargs else {}
 
                 def forward(inp: torch.Tensor, target=target, kwargs=kwargs) -> torch.Tensor:
-                    return _first(target(inp, **kwargs))
+                    return first_output(target(inp, **kwargs))
             else:
                 forward = layers[0]
             scales = search_scale(layers, inputs[group.layers[0]], forward, settings)

@@ -191,6 +191,10 @@ class AwqConfig(QuantConfig):
                 config=type(self).__name__,
             )
 
+    def needs_calibration(self) -> bool:
+        """AWQ searches its scales on the caller's calibration samples."""
+        return True
+
     # --------------------------------------------------------------- parsing
     @classmethod
     def normalize_dict(cls, data: dict[str, Any]) -> dict[str, Any]:

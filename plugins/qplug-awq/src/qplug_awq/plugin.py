@@ -96,13 +96,10 @@ def replace_modules(
 
 @qplug.backend_hookimpl(AwqConfig)
 def dequantize(config: AwqConfig, model: Any) -> list[str]:
-    import torch
-
-    from qplug.modules import set_submodule
+    from qplug.modules import dequantized_dtype, set_submodule
     from qplug_awq.linear import AwqLinear
 
-    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
-    dtype = floats[0] if floats else torch.float32
+    dtype = dequantized_dtype(model)
     names = [name for name, module in model.named_modules() if isinstance(module, AwqLinear)]
     for name in names:
         set_submodule(model, name, model.get_submodule(name).to_linear(dtype))

@@ -23,10 +23,9 @@ than two blocks, ``out``/``absmax`` arguments, or ``QPLUG_BNB_FAST4BIT=0``) the 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from qplug.environment import env_flag
 from qplug.errors import KernelUnavailableError
 from qplug_bitsandbytes import _native
 
@@ -45,7 +44,7 @@ _tables: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 def fast_path_enabled() -> bool:
     """False when ``QPLUG_BNB_FAST4BIT`` is set to 0/false/no/off."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(ENV_VAR, default=True)
 
 
 def fast_path_available(dtype: torch.dtype = torch.bfloat16) -> bool:

@@ -14,10 +14,9 @@ NaN, which the kernel does not imitate).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from qplug.environment import env_flag
 from qplug.errors import KernelUnavailableError
 from qplug_bitsandbytes import _native
 
@@ -31,7 +30,7 @@ _WEIGHTS_PER_THREAD_MIN = 1 << 20
 
 def fast_path_enabled() -> bool:
     """False when ``QPLUG_BNB_FAST8BIT`` is set to 0/false/no/off."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(ENV_VAR, default=True)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -29,6 +29,7 @@ this module only inside hook calls.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -55,6 +56,34 @@ __all__ = [
     "quantize_8bit",
     "quantized_bits",
 ]
+
+class _OnceFilter(logging.Filter):
+    """Lets each distinct message of bitsandbytes' ``MatMul8bitLt`` cast notice through once per process.
+
+    bitsandbytes logs it on every int8 matmul whose input is not float16: fourteen times per
+    forward of a small Llama, the same line each time.
+    """
+
+    PREFIX = "MatMul8bitLt: inputs will be cast"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
+_bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+if not any(isinstance(f, _OnceFilter) for f in _bnb_logger.filters):
+    _bnb_logger.addFilter(_OnceFilter())
+
 
 #: Names of the 4-bit quant-state tensors under ``<module>.weight.`` in a state dict.
 QUANT_STATE_KEYS_4BIT = (

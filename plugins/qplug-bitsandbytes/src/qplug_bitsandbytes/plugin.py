@@ -122,13 +122,15 @@ def replace_modules(
 ) -> list[str]:
     from qplug.checkpoint import needs_bias
     from qplug.modules import get_submodule, set_submodule
+    from qplug.progress import track
 
     modules = _modules()
     names = list(module_names)
     if prequantized:
         names += _heads_quantized_in(checkpoint_tensors, model, names)
     empty = modules.empty_4bit if config.load_in_4bit else modules.empty_8bit
-    for name in names:
+    # Building empty modules for a checkpoint is instant; quantizing weights is the long work.
+    for name in names if prequantized else track(names, "bitsandbytes", unit="modules"):
         linear = get_submodule(model, name)
         if prequantized:
             new = empty(linear.in_features, linear.out_features, needs_bias(name, linear, checkpoint_tensors),

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from qplug.blocks import capture_first_block, find_blocks
+from qplug.progress import track
 
 
 # --------------------------------------------------------------------------- grid
@@ -213,115 +216,6 @@ class LayerGPTQ:
 
 
 # --------------------------------------------------------------------------- a model
-class _StopForward(Exception):
-    pass
-
-
-def find_blocks(
-    model: nn.Module, module_names: Sequence[str], block_name: str | Sequence[str] | None = None
-) -> tuple[str, nn.ModuleList] | None:
-    """The ``nn.ModuleList`` of decoder blocks: ``block_name`` if given, else the list
-    holding most of ``module_names``."""
-    if block_name:
-        names = [block_name] if isinstance(block_name, str) else list(block_name)
-        name = names[0]
-        try:
-            blocks = model.get_submodule(name)
-        except AttributeError as exc:
-            raise ValueError(f"block_name_to_quantize={name!r}: the model has no such module") from exc
-        if not isinstance(blocks, nn.ModuleList):
-            raise ValueError(f"block_name_to_quantize={name!r} is a {type(blocks).__name__}, expected an nn.ModuleList")
-        return name, blocks
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and name:
-            n = sum(1 for m in module_names if m.startswith(name + "."))
-            if n and (best is None or n > best[0]):
-                best = (n, name, mod)
-    return None if best is None else (best[1], best[2])
-
-
-def prepare_calibration(
-    calibration: Any,
-    tokenizer: Any = None,
-    max_length: int | None = None,
-    batch_size: int = 1,
-    pad_token_id: int | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """Normalise calibration data to a list of ``{"input_ids", "attention_mask"}`` batches.
-
-    Accepted: a 2-D LongTensor ``[n, seq]``; a list of 1-D/2-D token tensors or int lists;
-    a list of dicts with ``input_ids`` (and optionally ``attention_mask``); a list of
-    strings (needs ``tokenizer``).
-    """
-    if calibration is None:
-        raise ValueError("GPTQ needs calibration data: pass calibration=... (token tensors, dicts or texts)")
-    if isinstance(calibration, str):
-        calibration = [calibration]
-    if isinstance(calibration, torch.Tensor):
-        if calibration.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"calibration tensor must hold token ids (int), got {calibration.dtype}")
-        calibration = list(calibration if calibration.dim() == 2 else calibration.unsqueeze(0))
-    items = list(calibration)
-    if not items:
-        raise ValueError("calibration is empty")
-    samples: list[dict[str, torch.Tensor]] = []
-    for k, item in enumerate(items):
-        if isinstance(item, str):
-            if tokenizer is None:
-                raise ValueError("calibration texts need a tokenizer: set GPTQConfig(tokenizer=...) or pass token ids")
-            enc = tokenizer(item, return_tensors="pt")
-            ids, mask = enc["input_ids"], enc.get("attention_mask")
-        elif isinstance(item, dict):
-            if "input_ids" not in item:
-                raise ValueError(f"calibration[{k}] is a dict without 'input_ids'")
-            ids, mask = torch.as_tensor(item["input_ids"]), item.get("attention_mask")
-        else:
-            ids, mask = torch.as_tensor(item), None
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        ids = ids.long()
-        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape).long()
-        if max_length:
-            ids, mask = ids[:, :max_length], mask[:, :max_length]
-        for r in range(ids.shape[0]):
-            samples.append({"input_ids": ids[r : r + 1], "attention_mask": mask[r : r + 1]})
-    if batch_size <= 1:
-        return samples
-    batches = []
-    pad = 0 if pad_token_id is None else pad_token_id
-    for b in range(0, len(samples), batch_size):
-        chunk = samples[b : b + batch_size]
-        n = max(s["input_ids"].shape[1] for s in chunk)
-        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for r, s in enumerate(chunk):
-            L = s["input_ids"].shape[1]
-            ids[r, :L] = s["input_ids"][0]
-            mask[r, :L] = s["attention_mask"][0]
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    """The captured call of a block with its hidden-states input replaced."""
-    if args:
-        return (hidden, *args[1:]), kwargs
-    if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": hidden}
-    raise RuntimeError("GPTQ: cannot find the hidden-states argument of the decoder block call")
-
-
-def _first(out: Any) -> Any:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="block")
 
 
 def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> list[list[str]]:
@@ -374,14 +268,14 @@ def quantize_model(
     static_groups: bool,
     sym: bool,
     true_sequential: bool = True,
-    block_name: str | Sequence[str] | None = None,
+    block_name: str | None = None,
     modules_in_block: Sequence[Sequence[str]] | None = None,
     settings: dict[str, dict[str, Any]] | None = None,
-    progress: bool = True,
 ) -> dict[str, QuantizedWeight]:
     """Run GPTQ on ``module_names`` of ``model`` (weights are replaced by their
     dequantized values as it goes, so later layers see quantized inputs).  Returns
-    the per-module results; the caller packs them into modules.  ``settings`` may
+    the per-module results; the caller packs them into modules.  ``calibration`` is a list
+    of model-input batches (:func:`qplug.calibration.padded_batches`).  ``settings`` may
     override ``bits``/``group_size``/``sym``/``desc_act`` per module."""
     module_names = list(module_names)
     wanted = set(module_names)
@@ -422,30 +316,14 @@ def quantize_model(
     if found is not None:
         prefix, blocks = found
         # 1. capture the inputs of the first block
-        captured: list[tuple[tuple, dict]] = []
-
-        def grab(_m, args, kwargs):
-            captured.append((args, kwargs))
-            raise _StopForward
-
-        h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            for s in calibration:
-                try:
-                    model(**{k: v.to(device) for k, v in s.items()}, use_cache=False)
-                except _StopForward:
-                    pass
-        finally:
-            h.remove()
-        if len(captured) != len(calibration):
-            raise RuntimeError(f"GPTQ: the first block {prefix}.0 was not reached by every calibration sample")
+        captured = capture_first_block(model, blocks[0], calibration, name=f"{prefix}.0")
         # 2. block by block
-        for b, block in _progress(enumerate(blocks), len(blocks), "GPTQ", progress):
+        for b, block in track(enumerate(blocks), "gptq", total=len(blocks), unit="blocks"):
             bprefix = f"{prefix}.{b}"
             names = [n for n in module_names if n.startswith(bprefix + ".")]
 
             def run_block(limit: int | None = None, _block=block, _calls=captured) -> list:
-                return [_first(_block(*a, **k)) for a, k in _calls[:limit]]
+                return [call.run(_block) for call in _calls[:limit]]
 
             if names:
                 if modules_in_block:
@@ -458,7 +336,7 @@ def quantize_model(
                 for g in groups:
                     quantize_group(g, run_block)
             outs = run_block()
-            captured = [_with_hidden(a, k, o) for (a, k), o in zip(captured, outs, strict=True)]
+            captured = [call.with_hidden(out) for call, out in zip(captured, outs, strict=True)]
         rest = [n for n in module_names if not n.startswith(prefix + ".")]
     else:
         rest = module_names

@@ -204,6 +204,10 @@ class GPTQConfig(QuantConfig):
                 config=type(self).__name__,
             )
 
+    def needs_calibration(self) -> bool:
+        """GPTQ calibrates: on the caller's samples, unless ``dataset`` is a list of texts."""
+        return not isinstance(self.dataset, list)
+
     # -- other tools' configs ----------------------------------------------------------------
     @classmethod
     def normalize_dict(cls, data: dict[str, Any]) -> dict[str, Any]:

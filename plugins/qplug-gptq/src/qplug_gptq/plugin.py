@@ -96,10 +96,10 @@ def select_modules(
     GPTQModel's ``dynamic`` may exclude modules or change their settings, and its
     ``lm_head: true`` adds the output head.
     """
-    from qplug_gptq.algorithm import find_blocks
+    from qplug.blocks import find_blocks
 
     names = list(module_names)
-    found = find_blocks(model, names, config.block_name_to_quantize)
+    found = find_blocks(model, names, block_name(config))
     if found is not None:
         prefix = found[0]
         outside = [n for n in names if not n.startswith(prefix + ".")]
@@ -123,6 +123,12 @@ def select_modules(
     return [n for n in names if n in settings], settings
 
 
+def block_name(config: GPTQConfig) -> str | None:
+    """The blocks' list the config names (transformers allows a list of names: the first is the blocks)."""
+    name = config.block_name_to_quantize
+    return name[0] if isinstance(name, list) and name else (name or None)
+
+
 def _check_shape(name: str, linear, bits: int) -> None:
     from qplug_gptq import packing
 
@@ -135,26 +141,19 @@ def _check_shape(name: str, linear, bits: int) -> None:
             )
 
 
-def calibration_batches(config: GPTQConfig, model, calibration: Any):
-    from qplug_gptq.algorithm import prepare_calibration
+def calibration_batches(config: GPTQConfig, model, calibration: Any) -> list[dict[str, Any]]:
+    """The model-input batches GPTQ runs: ``calibration``, else the config's ``dataset`` of texts."""
+    from qplug.calibration import padded_batches, token_samples
 
     data = calibration
     if data is None:
-        if config.dataset is None:
-            raise qplug.QuantConfigError(
-                field="dataset",
-                value=None,
-                config="GPTQConfig",
-                accepted="GPTQ needs calibration data: pass calibration=... (token ids or texts) "
-                "or set dataset to a list of texts",
-            )
         if isinstance(config.dataset, str):
             raise qplug.QuantConfigError(
                 field="dataset",
                 value=config.dataset,
                 config="GPTQConfig",
                 accepted=f"named datasets ({', '.join(NAMED_DATASETS)}) are downloaded from the hub, "
-                "which qplug never does; pass calibration=... (token ids or texts)",
+                "which qplug never does; pass calibration= token ids, or texts with a tokenizer",
             )
         data = config.dataset
     tokenizer = config.tokenizer
@@ -168,12 +167,9 @@ def calibration_batches(config: GPTQConfig, model, calibration: Any):
                 install="pip install transformers",
             ) from exc
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
-    return prepare_calibration(
-        data,
-        tokenizer=tokenizer,
-        max_length=config.model_seqlen,
-        batch_size=config.batch_size,
-        pad_token_id=config.pad_token_id,
+    samples = token_samples(data, tokenizer=tokenizer, method="gptq")
+    return padded_batches(
+        samples, batch_size=config.batch_size, pad_token_id=config.pad_token_id, max_length=config.model_seqlen
     )
 
 
@@ -231,7 +227,7 @@ def replace_modules(config, model, module_names, calibration, prequantized, chec
             static_groups=config.static_groups,
             sym=config.sym,
             true_sequential=config.true_sequential,
-            block_name=config.block_name_to_quantize,
+            block_name=block_name(config),
             modules_in_block=config.modules_in_block_to_quantize,
             settings=settings,
         )
@@ -284,37 +280,21 @@ def replace_modules(config, model, module_names, calibration, prequantized, chec
 
 @qplug.backend_hookimpl(GPTQConfig)
 def dequantize(config, model):
-    from qplug.modules import set_submodule
+    from qplug.modules import dequantized_dtype, set_submodule
     from qplug_gptq import autogptq
     from qplug_gptq.linear import GPTQLinear
 
-    dtype = _model_float_dtype(model)
+    dtype = dequantized_dtype(model)
     names = []
     for name, module in list(model.named_modules()):
         if isinstance(module, GPTQLinear):
-            if dtype is not None:
-                module.weight_dtype = dtype
+            module.weight_dtype = dtype
             set_submodule(model, name, module.to_linear())
             names.append(name)
         elif autogptq.is_autogptq_module(module):
-            import torch
-
-            set_submodule(model, name, autogptq.to_linear(module, dtype or torch.float16))
+            set_submodule(model, name, autogptq.to_linear(module, dtype))
             names.append(name)
     return names
-
-
-def _model_float_dtype(model):
-    """The dtype holding most of the model's floating-point parameters (what its activations are).
-
-    A skeleton built from a config.json without a dtype has float32 linears, while the tensors
-    loaded over it (embeddings, norms) are float16: the dequantized layers must match the latter.
-    """
-    counts: dict = {}
-    for p in model.parameters():
-        if p.is_floating_point() and p.device.type != "meta":
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=counts.get) if counts else None
 
 
 @qplug.backend_hookimpl(GPTQConfig)
