@@ -17,11 +17,15 @@ import torch
 
 from qplug import native
 
-__all__ = ["TILE_ELEMENTS", "matmul", "matmul_dtype"]
+__all__ = ["TILE_BYTES", "TILE_ELEMENTS", "matmul", "matmul_dtype"]
 
-#: Weights per tile (8 MiB in bfloat16). Measured on 128-token prompts at TinyLlama widths: tiles of
-#: 512K-1M weights made oneDNN's matmuls 10-40% slower than one over the whole layer; 4M ones were not.
-TILE_ELEMENTS = 1 << 22
+#: Bytes per tile: 4M weights in bfloat16, 2M in float32. Measured on 128-token prompts at TinyLlama
+#: widths (Zen 5, 2 threads): bfloat16 tiles of 512K-1M weights made oneDNN's matmuls 10-40% slower than
+#: one over the whole layer, 4M ones were not; float32 (AVX2) showed no consistent difference from 512K
+#: to 4M, so its tiles stay at the same 8 MiB (the buffer is resident memory).
+TILE_BYTES = 8 << 20
+#: The largest tile, in weights (bfloat16).
+TILE_ELEMENTS = TILE_BYTES // 2
 
 _scratch = threading.local()
 
@@ -52,7 +56,8 @@ def matmul(x: torch.Tensor, n: int, k: int, fill: Callable[[int, int, torch.Tens
         (``dtype``, contiguous): as ``[count, k]``, or as ``W^T``'s ``[k, count]`` when ``transposed``.
     :param unit: tiles start and end on multiples of this many rows (a packing's block of rows).
     """
-    rows = min(n, max(unit, TILE_ELEMENTS // max(k, 1) // unit * unit))
+    elements = TILE_BYTES // torch.empty((), dtype=dtype).element_size()
+    rows = min(n, max(unit, elements // max(k, 1) // unit * unit))
     buf = _buffer(dtype, rows * k)
     out = torch.empty(x.shape[0], n, dtype=dtype)
     for first in range(0, n, rows):
