@@ -56,7 +56,7 @@ def matmul(x: torch.Tensor, n: int, k: int, fill: Callable[[int, int, torch.Tens
         (``dtype``, contiguous): as ``[count, k]``, or as ``W^T``'s ``[k, count]`` when ``transposed``.
     :param unit: tiles start and end on multiples of this many rows (a packing's block of rows).
     """
-    elements = TILE_BYTES // torch.empty((), dtype=dtype).element_size()
+    elements = TILE_BYTES // dtype.itemsize
     rows = min(n, max(unit, elements // max(k, 1) // unit * unit))
     buf = _buffer(dtype, rows * k)
     out = torch.empty(x.shape[0], n, dtype=dtype)
