@@ -34,6 +34,8 @@ __all__ = [
 
 # The attribute a quantized model carries: the config it was quantized with.
 _CONFIG_ATTR = "qplug_config"
+# transformers' default for save_pretrained (5.x): weights above it are split into shards with an index.
+DEFAULT_SHARD_SIZE = "50GB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,16 +190,29 @@ def dequantize(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+def save_quantized(model: nn.Module, directory: str | os.PathLike[str], *,
+                   max_shard_size: int | str | None = DEFAULT_SHARD_SIZE) -> Path:
     """Save a quantized model as safetensors plus a ``config.json`` carrying ``quantization_config``.
 
     The directory is written atomically: on failure an existing checkpoint there stays whole.
+
+    :param max_shard_size: weights beyond this size are split into ``model-0000K-of-0000N.safetensors``
+        files listed in ``model.safetensors.index.json``, as transformers does: bytes, or a string such
+        as ``"5GB"`` or ``"512MiB"``; ``None`` writes one ``model.safetensors`` whatever its size.
     """
     from qplug.checkpoint import state_tensors, write_checkpoint
 
     config = quantized_config(model)
     if config is None:
         raise QPlugError(f"{type(model).__name__} was not quantized by qplug; use qplug.quantize first")
+    model_config = _checkpoint_config(config, model)
+    tensors, tied = state_tensors(model)
+    return write_checkpoint(directory, tensors, model_config, tied=tied, metadata=checkpoint_metadata(),
+                            max_shard_size=max_shard_size)
+
+
+def _checkpoint_config(config: QuantConfig, model: nn.Module) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint of ``model``: its HF config with ``quantization_config``."""
     serialized = get_plugin_manager().hook.serialize(config=config, model=model)
     if serialized is None:
         raise PluginError(f"backend {config.quant_method!r} did not answer serialize")
@@ -207,10 +222,14 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         model_config = hf_config.to_dict()
         model_config.pop("quantization_config", None)
     model_config["quantization_config"] = serialized
-    tensors, tied = state_tensors(model)
+    return model_config
+
+
+def checkpoint_metadata() -> dict[str, str]:
+    """The safetensors metadata qplug writes into every checkpoint it saves."""
     from qplug import __version__
 
-    return write_checkpoint(directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__})
+    return {"qplug.version": __version__}
 
 
 def load_quantized(
