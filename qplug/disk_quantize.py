@@ -233,11 +233,14 @@ def _refuse_shared(owner: str, tensors: dict[str, torch.Tensor]) -> None:
 def _to_meta(module: nn.Module) -> None:
     """Replace every tensor ``module`` holds by a meta tensor of its shape and dtype, freeing its memory.
 
-    The module keeps its class, so the backend's ``serialize`` still sees what was quantized.
+    Parameters and buffers, and tensors the module keeps in its other attributes, directly or inside
+    objects of its own (bitsandbytes' ``quant_state``, ``MatmulLtState``): those hold most of a
+    quantized layer's bytes. The module keeps its class and every other attribute, so the backend's
+    ``serialize`` still sees what was quantized; it is never run again.
     """
-    import torch
     from torch import nn
 
+    seen: set[int] = set()
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
             if param is not None:
@@ -245,9 +248,33 @@ def _to_meta(module: nn.Module) -> None:
         for name, buffer in list(sub._buffers.items()):
             if buffer is not None:
                 sub._buffers[name] = _meta(buffer)
-        for name, value in list(vars(sub).items()):
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                setattr(sub, name, _meta(value))
+        state = vars(sub)
+        for name, value in list(state.items()):
+            if name not in ("_parameters", "_buffers", "_modules"):
+                state[name] = _strip(value, seen, depth=3)
+
+
+def _strip(value: Any, seen: set[int], depth: int) -> Any:
+    """``value`` with the tensors in it (in plain containers and objects' attributes) made meta."""
+    import torch
+    from torch import nn
+
+    if isinstance(value, torch.Tensor):
+        return nn.Parameter(_meta(value), requires_grad=False) if isinstance(value, nn.Parameter) else _meta(value)
+    if depth == 0 or id(value) in seen or isinstance(value, (nn.Module, type)) or callable(value):
+        return value
+    seen.add(id(value))
+    if type(value) in (list, tuple):
+        return type(value)(_strip(item, seen, depth - 1) for item in value)
+    if type(value) is dict:
+        for key in list(value):
+            value[key] = _strip(value[key], seen, depth - 1)
+        return value
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict) and type(value).__module__ not in ("builtins", "torch"):
+        for key in list(attributes):
+            attributes[key] = _strip(attributes[key], seen, depth - 1)
+    return value
 
 
 def _meta(tensor: torch.Tensor) -> torch.Tensor:
