@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model import build_float_checkpoint  # noqa: E402  (benchmarks/model.py)
+from model import build_float_checkpoint  # benchmarks/model.py
 
 SHAPES = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,
           "num_key_value_heads": 4, "max_position_embeddings": 2048, "tie_word_embeddings": False}
@@ -108,7 +108,8 @@ def main() -> int:
         for layers, r in rows.items():
             print(f"| {layers} | {r['float'] / GIB:.2f} GiB | {r['floor'] / GIB:.2f} GiB "
                   f"| {r['disk']['above'] / GIB:.3f} GiB | {r['load+save']['above'] / GIB:.3f} GiB "
-                  f"| {r['disk']['seconds']:.1f} s | {r['load+save']['seconds']:.1f} s | {'yes' if r['identical'] else 'NO'} |")
+                  f"| {r['disk']['seconds']:.1f} s | {r['load+save']['seconds']:.1f} s "
+                  f"| {'yes' if r['identical'] else 'NO'} |")
         small, large = rows[DEPTHS[0]], rows[DEPTHS[-1]]
         growth = large["disk"]["above"] / small["disk"]["above"]
         ratio = large["disk"]["seconds"] / large["load+save"]["seconds"]
