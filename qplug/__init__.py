@@ -29,6 +29,7 @@ from qplug.api import (
 )
 from qplug.backend import Backend
 from qplug.config import QuantConfig
+from qplug.disk_quantize import quantize_checkpoint
 from qplug.errors import (
     BackendConflictError,
     BackendUnavailableError,
@@ -75,6 +76,7 @@ __all__ = [
     "load_quantized",
     "prepare_kernels",
     "quantize",
+    "quantize_checkpoint",
     "quantized_config",
     "register_plugin",
     "save_quantized",

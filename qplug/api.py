@@ -36,6 +36,8 @@ __all__ = [
 
 # The attribute a quantized model carries: the config it was quantized with.
 _CONFIG_ATTR = "qplug_config"
+# transformers' default for save_pretrained (5.x): weights above it are split into shards with an index.
+DEFAULT_SHARD_SIZE = "50GB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,11 +247,15 @@ def dequantize(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike[str], *, progress: bool | None = None) -> Path:
+def save_quantized(model: nn.Module, directory: str | os.PathLike[str], *,
+                   max_shard_size: int | str | None = DEFAULT_SHARD_SIZE, progress: bool | None = None) -> Path:
     """Save a quantized model as safetensors plus a ``config.json`` carrying ``quantization_config``.
 
     The directory is written atomically: on failure an existing checkpoint there stays whole.
 
+    :param max_shard_size: weights beyond this size are split into ``model-0000K-of-0000N.safetensors``
+        files listed in ``model.safetensors.index.json``, as transformers does: bytes, or a string such
+        as ``"5GB"`` or ``"512MiB"``; ``None`` writes one ``model.safetensors`` whatever its size.
     :param progress: show (``True``) or silence (``False``) the progress display; ``None`` follows
         ``QPLUG_PROGRESS`` (see :mod:`qplug.progress`).
     """
@@ -260,7 +266,18 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str], *, progr
     if config is None:
         raise QPlugError(f"{type(model).__name__} was not quantized by qplug; use qplug.quantize first")
     hook = get_plugin_manager().hook
-    serialized = hook.serialize(config=config, model=model)
+    model_config = _checkpoint_config(config, model)
+    tensors, tied = state_tensors(model)
+    with enabled(progress):
+        return write_checkpoint(
+            directory, tensors, model_config, tied=tied, metadata=checkpoint_metadata(), max_shard_size=max_shard_size,
+            add_files=lambda staging: hook.add_checkpoint_files(config=config, model=model, directory=staging),
+        )
+
+
+def _checkpoint_config(config: QuantConfig, model: nn.Module) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint of ``model``: its HF config with ``quantization_config``."""
+    serialized = get_plugin_manager().hook.serialize(config=config, model=model)
     if serialized is None:
         raise PluginError(f"backend {config.quant_method!r} did not answer serialize")
     model_config: dict[str, Any] = {}
@@ -269,14 +286,14 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str], *, progr
         model_config = hf_config.to_dict()
         model_config.pop("quantization_config", None)
     model_config["quantization_config"] = serialized
-    tensors, tied = state_tensors(model)
+    return model_config
+
+
+def checkpoint_metadata() -> dict[str, str]:
+    """The safetensors metadata qplug writes into every checkpoint it saves."""
     from qplug import __version__
 
-    with enabled(progress):
-        return write_checkpoint(
-            directory, tensors, model_config, tied=tied, metadata={"qplug.version": __version__},
-            add_files=lambda staging: hook.add_checkpoint_files(config=config, model=model, directory=staging),
-        )
+    return {"qplug.version": __version__}
 
 
 def load_quantized(

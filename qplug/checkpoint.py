@@ -17,7 +17,7 @@ import os
 import shutil
 import stat
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ import attrs
 from qplug import progress
 from qplug._io import atomic_directory
 from qplug.errors import BackendUnavailableError, CheckpointError, ConfigFileError
+from qplug.shards import INDEX_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
     import torch
@@ -43,8 +44,6 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 # safetensors metadata key listing tensors that were not written because they share storage
 # with another one (tied weights): {"lm_head.weight": "model.embed_tokens.weight"}.
 TIED_KEY = "qplug.tied"
@@ -80,11 +79,12 @@ def state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 def write_checkpoint(
     directory: str | os.PathLike[str],
-    tensors: Mapping[str, torch.Tensor],
-    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    config: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
     *,
     tied: Mapping[str, str] | None = None,
     metadata: Mapping[str, str] | None = None,
+    max_shard_size: int | str | None = None,
     add_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``tensors`` and ``config`` as a checkpoint directory, atomically.
@@ -92,27 +92,34 @@ def write_checkpoint(
     Files already in ``directory`` that are not weights or configs (a tokenizer, a README) are
     carried over; old weight files are not. ``add_files`` is called with the staging directory
     once the config and weights are in it, so what it writes is part of the same atomic save.
+
+    :param tensors: a mapping, or an iterable of ``(name, tensor)`` pairs that may produce each
+        tensor as it is asked for (each is on disk, and may be dropped, before the next is asked for).
+    :param config: the ``config.json`` contents, or a function giving them once every tensor is written.
+    :param max_shard_size: see :class:`qplug.shards.ShardWriter`; ``None``: one ``model.safetensors``.
     """
-    from safetensors.torch import save_file
+    from qplug.shards import ShardWriter
 
     target = Path(directory)
     meta = {"format": "pt", **(metadata or {})}
     if tied:
         meta[TIED_KEY] = json.dumps(dict(tied), sort_keys=True)
-    # three steps: config (and the files carried over), the weights, the sync and swap into place
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    # three steps: the weights (and the files carried over), the config and added files, the sync and swap
     with progress.task(f"saving {target}", total=3, unit="steps") as saving:
         with atomic_directory(target) as staging:
             if target.is_dir():
                 _carry_over(target, staging)
+            with ShardWriter(staging, max_shard_size=max_shard_size, metadata=meta) as writer:
+                for name, tensor in items:
+                    writer.add(name, tensor)
+                writer.finish()
+            saving.advance()
+            config = config() if callable(config) else config
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            saving.advance()
-            save_file(dict(tensors), str(staging / WEIGHTS_NAME), metadata=meta)
-            # safetensors writes through a private temporary file (mode 0600); give the weights the mode
-            # an ordinary new file gets here (0666 less the umask), which config.json just got.
-            os.chmod(staging / WEIGHTS_NAME, stat.S_IMODE(os.stat(staging / CONFIG_NAME).st_mode))
-            saving.advance()
             if add_files is not None:
                 add_files(staging)
+            saving.advance()
         saving.advance()
     return target
 
