@@ -189,7 +189,7 @@ def _produce(
 
     Each tensor is dropped once the consumer asks for the next one (it has been written by then).
     """
-    from qplug import memory
+    from qplug import memory, progress
     from qplug.streaming import _materialize, _prefetched
 
     def read(unit: tuple[str | None, list[str]]) -> dict[str, torch.Tensor]:
@@ -199,7 +199,8 @@ def _produce(
         return {key.rpartition(".")[2]: source.get(key) for key in keys if key in source}
 
     done = written = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-read") as reader:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-read") as reader, \
+            progress.task("quantizing to disk", total=plan.modules, unit="modules") as shown:
         for (owner, _), tensors in _prefetched(reader, read, plan.units):
             dropped = sum(t.numel() * t.element_size() for t in tensors.values())
             if owner is None:
@@ -211,7 +212,8 @@ def _produce(
                 continue
             _materialize(model, owner, tensors)
             del tensors
-            quantize_one(owner)
+            with progress.enabled(False):  # this task counts the modules; the backend's own would count one
+                quantize_one(owner)
             module = model.get_submodule(owner)
             out = module.state_dict(prefix=owner + ".")
             _refuse_shared(owner, out)
@@ -224,6 +226,7 @@ def _produce(
             _to_meta(module)
             memory.note_freed(dropped, every=_RELEASE_EVERY_BYTES)
             done += 1
+            shown.advance()
             if on_module is not None:
                 on_module(Progress(owner, done, plan.modules, written))
 

@@ -171,12 +171,12 @@ def test_a_failure_midway_leaves_the_old_destination_whole(int8_plugin, float_ch
     before = files(target)
     calls = []
 
-    class Exploding:  # a plugin wrapping every backend's replace_modules, as a telemetry plugin would
+    class Exploding:  # a plugin wrapping every backend's quantize_module, as a telemetry plugin would
         @qplug.hookimpl(wrapper=True)
-        def replace_modules(self, module_names):
-            calls.append(module_names)
+        def quantize_module(self, name):
+            calls.append(name)
             if len(calls) == 9:  # after a shard or more has been assembled in the staging directory
-                raise RuntimeError("backend exploded on " + module_names[0])
+                raise RuntimeError("backend exploded on " + name)
             return (yield)
 
     exploding = Exploding()
