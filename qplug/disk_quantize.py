@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -189,6 +188,8 @@ def _produce(
 
     Each tensor is dropped once the consumer asks for the next one (it has been written by then).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from qplug import memory, progress
     from qplug.streaming import _materialize, _prefetched
 

@@ -43,15 +43,17 @@ def model_tensor_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def checkpoint_bytes(directory: str | os.PathLike[str]) -> int:
-    """Bytes of the tensors of the checkpoint in ``directory``, from its safetensors headers (nothing is loaded)."""
+def checkpoint_bytes(directory: str | os.PathLike[str], modules: Iterable[str] | None = None) -> int:
+    """Bytes of the tensors of the checkpoint in ``directory`` (of ``modules`` only, when given: the tensors
+    named ``<module>.*``), from its safetensors headers (nothing is loaded)."""
     from qplug.checkpoint import weight_files
     from qplug.safetensors_io import SafetensorsFile
 
+    prefixes = None if modules is None else tuple(f"{m}." for m in modules)
     total = 0
     for path in weight_files(directory):
         with SafetensorsFile(path) as fh:
-            total += sum(fh.nbytes(name) for name in fh.keys())
+            total += sum(fh.nbytes(name) for name in fh.keys() if prefixes is None or name.startswith(prefixes))
     return total
 
 

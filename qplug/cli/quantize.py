@@ -213,21 +213,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     size_before = checkpoint_bytes(src) if streaming else model_tensor_bytes(model)
     snapshot = linear_snapshot(model)
     selection = select_modules(model, config.skip_patterns(), warn_unmatched=False)  # quantize warns
-    # the backends and the streaming loader report their own progress (qplug.progress)
-    if streaming:
-        qplug.load_quantized(src, model, quantization_config=config)
-    else:
-        qplug.quantize(model, config, calibration=calibration)
-    quantized = time.perf_counter()
-    names = snapshot.replaced(model)
-    size_after = model_tensor_bytes(model)
-    bits = snapshot.bits_per_param(model, names)
-
     from qplug._io import atomic_directory
 
+    # the backends and quantize_checkpoint report their own progress (qplug.progress)
     with atomic_directory(dst) as staging:
         # Weights, config and tokenizer are assembled beside DST and renamed over it in one step.
-        qplug.save_quantized(model, staging)
+        if streaming:  # disk to disk, layer by layer: memory flat in the model's depth
+            names: list[str] = []
+            qplug.quantize_checkpoint(src, staging, config, max_shard_size=args.max_shard_size,
+                                      on_module=lambda done: names.append(done.module))
+            quantized = saved = time.perf_counter()
+            size_after = checkpoint_bytes(staging)
+            params = sum(snapshot.params[n] for n in names)
+            bits = 8 * checkpoint_bytes(staging, names) / params if params else None
+        else:
+            qplug.quantize(model, config, calibration=calibration)
+            quantized = time.perf_counter()
+            names = snapshot.replaced(model)
+            size_after = model_tensor_bytes(model)
+            bits = snapshot.bits_per_param(model, names)
+            qplug.save_quantized(model, staging, max_shard_size=args.max_shard_size)
         copied = _copy_tokenizer_files(src, staging)
     saved = time.perf_counter()
     on_disk = sum(f.stat().st_size for f in weight_files(dst))
@@ -247,7 +252,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"({size_before / max(size_after, 1):.2f}× smaller; {mib(on_disk)} of safetensors on disk)",
         f"  bits/param   {bits:.2f} in the quantized layers" if bits is not None else "  bits/param   -",
         f"  time         {saved - started:.1f} s (load {loaded - started:.1f} s, quantize {quantized - loaded:.1f} s, "
-        f"save {saved - quantized:.1f} s)",
+        f"save {saved - quantized:.1f} s)" if not streaming else
+        f"  time         {saved - started:.1f} s (read, quantized and written layer by layer)",
         f"  peak memory  {mib(peak)} (max RSS)" if peak else "  peak memory  - (not measurable here)",
     ]
     if copied:
@@ -262,7 +268,10 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
         "quantize", parents=[common], formatter_class=FORMATTER, help="quantize a model directory",
         description="Load the Hugging Face model in SRC (config.json + safetensors), quantize it and write a "
                     "checkpoint transformers can load to DST (written beside DST, then renamed over it). "
-                    "The config is built from the preset (--method), then --config FILE, then each --set.",
+                    "The config is built from the preset (--method), then --config FILE, then each --set. "
+                    "Data-free methods (bitsandbytes, compressed-tensors RTN, ...) read, quantize and write one "
+                    "layer at a time, so memory stays flat in the model's depth; methods that calibrate (gptq, "
+                    "awq) load the whole float model first.",
         epilog=examples("qplug quantize ./tiny ./tiny-nf4 --method nf4",
                          "qplug quantize ./tiny ./tiny-nf4 --method nf4 --set bnb_4bit_compute_dtype=bfloat16 "
                          "--skip model.layers.0",
@@ -286,4 +295,7 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
                    help="the tokenizer for calibration texts (default: the one in SRC, when it has one)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the dtype SRC is loaded in (default: as stored)")
+    p.add_argument("--max-shard-size", default="50GB", metavar="SIZE",
+                   help="split the weights into model-0000K-of-0000N.safetensors files of at most SIZE "
+                        "(bytes, or 5GB, 512MiB, ...), listed in model.safetensors.index.json (default: 50GB)")
     p.set_defaults(handler=cmd_quantize)
