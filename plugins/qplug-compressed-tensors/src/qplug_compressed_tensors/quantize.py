@@ -84,7 +84,7 @@ def gptq_layers(
     (no ``weight_g_idx``), as llm-compressor does.
     """
     try:
-        from qplug_gptq.algorithm import prepare_calibration, quantize_model
+        from qplug_gptq.algorithm import quantize_model
     except ImportError as exc:
         raise BackendUnavailableError(
             "compressed-tensors: calibrated quantization runs qplug-gptq's GPTQ, which is not installed: "
@@ -105,8 +105,11 @@ def gptq_layers(
     first = next(iter(settings.values()))
     names: Sequence[str] = list(assigned)
     dtypes = {name: model.get_submodule(name).weight.dtype for name in names}
+    from qplug.calibration import padded_batches, token_samples
+
+    batches = padded_batches(token_samples(calibration, method="compressed-tensors"))
     results = quantize_model(
-        model, names, prepare_calibration(calibration), bits=first["bits"], group_size=first["group_size"],
+        model, names, batches, bits=first["bits"], group_size=first["group_size"],
         damp_percent=damp_percent, desc_act=first["desc_act"], static_groups=first["static_groups"],
         sym=first["sym"], settings=settings,
     )
