@@ -36,9 +36,13 @@ def test_word_packing_is_the_librarys(bits, rows, words, dim, seed):
     codes = (signed.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)  # unsigned, rows of the packed dim
     ours = _pack_bytes(codes, bits)
     assert torch.equal(ours if dim == 1 else ours.t(), theirs)
-    unpacked = unpack_from_int32(theirs, bits, value.shape, packed_dim=dim)
     back = _unpack_bytes(theirs if dim == 1 else theirs.t().contiguous(), bits, cols)
     assert torch.equal((back.to(torch.int16) - (1 << (bits - 1))).to(torch.int8), signed)
+    if dim == 0 and words == 1 and bits == 4:
+        # compressed-tensors 0.20.0-0.20.1 cannot unpack this one itself: its transposed [rows, 1] words stay
+        # "contiguous" with stride 2 and .view(torch.uint8) refuses them (found by this test); ours did above
+        return
+    unpacked = unpack_from_int32(theirs, bits, value.shape, packed_dim=dim)
     assert torch.equal(unpacked if dim == 1 else unpacked.t(), signed)
 
 
