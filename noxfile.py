@@ -58,7 +58,8 @@ def gptq_autogptq(session: nox.Session) -> None:
     session.install(TORCH)
     # [transformers-v4]: auto-gptq 0.7.1 with the pins it imports with (transformers<4.50, peft<0.11) and
     # optimum 1.24, through which transformers 4 loads GPTQ; its prebuilt wheel falls back to torch code here.
-    session.install("-e", ".", "-e", "plugins/qplug-gptq[transformers-v4]", "pytest>=8", "hypothesis>=6.100")
+    session.install("-e", ".[accelerate]", "-e", "plugins/qplug-gptq[transformers-v4]", "pytest>=8",
+                    "hypothesis>=6.100")
     _pytest(session, "plugins/qplug-gptq/tests")
 
 

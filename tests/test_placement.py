@@ -10,8 +10,6 @@ import torch
 import qplug
 from qplug.testing import example_tokens, tiny_llama
 
-pytest.importorskip("accelerate")
-
 REST = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu", "model.rotary_emb": "cpu"}
 
 

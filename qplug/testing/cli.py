@@ -1,12 +1,12 @@
 """The ``qplug`` command driven as a user drives it, for any backend: a base class for its test suite.
 
-Subclass :class:`CLITests` in your plugin's tests, naming a ``--method`` and whether it calibrates::
+Subclass :class:`CLITests` in your plugin's tests, naming a ``--method`` (:class:`CalibratingCLITests` for a
+method that calibrates)::
 
-    from qplug.testing.cli import CLITests
+    from qplug.testing.cli import CalibratingCLITests
 
-    class TestGPTQAtTheTerminal(CLITests):
+    class TestGPTQAtTheTerminal(CalibratingCLITests):
         method = "gptq-4bit"
-        calibrates = True
 
 Every test runs ``python -m qplug`` in a subprocess, on a tiny seeded Llama saved with
 transformers (no model hub): ``quantize`` (with calibration token ids when the backend calibrates),
@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import pytest
 
-__all__ = ["CLITests", "run_qplug"]
+__all__ = ["CLITests", "CalibratingCLITests", "run_qplug"]
 
 #: Words of the tiny calibration texts; the word-level tokenizer gives them ids below the tiny vocabulary.
 WORDS = "the quick brown fox jumps over a lazy dog while every layer is quantized".split()
@@ -108,9 +108,15 @@ class CLITests:
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert f"{dst / 'config.json'}: valid " in checked.stdout
 
+
+
+class CalibratingCLITests(CLITests):
+    """:class:`CLITests` for a method that calibrates: calibration mistakes are caught before the model loads,
+    and calibration texts are tokenized with ``--tokenizer DIR`` or the tokenizer in SRC."""
+
+    calibrates: ClassVar[bool] = True
+
     def test_missing_calibration_fails_before_the_model_loads(self, unloadable_src: Path, tmp_path: Path) -> None:
-        if not self.calibrates:
-            pytest.skip(f"{self.method} quantizes without calibration data")
         from qplug.calibration import FILE_FORMATS
 
         proc = run_qplug("quantize", unloadable_src, tmp_path / "dst", "--method", self.method)
@@ -119,8 +125,6 @@ class CLITests:
                                f"give them with --calibration FILE ({FILE_FORMATS})\n")
 
     def test_texts_without_a_tokenizer_say_how_to_give_one(self, unloadable_src: Path, tmp_path: Path) -> None:
-        if not self.calibrates:
-            pytest.skip(f"{self.method} quantizes without calibration data")
         texts = tmp_path / "calib.txt"
         texts.write_text("the quick brown fox\na lazy dog\n")
         proc = run_qplug("quantize", unloadable_src, tmp_path / "dst", "--method", self.method, "--calibration", texts)
@@ -130,8 +134,6 @@ class CLITests:
         assert "Config(" not in proc.stderr  # no Python advice at a terminal
 
     def test_texts_are_tokenized_with_srcs_tokenizer_or_tokenizer_dir(self, src: Path, tmp_path: Path) -> None:
-        if not self.calibrates:
-            pytest.skip(f"{self.method} quantizes without calibration data")
         import qplug
 
         tok = tmp_path / "tok"

@@ -1,11 +1,10 @@
 """`qplug quantize --method awq-4bit` and the rest of the command, as a user runs them (issue 17): the contract
 kit's :class:`qplug.testing.cli.CLITests`, which every first-party backend's suite runs."""
 
-from qplug.testing.cli import CLITests
+from qplug.testing.cli import CalibratingCLITests
 
 
-class TestAWQAtTheTerminal(CLITests):
+class TestAWQAtTheTerminal(CalibratingCLITests):
     method = "awq-4bit"
-    calibrates = True
     label = "awq (preset awq-4bit)"
     progress_line = "qplug: awq: 2/2 blocks done"

@@ -6,6 +6,5 @@ from qplug.testing.cli import CLITests
 
 class TestBitsAndBytesAtTheTerminal(CLITests):
     method = "nf4"
-    calibrates = False
     label = None
     progress_line = "qplug: quantizing to disk: 14/14 modules done"

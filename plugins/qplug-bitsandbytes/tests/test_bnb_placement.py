@@ -6,8 +6,6 @@ from bnb_testlib import HF_ALL, logits, make_tiny_llama
 
 import qplug
 
-pytest.importorskip("accelerate")
-
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
 def test_disk_offload_is_refused_by_name_and_a_cpu_map_loads(fmt, tmp_path, input_ids):

@@ -6,6 +6,5 @@ from qplug.testing.cli import CLITests
 
 class TestCompressedTensorsAtTheTerminal(CLITests):
     method = "w4a16"
-    calibrates = False
     label = None
     progress_line = "qplug: quantizing to disk: 14/14 modules done"

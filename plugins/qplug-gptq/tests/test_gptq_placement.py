@@ -7,8 +7,6 @@ from conftest import FIXTURES
 
 import qplug
 
-pytest.importorskip("accelerate")
-
 
 @pytest.mark.parametrize("name", ["llama-4bit-g32-actorder", "llama-3bit-g32-asym"])
 def test_disk_offloaded_gptq_layers_give_identical_logits(name, tmp_path):
