@@ -75,6 +75,7 @@ __all__ = [
     "DEQUANT_BLOCKED",
     "DEQUANT_CACHED",
     "INT8_WEIGHT_CPU",
+    "KERNELS",
     "QPLUG_INT4_CPU",
     "QPLUG_INT8_CPU",
     "TINYGEMM_INT4_CPU",
@@ -730,3 +731,16 @@ def _cache_weight_set(layer, enabled: bool) -> None:
 #: ``layer.cache_weight = True/False`` as a request for (or against) ``dequant-cached``; a layer class
 #: that used to cache its float weight assigns this property to keep that switch working.
 CACHE_WEIGHT_SWITCH = property(_cache_weight_get, _cache_weight_set)
+
+
+#: Every kernel above, most preferred first: what a layer holding affine integer weights declares
+#: (``kernels = int_kernels.KERNELS``, or a backend's own kernel in front of them).
+KERNELS = (
+    TINYGEMM_INT4_CUDA,
+    TINYGEMM_INT4_CPU,
+    QPLUG_INT4_CPU,
+    QPLUG_INT8_CPU,
+    INT8_WEIGHT_CPU,
+    DEQUANT_BLOCKED,
+    DEQUANT_CACHED,
+)

@@ -34,15 +34,7 @@ CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "qplug-int8-cpu", "int8-we
 class PlainLinear(KernelLayer, nn.Module):
     """A quantized linear layer whose checkpoint tensors *are* the plain form (what a backend converts to)."""
 
-    kernels = (
-        int_kernels.TINYGEMM_INT4_CUDA,
-        int_kernels.TINYGEMM_INT4_CPU,
-        int_kernels.QPLUG_INT4_CPU,
-        int_kernels.QPLUG_INT8_CPU,
-        int_kernels.INT8_WEIGHT_CPU,
-        int_kernels.DEQUANT_BLOCKED,
-        int_kernels.DEQUANT_CACHED,
-    )
+    kernels = int_kernels.KERNELS
 
     def __init__(self, q, scale, zero, bits, group_size, perm=None, bias=None):
         super().__init__()

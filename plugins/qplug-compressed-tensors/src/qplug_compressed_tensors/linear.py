@@ -79,15 +79,7 @@ class CompressedTensorsLinear(KernelLayer, nn.Module):
         ``load_state_dict(..., assign=True)`` fills.
     """
 
-    kernels = (
-        int_kernels.TINYGEMM_INT4_CUDA,
-        int_kernels.TINYGEMM_INT4_CPU,
-        int_kernels.QPLUG_INT4_CPU,
-        int_kernels.QPLUG_INT8_CPU,
-        int_kernels.INT8_WEIGHT_CPU,
-        int_kernels.DEQUANT_BLOCKED,
-        int_kernels.DEQUANT_CACHED,
-    )
+    kernels = int_kernels.KERNELS
 
     def __init__(
         self,

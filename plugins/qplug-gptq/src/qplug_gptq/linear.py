@@ -59,15 +59,7 @@ def _qweight_from_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
 class GPTQLinear(KernelLayer, nn.Module):
     """Linear layer with GPTQ-packed weights; see the module docstring."""
 
-    kernels = (
-        int_kernels.TINYGEMM_INT4_CUDA,
-        int_kernels.TINYGEMM_INT4_CPU,
-        int_kernels.QPLUG_INT4_CPU,
-        int_kernels.QPLUG_INT8_CPU,
-        int_kernels.INT8_WEIGHT_CPU,
-        int_kernels.DEQUANT_BLOCKED,
-        int_kernels.DEQUANT_CACHED,
-    )
+    kernels = int_kernels.KERNELS
 
     def __init__(
         self,
