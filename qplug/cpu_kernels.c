@@ -384,6 +384,152 @@ QPLUG_AVX512 QPLUG_INLINE void gemv4_avx512_rows(const float *xr, const int MR, 
     }
 }
 
+/* AVX2 without a fast 8-lane float permute (Zen 2/3 take several cycles a vpermps; the table lookups above
+ * bound decode at about one cycle a weight): the code book's 16 float32 values are split into four byte
+ * planes, and two vpshufb-free steps per 32 weights rebuild the floats from four byte lookups (vpshufb, one
+ * cycle, two a cycle). The block's scale is applied once to the block's sum and its zero point through the
+ * block's sum of x, so the tables are built once per call: sum_k (code[q_k] - z) s x_k = s (sum_k code[q_k] x_k
+ * - z sum_k x_k), the same products up to float32 rounding of the sums. Rows must hold whole blocks
+ * (K % blocksize == 0). */
+QPLUG_AVX2 QPLUG_INLINE void gemv4_avx2_planes_rows(const float *xr, const int MR, int64_t K, const uint8_t *packed,
+                                                    int64_t first, int64_t count, int64_t blocksize,
+                                                    const __m256i planes[4], const float *xsum,
+                                                    const qplug_scales *s, float *out, int64_t N) {
+    /* a 16-byte chunk of codes, broadcast to both lanes, becomes 32 indexes ordered so that the four floats
+     * vectors come out as xr's elements 0-7, 16-23, 8-15 and 24-31 (xr: 16 even elements, then 16 odd) */
+    const __m256i ctrl = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 8, 9, 10, 11, 8, 9, 10, 11,
+                                          4, 5, 6, 7, 4, 5, 6, 7, 12, 13, 14, 15, 12, 13, 14, 15);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const int64_t per_row = K / blocksize;
+    for (int64_t n = first; n < first + count; n++) {
+        const uint8_t *p = packed + n * (K / 2);
+        __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        float shift[2] = {0.0f, 0.0f};
+        for (int64_t bb = 0; bb < per_row; bb++) {
+            const int64_t b = n * per_row + bb;
+            __m256 acc[2][4]; /* four FMA chains a row: one chain would wait on the FMA latency */
+            for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
+            for (int64_t c = bb * blocksize; c < (bb + 1) * blocksize; c += 32) {
+                const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + c / 2)));
+                const __m256i d = _mm256_shuffle_epi8(bytes, ctrl);
+                const __m256i idx = _mm256_blend_epi32(_mm256_and_si256(d, low4),
+                                                       _mm256_and_si256(_mm256_srli_epi16(d, 4), low4), 0x55);
+                const __m256i b0 = _mm256_shuffle_epi8(planes[0], idx), b1 = _mm256_shuffle_epi8(planes[1], idx);
+                const __m256i b2 = _mm256_shuffle_epi8(planes[2], idx), b3 = _mm256_shuffle_epi8(planes[3], idx);
+                const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+                const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+                const __m256 w0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));  /* xr 0-7 */
+                const __m256 w2 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));  /* xr 16-23 */
+                const __m256 w1 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));  /* xr 8-15 */
+                const __m256 w3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));  /* xr 24-31 */
+                for (int m = 0; m < MR; m++) {
+                    const float *xe = xr + m * K + c;
+                    acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xe), acc[m][0]);
+                    acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xe + 8), acc[m][1]);
+                    acc[m][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xe + 16), acc[m][2]);
+                    acc[m][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xe + 24), acc[m][3]);
+                }
+            }
+            const float scale = block_scale(s, b);
+            const __m256 sc = _mm256_set1_ps(scale);
+            for (int m = 0; m < MR; m++) {
+                const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]));
+                total[m] = _mm256_fmadd_ps(sc, sum, total[m]);
+                if (xsum != NULL) shift[m] += s->zeros[b] * scale * xsum[m * per_row + bb];
+            }
+        }
+        for (int m = 0; m < MR; m++) out[m * N + n] = hsum_avx2(total[m]) - shift[m];
+    }
+}
+
+/* The affine case (code book 0..15, a zero point a block: GPTQ's, AWQ's, compressed-tensors' integers) needs no
+ * table at all: the nibbles become float32 through an integer conversion, sum_k (q_k - z) s x_k =
+ * s (sum_k q_k x_k - z sum_k x_k), and 32 weights take 2 byte shuffles, 2 shifts, 2 ands, 4 conversions and 4 FMAs. */
+QPLUG_AVX2 QPLUG_INLINE void gemv4_avx2_affine_rows(const float *xr, const int MR, int64_t K, const uint8_t *packed,
+                                                    int64_t first, int64_t count, int64_t blocksize, const float *xsum,
+                                                    const qplug_scales *s, float *out, int64_t N) {
+    /* a 16-byte chunk of codes broadcast to both lanes: bytes 0-7 (then 8-15) zero-extended to eight dwords */
+    const __m256i lo8 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                         4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i hi8 = _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1,
+                                         12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
+    const __m256i low4 = _mm256_set1_epi32(0x0f);
+    const int64_t per_row = K / blocksize;
+    for (int64_t n = first; n < first + count; n++) {
+        const uint8_t *p = packed + n * (K / 2);
+        __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        float shift[2] = {0.0f, 0.0f};
+        for (int64_t bb = 0; bb < per_row; bb++) {
+            const int64_t b = n * per_row + bb;
+            __m256 acc[2][4];
+            for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
+            for (int64_t c = bb * blocksize; c < (bb + 1) * blocksize; c += 32) {
+                const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + c / 2)));
+                const __m256i e0 = _mm256_shuffle_epi8(bytes, lo8), e1 = _mm256_shuffle_epi8(bytes, hi8);
+                /* high nibbles: the even elements, xr 0-15; low nibbles: the odd ones, xr 16-31 */
+                const __m256 w0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(e0, 4));
+                const __m256 w1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(e1, 4));
+                const __m256 w2 = _mm256_cvtepi32_ps(_mm256_and_si256(e0, low4));
+                const __m256 w3 = _mm256_cvtepi32_ps(_mm256_and_si256(e1, low4));
+                for (int m = 0; m < MR; m++) {
+                    const float *xe = xr + m * K + c;
+                    acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xe), acc[m][0]);
+                    acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xe + 8), acc[m][1]);
+                    acc[m][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xe + 16), acc[m][2]);
+                    acc[m][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xe + 24), acc[m][3]);
+                }
+            }
+            const float scale = s->absmax[b];
+            const __m256 sc = _mm256_set1_ps(scale);
+            for (int m = 0; m < MR; m++) {
+                const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]));
+                total[m] = _mm256_fmadd_ps(sc, sum, total[m]);
+                shift[m] += s->zeros[b] * scale * xsum[m * per_row + bb];
+            }
+        }
+        for (int m = 0; m < MR; m++) out[m * N + n] = hsum_avx2(total[m]) - shift[m];
+    }
+}
+
+QPLUG_AVX2 static int gemv4_avx2_planes(const float *xr, int64_t M, int64_t K, const uint8_t *packed, int64_t first,
+                                         int64_t count, int64_t blocksize, const float *code, const qplug_scales *s,
+                                         float *out, int64_t N) {
+    uint8_t bytes[4][32];
+    for (int j = 0; j < 16; j++) {
+        uint32_t u;
+        memcpy(&u, &code[j], sizeof(u));
+        for (int k = 0; k < 4; k++) bytes[k][j] = bytes[k][16 + j] = (uint8_t)(u >> (8 * k));
+    }
+    __m256i planes[4];
+    for (int k = 0; k < 4; k++) planes[k] = _mm256_loadu_si256((const __m256i *)bytes[k]);
+    const int64_t per_row = K / blocksize;
+    float *xsum = NULL;
+    if (s->zeros != NULL) { /* each row's sum of x over each block: the zero points' share */
+        xsum = (float *)malloc(sizeof(float) * (size_t)(M * per_row));
+        if (xsum == NULL) return -2;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t bb = 0; bb < per_row; bb++) {
+                __m256 a = _mm256_setzero_ps();
+                for (int64_t c = bb * blocksize; c < (bb + 1) * blocksize; c += 8)
+                    a = _mm256_add_ps(a, _mm256_loadu_ps(xr + m * K + c));
+                xsum[m * per_row + bb] = hsum_avx2(a);
+            }
+    }
+    int affine = xsum != NULL && s->qabsmax == NULL;
+    for (int j = 0; j < 16; j++) affine = affine && code[j] == (float)j;
+    for (int64_t m = 0; m < M; m += 2) {
+        const float *xs = xsum == NULL ? NULL : xsum + m * per_row;
+        if (affine && M - m >= 2) gemv4_avx2_affine_rows(xr + m * K, 2, K, packed, first, count, blocksize, xs, s,
+                                                          out + m * N, N);
+        else if (affine) gemv4_avx2_affine_rows(xr + m * K, 1, K, packed, first, count, blocksize, xs, s, out + m * N, N);
+        else if (M - m >= 2) gemv4_avx2_planes_rows(xr + m * K, 2, K, packed, first, count, blocksize, planes, xs, s,
+                                               out + m * N, N);
+        else gemv4_avx2_planes_rows(xr + m * K, 1, K, packed, first, count, blocksize, planes, xs, s, out + m * N, N);
+    }
+    free(xsum);
+    return 0;
+}
+
 QPLUG_AVX2 static void gemv4_avx2(const float *xr, int64_t M, int64_t K, const uint8_t *packed, int64_t first,
                                   int64_t count, int64_t blocksize, const float *code, const qplug_scales *s,
                                   float *out, int64_t N) {
@@ -431,6 +577,7 @@ int qplug_gemv_4bit(int isa, int64_t first, int64_t count, const float *xr, int6
         return 0;
     }
     if (isa == QPLUG_ISA_AVX2) {
+        if (K % blocksize == 0) return gemv4_avx2_planes(xr, M, K, packed, first, count, blocksize, code, &s, out, N);
         gemv4_avx2(xr, M, K, packed, first, count, blocksize, code, &s, out, N);
         return 0;
     }
@@ -455,30 +602,41 @@ static void gemv8_portable(const float *x, int64_t M, int64_t K, const int8_t *c
 }
 
 #if QPLUG_X86
+/* The int8 GEMVs' inner product: sum_k w[k] x_m[k] for k in [k0, k1), MR (1, 2) rows of x at a time, four FMA
+ * chains a row (one or two chains wait on the FMA latency: 8-bit decode ran at half speed on Zen 3). */
+QPLUG_AVX2 QPLUG_INLINE void dot8_avx2(const int MR, const int8_t *w, const float *x, int64_t K, int64_t k0, int64_t k1,
+                                       float *dot) {
+    __m256 acc[2][4];
+    for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) {
+        __m256 wv[4];
+        for (int j = 0; j < 4; j++)
+            wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k + 8 * j))));
+        for (int m = 0; m < MR; m++)
+            for (int j = 0; j < 4; j++)
+                acc[m][j] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(x + m * K + k + 8 * j), acc[m][j]);
+    }
+    for (; k + 8 <= k1; k += 8) {
+        const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
+        for (int m = 0; m < MR; m++) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+    }
+    for (int m = 0; m < MR; m++) {
+        float a = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
+        for (int64_t j = k; j < k1; j++) a += (float)w[j] * x[m * K + j];
+        dot[m] = a;
+    }
+}
+
 QPLUG_AVX2 static void gemv8_avx2(const float *x, int64_t M, int64_t K, const int8_t *cb, const float *scale,
                                   int64_t first, int64_t count, float *out, int64_t N) {
     for (int64_t m0 = 0; m0 < M; m0 += 2) {
         const int mr = M - m0 >= 2 ? 2 : 1;
         for (int64_t n = first; n < first + count; n++) {
-            const int8_t *w = cb + n * K;
-            __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
-            int64_t k = 0;
-            for (; k + 16 <= K; k += 16) {
-                const __m128i b = _mm_loadu_si128((const __m128i *)(w + k));
-                const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-                const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-                for (int m = 0; m < mr; m++) {
-                    const float *xm = x + (m0 + m) * K + k;
-                    acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
-                    acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1]);
-                }
-            }
-            for (int m = 0; m < mr; m++) {
-                float a = hsum_avx2(_mm256_add_ps(acc[m][0], acc[m][1]));
-                const float *xm = x + (m0 + m) * K;
-                for (int64_t j = k; j < K; j++) a += (float)w[j] * xm[j];
-                out[(m0 + m) * N + n] = a * scale[n];
-            }
+            float dot[2];
+            if (mr == 2) dot8_avx2(2, cb + n * K, x + m0 * K, K, 0, K, dot);
+            else dot8_avx2(1, cb + n * K, x + m0 * K, K, 0, K, dot);
+            for (int m = 0; m < mr; m++) out[(m0 + m) * N + n] = dot[m] * scale[n];
         }
     }
 }
@@ -562,24 +720,11 @@ QPLUG_AVX2 static void gemv8g_avx2(const float *x, int64_t M, int64_t K, const i
             const int8_t *w = q + n * K;
             float total[2] = {0.0f, 0.0f};
             for (int64_t g = 0; g < G; g++) {
-                __m256 acc[2][2];
-                for (int m = 0; m < 2; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-                int64_t k = g * group;
-                const int64_t end = k + group;
-                for (; k + 16 <= end; k += 16) {
-                    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
-                    const __m256 w1 =
-                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k + 8))));
-                    for (int m = 0; m < mr; m++) {
-                        const float *xm = x + (m0 + m) * K + k;
-                        acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
-                        acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1]);
-                    }
-                }
+                float dot[2];
+                if (mr == 2) dot8_avx2(2, w, x + m0 * K, K, g * group, (g + 1) * group, dot);
+                else dot8_avx2(1, w, x + m0 * K, K, g * group, (g + 1) * group, dot);
                 for (int m = 0; m < mr; m++) {
-                    float a = hsum_avx2(_mm256_add_ps(acc[m][0], acc[m][1]));
-                    const float *xm = x + (m0 + m) * K;
-                    for (int64_t j = k; j < end; j++) a += (float)w[j] * xm[j];
+                    float a = dot[m];
                     if (zero != NULL) a -= zero[n * G + g] * xsum[(m0 + m) * G + g];
                     total[m] += scale[n * G + g] * a;
                 }
