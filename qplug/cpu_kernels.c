@@ -31,8 +31,9 @@ enum { QPLUG_FLOAT32 = 0, QPLUG_BFLOAT16 = 1, QPLUG_FLOAT16 = 2 };
  * A weight's value is (code[nibble] - zero) * scale in float32: bitsandbytes' code[nibble] * scale
  * exactly when there are no zero points (zero = 0); with per-block zero points (`zeros`, float32
  * holding integers) and the code book 0..15, an affine integer weight (q - zero) * scale, the very
- * float32 value qplug.int_kernels.dequantize computes. The products are formed once per block, as
- * a 16-entry table.
+ * float32 value qplug.int_kernels.dequantize computes. The dequantizers (and the AVX-512 GEMV) form the
+ * products once per block, as a 16-entry table; the AVX2 GEMVs, for CPUs whose 8-lane float permute is
+ * slow, scale each block's sum instead (the same products up to float32 rounding of the sums).
  * ========================================================================================== */
 
 #ifdef __clang__
@@ -603,9 +604,11 @@ static void gemv8_portable(const float *x, int64_t M, int64_t K, const int8_t *c
 
 #if QPLUG_X86
 /* The int8 GEMVs' inner product: sum_k w[k] x_m[k] for k in [k0, k1), MR (1, 2) rows of x at a time, four FMA
- * chains a row (one or two chains wait on the FMA latency: 8-bit decode ran at half speed on Zen 3). */
+ * chains a row (one or two chains wait on the FMA latency: 8-bit decode ran at half speed on Zen 3), left as
+ * eight lanes in vec[m] plus the scalar tail (k1 - k0 not a multiple of 8) in tail[m]: a grouped GEMV scales
+ * the lanes, and sums them horizontally once a row rather than once a group. */
 QPLUG_AVX2 QPLUG_INLINE void dot8_avx2(const int MR, const int8_t *w, const float *x, int64_t K, int64_t k0, int64_t k1,
-                                       float *dot) {
+                                       __m256 *vec, float *tail) {
     __m256 acc[2][4];
     for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
     int64_t k = k0;
@@ -622,9 +625,10 @@ QPLUG_AVX2 QPLUG_INLINE void dot8_avx2(const int MR, const int8_t *w, const floa
         for (int m = 0; m < MR; m++) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
     }
     for (int m = 0; m < MR; m++) {
-        float a = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
+        vec[m] = _mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]));
+        float a = 0.0f;
         for (int64_t j = k; j < k1; j++) a += (float)w[j] * x[m * K + j];
-        dot[m] = a;
+        tail[m] = a;
     }
 }
 
@@ -633,10 +637,11 @@ QPLUG_AVX2 static void gemv8_avx2(const float *x, int64_t M, int64_t K, const in
     for (int64_t m0 = 0; m0 < M; m0 += 2) {
         const int mr = M - m0 >= 2 ? 2 : 1;
         for (int64_t n = first; n < first + count; n++) {
-            float dot[2];
-            if (mr == 2) dot8_avx2(2, cb + n * K, x + m0 * K, K, 0, K, dot);
-            else dot8_avx2(1, cb + n * K, x + m0 * K, K, 0, K, dot);
-            for (int m = 0; m < mr; m++) out[(m0 + m) * N + n] = dot[m] * scale[n];
+            __m256 vec[2];
+            float tail[2];
+            if (mr == 2) dot8_avx2(2, cb + n * K, x + m0 * K, K, 0, K, vec, tail);
+            else dot8_avx2(1, cb + n * K, x + m0 * K, K, 0, K, vec, tail);
+            for (int m = 0; m < mr; m++) out[(m0 + m) * N + n] = (hsum_avx2(vec[m]) + tail[m]) * scale[n];
         }
     }
 }
@@ -718,18 +723,22 @@ QPLUG_AVX2 static void gemv8g_avx2(const float *x, int64_t M, int64_t K, const i
         const int mr = M - m0 >= 2 ? 2 : 1;
         for (int64_t n = first; n < first + count; n++) {
             const int8_t *w = q + n * K;
-            float total[2] = {0.0f, 0.0f};
+            __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            float rest[2] = {0.0f, 0.0f}; /* the groups' scalar tails, less their zero points' share */
             for (int64_t g = 0; g < G; g++) {
-                float dot[2];
-                if (mr == 2) dot8_avx2(2, w, x + m0 * K, K, g * group, (g + 1) * group, dot);
-                else dot8_avx2(1, w, x + m0 * K, K, g * group, (g + 1) * group, dot);
+                __m256 vec[2];
+                float tail[2];
+                if (mr == 2) dot8_avx2(2, w, x + m0 * K, K, g * group, (g + 1) * group, vec, tail);
+                else dot8_avx2(1, w, x + m0 * K, K, g * group, (g + 1) * group, vec, tail);
+                const float sc = scale[n * G + g];
                 for (int m = 0; m < mr; m++) {
-                    float a = dot[m];
+                    total[m] = _mm256_fmadd_ps(_mm256_set1_ps(sc), vec[m], total[m]);
+                    float a = tail[m];
                     if (zero != NULL) a -= zero[n * G + g] * xsum[(m0 + m) * G + g];
-                    total[m] += scale[n * G + g] * a;
+                    rest[m] += sc * a;
                 }
             }
-            for (int m = 0; m < mr; m++) out[(m0 + m) * N + n] = total[m];
+            for (int m = 0; m < mr; m++) out[(m0 + m) * N + n] = hsum_avx2(total[m]) + rest[m];
         }
     }
 }

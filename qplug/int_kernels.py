@@ -336,8 +336,8 @@ def _tinygemm_cpu_codes(layout) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _tinygemm_cpu_passed_over(layer, device: torch.device, dtype: torch.dtype) -> str | None:
-    # Measured on the TinyLlama-shaped GPTQ model (AVX-512 CPU, --isa avx2 for the AVX2 figures): torch's
-    # AVX-512 path decodes ~10% faster than qplug-int4-cpu; its AVX2 path ~12% slower (104 vs 93 ms/token).
+    # Measured on the TinyLlama-shaped GPTQ model: torch's AVX-512 path decodes ~10% faster than qplug-int4-cpu
+    # (Zen 5); its AVX2 path is slower (Zen 3, AVX2 only: 109 against 86 ms/token).
     capability = torch.backends.cpu.get_cpu_capability()
     if capability == "AVX512" or QPLUG_INT4_CPU.refuses(layer, device, dtype) is not None:
         return None
