@@ -47,8 +47,8 @@ class Lut4Weight:
     :param zeros: float32 zero point per block, or ``None``.
     """
 
-    __slots__ = ("absmax", "absmax2", "blocksize", "code", "code2", "k", "n", "nested_blocksize", "offset",
-                 "packed", "qabsmax", "zeros")
+    __slots__ = ("_weight_args", "absmax", "absmax2", "blocksize", "code", "code2", "k", "n", "nested_blocksize",
+                 "offset", "packed", "qabsmax", "zeros")
 
     def __init__(self, packed: torch.Tensor, n: int, k: int, blocksize: int, code: torch.Tensor, *,
                  absmax: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
@@ -69,6 +69,15 @@ class Lut4Weight:
 
         return (ptr(self.absmax), ptr(self.zeros), ptr(self.qabsmax), ptr(self.code2), ptr(self.absmax2),
                 self.nested_blocksize, self.offset)
+
+    def weight_args(self) -> tuple:
+        """``(packed, blocksize, code, *scale_args())`` as the C kernels take them, worked out once (the GEMV
+        runs per token and layer; the tensors this object holds keep their storage)."""
+        try:
+            return self._weight_args
+        except AttributeError:
+            self._weight_args = (self.packed.data_ptr(), self.blocksize, self.code.data_ptr(), *self.scale_args())
+            return self._weight_args
 
 
 def refuses(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -107,8 +116,7 @@ def _gemv(weight: Lut4Weight, x: torch.Tensor, isa_code: int) -> torch.Tensor:
     if lib.qplug_gemv_4bit_input(x.data_ptr(), native.DTYPE_CODES[x.dtype], m, k, xr.data_ptr()):
         raise RuntimeError("qplug_gemv_4bit_input failed")
     out = torch.empty(m, n, dtype=torch.float32)
-    args = (xr.data_ptr(), m, k, weight.packed.data_ptr(), weight.blocksize, weight.code.data_ptr(),
-            *weight.scale_args(), out.data_ptr(), n)
+    args = (xr.data_ptr(), m, k, *weight.weight_args(), out.data_ptr(), n)
     status = native.run_parallel(lib, "qplug_gemv_4bit", n, max(1, _GEMV_WEIGHTS_PER_THREAD // k), isa_code, *args,
                                  inline_first=True)
     if any(status):

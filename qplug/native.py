@@ -171,10 +171,16 @@ def isa() -> tuple[str | None, str | None]:
     lib = CPU_KERNELS.get()
     if lib is None:
         return None, f"qplug's C kernels are unavailable ({CPU_KERNELS.unavailable_reason()})"
+    # asked on every forward of every layer: the answer is cached per library and environment
+    return _isa_of(lib, os.environ.get(ISA_ENV_VAR, ""), os.environ.get(_OLD_ISA_ENV_VAR, ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _isa_of(lib: ctypes.CDLL, requested: str, requested_old: str) -> tuple[str | None, str | None]:
     best = int(lib.qplug_cpu_isa())
     names = {v: k for k, v in ISAS.items()}
-    variable = ISA_ENV_VAR if os.environ.get(ISA_ENV_VAR, "").strip() else _OLD_ISA_ENV_VAR
-    wanted = os.environ.get(variable, "").strip().lower()
+    variable, wanted = (ISA_ENV_VAR, requested) if requested.strip() else (_OLD_ISA_ENV_VAR, requested_old)
+    wanted = wanted.strip().lower()
     if not wanted:
         return names[best], None
     if wanted not in ISAS:
