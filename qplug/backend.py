@@ -56,6 +56,13 @@ def _check_presets(inst: Any, attribute: attrs.Attribute, value: Mapping[str, An
             raise PluginError(f"Backend {inst.name!r}: preset {preset!r} must map a name to a dict of config fields")
 
 
+def _check_refuses(inst: Any, attribute: attrs.Attribute, value: Mapping[str, str]) -> None:
+    for what, why in value.items():
+        if not isinstance(what, str) or not isinstance(why, str) or not what or not why:
+            raise PluginError(f"Backend {inst.name!r}: refuses must map what is refused to the reason, both "
+                              f"non-empty strings (got {what!r}: {why!r})")
+
+
 def _normalize_aliases(values: Any) -> tuple[str, ...]:
     if isinstance(values, str):
         values = (values,)
@@ -77,6 +84,9 @@ class Backend:
     :param presets: named settings for common cases, ``{"nf4": {"load_in_4bit": True, ...}}``;
         the CLI's ``--method`` accepts them.
     :param devices: the device types it runs on.
+    :param refuses: what checkpoints of its format may hold that it does not run, each with the reason
+        (``{"FP8 weights": "the kernels run integer weights"}``): listed by ``qplug backends`` so that a user
+        sees it before loading one; the ``validate`` hook still refuses each case by name.
     :param streams: whether a floating-point checkpoint can be quantized while it is loaded, one
         layer at a time (``qplug.load_quantized(..., quantization_config=...)``). Leave it unset:
         the manager sets it to whether the plugin implements the
@@ -95,6 +105,7 @@ class Backend:
     presets: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, validator=_check_presets)
     devices: tuple[str, ...] = attrs.field(default=("cpu",), converter=tuple)
     streams: bool | None = None
+    refuses: Mapping[str, str] = attrs.field(factory=dict, validator=_check_refuses)
 
     @property
     def names(self) -> tuple[str, ...]:

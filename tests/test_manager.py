@@ -126,6 +126,8 @@ def test_bad_records_are_refused():
         qplug.Backend(name="other", config_class=ToyConfig)
     with pytest.raises(qplug.PluginError, match="valid backend name"):
         qplug.Backend(name="bad name!", config_class=ToyConfig)
+    with pytest.raises(qplug.PluginError, match="refuses must map what is refused to the reason"):
+        qplug.Backend(name="toy", config_class=ToyConfig, refuses={"fp8 weights": ""})
 
 
 def test_unavailable_backend_says_what_to_install():

@@ -49,6 +49,7 @@ def backend_rows() -> list[dict[str, Any]]:
             "optional_libraries": sorted({split_requirement(r)[0] for r in b.optional}),
             "devices": list(b.devices),
             "presets": {name: dict(settings) for name, settings in b.presets.items()},
+            "refuses": dict(b.refuses),
         })
     for p in manager.plugins():
         if p.status in {"failed", "blocked"}:
@@ -56,18 +57,21 @@ def backend_rows() -> list[dict[str, Any]]:
                 "name": p.name, "aliases": [], "description": "", "plugin": p.name,
                 "distribution": p.distribution, "version": p.version,
                 "status": "blocked" if p.status == "blocked" else f"failed to load: {p.error}",
-                "libraries": {}, "optional_libraries": [], "devices": [], "presets": {},
+                "libraries": {}, "optional_libraries": [], "devices": [], "presets": {}, "refuses": {},
             })
     return rows
 
 
-def _name_cell(name: str, aliases: Sequence[str], provider: str, devices: Sequence[str]) -> Any:
+def _name_cell(name: str, aliases: Sequence[str], provider: str, devices: Sequence[str],
+               refuses: Sequence[str]) -> Any:
     text = rich_text(name, "bold")
     if aliases:
         text.append(f"\n  alias {', '.join(aliases)}", style="dim")
     text.append(f"\n  from {provider}", style="dim")
     if devices:
         text.append(f"\n  runs on {', '.join(devices)}", style="dim")
+    for what in refuses:  # the reasons are in --json and in the error a refused checkpoint gets
+        text.append(f"\n  refuses {what}", style="dim")
     return text
 
 
@@ -100,7 +104,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
             for name, version in row["libraries"].items()
         )
         table.add_row(
-            _name_cell(row["name"], row["aliases"], provider, row["devices"]), rich_text(status, style),
+            _name_cell(row["name"], row["aliases"], provider, row["devices"], list(row["refuses"])),
+            rich_text(status, style),
             rich_text(libraries), rich_text("\n".join(row["presets"])),
         )
     console.print(table)
@@ -116,7 +121,8 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
         "backends", parents=[common], formatter_class=FORMATTER,
         help="list the installed backends and their status",
         description="List every registered backend: aliases, providing distribution, status (available, "
-                    "unavailable and why, blocked, failed to load), library versions, devices and presets. "
+                    "unavailable and why, blocked, failed to load), library versions, devices, presets, and "
+                    "what checkpoints of its format may hold that it refuses (--json: with the reasons). "
                     "Imports neither torch nor any backend library.",
         epilog=examples("qplug backends", "qplug backends --json"),
     )

@@ -108,6 +108,18 @@ def test_schemes_qplug_cannot_run_are_refused_by_name(change, field, reason):
         assert "group_0" in str(info.value)
 
 
+def test_qplug_backends_lists_what_is_refused_and_why():
+    listing = subprocess.run([sys.executable, "-m", "qplug", "backends", "--json"], capture_output=True, text=True,
+                             check=True).stdout
+    refuses = next(row for row in json.loads(listing) if row["name"] == "compressed-tensors")["refuses"]
+    for what, why in (("FP8", "float weights"), ("W8A8", "activation quantization"), ("sparse", "sparsity"),
+                      ("kv_cache_scheme", "KV cache"), ("transform_config", "transforms")):
+        assert any(what in key and why in reason for key, reason in refuses.items()), (what, refuses)
+    table = subprocess.run([sys.executable, "-m", "qplug", "backends"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "refuses FP8, NVFP4, MXFP4 weights" in table
+
+
 def test_act_order_group_is_loaded_but_not_made():
     config = qplug.config_from_dict(W4A16_ACTORDER)
     config.check_loadable()

@@ -16,9 +16,19 @@ __all__ = ["dequantize", "register_backends", "replace_modules", "serialize", "v
 _DESCRIPTION = (
     "compressed-tensors (llm-compressor, vLLM): weight-only int4/int8 (W4A16, W8A16; group, channel, tensor; "
     "symmetric or not; act-order g_idx) in pack-quantized, int-quantized, naive-quantized; quantizes "
-    "round-to-nearest (streams) or GPTQ with calibration. Refused by name: FP8, NVFP4/MXFP4 (float weights), "
-    "W8A8/W4A8 (activation quantization), sparse formats, KV-cache quantization, transforms"
+    "round-to-nearest (streams) or GPTQ with calibration"
 )
+
+#: What compressed-tensors checkpoints may hold that this backend does not run (``qplug backends`` lists it;
+#: the config's checks refuse each case by name when a checkpoint holds it).
+_REFUSES = {
+    "FP8, NVFP4, MXFP4 weights": "float weights: qplug's kernels run integer weights only",
+    "W8A8, W4A8, FP8 dynamic": "activation quantization: qplug runs weight-only schemes (W4A16, W8A16)",
+    "2-, 3-, 5-7-bit weights": "widths other than 4 and 8 pack differently across compressed-tensors releases",
+    "sparse formats (2:4, bitmask, marlin-24)": "sparsity is not run",
+    "kv_cache_scheme": "qplug does not quantize the KV cache",
+    "transform_config": "weight transforms (Hadamard rotations: QuIP, SpinQuant) are not run",
+}
 
 
 def _preset(bits: int, *, symmetric: bool = True, strategy: str = "group", group_size: int | None = 128):
@@ -43,6 +53,7 @@ def register_backends():
                 "w8a16-channel": _preset(8, strategy="channel", group_size=None),
             },
             devices=("cpu", "cuda"),
+            refuses=_REFUSES,
             streams=True,  # round-to-nearest quantizes each layer from its own weights while loading
         )
     ]
