@@ -30,26 +30,7 @@ from qplug.cli.output import (
 from qplug.errors import CheckpointError
 from qplug.manager import get_plugin_manager
 
-__all__ = ["TOKENIZER_FILES", "add_parser", "cmd_quantize", "load_calibration"]
-
-#: Files of a model directory that ``qplug quantize`` copies to DST unchanged (tokenizer and friends).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "preprocessor_config.json",
-)
-
+__all__ = ["add_parser", "cmd_quantize", "load_calibration"]
 
 
 def _check_source(src: Path) -> None:
@@ -167,8 +148,10 @@ def _skeleton(src: Path) -> Any:
 
 
 def _copy_tokenizer_files(src: Path, staging: Path) -> list[str]:
+    from qplug.checkpoint import COMPANION_FILES  # tokenizer and friends
+
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in COMPANION_FILES:
         source = src / name
         if source.is_file():
             shutil.copy2(source, staging / name)

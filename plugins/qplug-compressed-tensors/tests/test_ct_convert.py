@@ -10,7 +10,7 @@ import pytest
 import torch
 from qplug_compressed_tensors import CompressedTensorsConfig
 from qplug_compressed_tensors.config import scheme_dict
-from qplug_compressed_tensors.convert import ConversionError, convert
+from qplug import ConversionError, convert
 from safetensors.torch import load_file
 
 import qplug
