@@ -119,7 +119,8 @@ def refuse(name: str, to: str, why: str) -> ConversionError:
     return ConversionError(f"cannot convert {name} to {to}: {why}")
 
 
-def exact_cast(tensor: torch.Tensor | None, dtype: torch.dtype, *, name: str, to: str, what: str) -> torch.Tensor | None:
+def exact_cast(tensor: torch.Tensor | None, dtype: torch.dtype, *, name: str, to: str,
+               what: str) -> torch.Tensor | None:
     """``tensor`` in ``dtype``, refused (naming the layer and ``what``) when any value would change."""
     if tensor is None or tensor.dtype == dtype:
         return tensor
@@ -157,8 +158,6 @@ def convert(
     :raises QuantConfigError: an option that is not a field of the target's config, or a bad value.
     :raises CheckpointError: SRC is not a quantized checkpoint qplug can read.
     """
-    import torch
-
     from qplug import memory, progress
     from qplug._io import atomic_directory, recover_directory
     from qplug.api import _prepare, _replace_modules, _validate, checkpoint_metadata, config_from_dict
@@ -196,7 +195,7 @@ def convert(
             raise ConversionError(f"{src}: no layer of this {source.quant_method!r} checkpoint is quantized")
         units = _units(skeleton, layers, weights)
         agreed: dict[str, Any] = {}  # the first layer's settings, and its name
-        written_infos: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        written_infos: dict[str, tuple[Any, tuple[int, ...]]] = {}  # name -> (dtype, shape)
 
         def convert_one(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             module = skeleton.get_submodule(name)

@@ -51,7 +51,7 @@ def _check_source(src: Path) -> None:
 def _check_destination(dst: Path, src: Path) -> None:
     """Fail before any work when DST cannot be written, or would replace something it should not."""
     if dst.resolve() == src.resolve():
-        raise CLIError("DST must differ from SRC (the quantized checkpoint never replaces its source)")
+        raise CLIError("DST must differ from SRC (the new checkpoint never replaces its source)")
     if dst.exists() and not dst.is_dir():
         raise CLIError(f"DST {dst}: exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not (dst / "config.json").is_file():

@@ -10,10 +10,10 @@ import pytest
 import torch
 from qplug_compressed_tensors import CompressedTensorsConfig
 from qplug_compressed_tensors.config import scheme_dict
-from qplug import ConversionError, convert
 from safetensors.torch import load_file
 
 import qplug
+from qplug import ConversionError, convert
 from qplug.testing import example_tokens, tiny_llama
 
 
