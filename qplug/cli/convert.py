@@ -11,7 +11,15 @@ from pathlib import Path
 
 import qplug
 from qplug.cli.methods import parse_set
-from qplug.cli.output import EXIT_OK, FORMATTER, examples, json_value, mib, show_progress_lines
+from qplug.cli.output import (
+    EXIT_OK,
+    FORMATTER,
+    examples,
+    json_value,
+    mib,
+    quiet_transformers,
+    show_progress_lines,
+)
 from qplug.cli.quantize import _check_destination, _check_source
 from qplug.manager import get_plugin_manager
 
@@ -27,6 +35,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     options = parse_set(args.format_option or [], backend.config_class, flag="--format-option")
 
     show_progress_lines()
+    quiet_transformers()
     from qplug.checkpoint import COMPANION_FILES
     from qplug.measure import checkpoint_bytes, peak_memory
 
@@ -42,7 +51,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"  layers       {len(layers)} repacked: the same integers, scales and zero points",
         f"  config       {json_value(config.to_diff_dict(), limit=160)}",
         f"  size         {mib(checkpoint_bytes(src))} → {mib(checkpoint_bytes(dst))} of tensors",
-        f"  time         {finished - started:.1f} s (read, repacked and written layer by layer)",
+        f"  time         {finished - started:.1f} s (loading torch, transformers and the backends' libraries "
+        "included)",
         f"  peak memory  {mib(peak)} (max RSS)" if peak else "  peak memory  - (not measurable here)",
     ]
     if copied:
