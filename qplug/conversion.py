@@ -204,7 +204,7 @@ def convert(
             except (RuntimeError, ValueError) as exc:
                 if isinstance(exc, CheckpointError):
                     raise
-                raise CheckpointError(f"{src}: {name}: {exc}") from exc
+                raise CheckpointError(f"{src}: {name}: {' '.join(str(exc).split())}") from exc  # torch's, on one line
             plain = hook.read_int_layer(config=source, name=name, module=module)
             if plain is None:
                 raise PluginError(f"backend {source.quant_method!r} did not answer read_int_layer for {name!r} "

@@ -257,9 +257,9 @@ def read_int_layer(config: QuantConfig, name: str, module: torch.nn.Module) -> P
     Called by :func:`qplug.convert` once per quantized layer of the source checkpoint, one layer at a
     time. ``module`` is the backend's own module, made by its ``replace_modules`` hook
     (``prequantized=True``) and filled with this layer's checkpoint tensors
-    (``load_state_dict(..., assign=True)``, so the module's own loading checks ran). Stops at first
-    non-None result: only the backend that owns ``config`` answers. Implementing it makes the
-    backend's checkpoints a *source* of conversions.
+    (``load_state_dict(..., assign=True)``, so the module's own loading checks ran).
+    Stops at first non-None result: only the backend that owns ``config`` answers. Implementing it
+    makes the backend's checkpoints a *source* of conversions.
 
     :param config: the source checkpoint's config.
     :param name: the layer's dotted name, for messages.
