@@ -7,7 +7,8 @@ vocabulary 32000) with 4 and 16 layers as bf16 safetensors, quantizes each to co
 W4A16 (asymmetric, groups of 128, bfloat16 scales; ``qplug.quantize_checkpoint``), then measures, each
 in a fresh process that reports its peak RSS (``VmHWM``) and the seconds the work took (imports excluded):
 
-* ``floor``: the same imports and the backends' checks, nothing read (the runtime floor);
+* ``floor``: the same imports (torch, transformers, the three backends' modules and compressed-tensors)
+  and the backends' checks, nothing read (the runtime floor);
 * ``convert``: ``qplug.convert(SRC, DST, to=...)`` (default GPTQ v1);
 * ``read+write``: every tensor of SRC read into memory (``qplug.checkpoint.CheckpointWeights``) and
   written unchanged into an atomic staging directory with ``qplug.shards.ShardWriter``: the same I/O
@@ -51,6 +52,8 @@ import qplug
 mode, src, dst, to = sys.argv[1:5]
 for name in ("gptq", "awq", "compressed-tensors"):
     qplug.get_plugin_manager().get_backend(name).ensure_available()
+# the libraries a conversion uses, imported before the clock starts (as torch and transformers are)
+import compressed_tensors, qplug_awq.linear, qplug_compressed_tensors.linear, qplug_gptq.linear
 start = time.perf_counter()
 if mode == "convert":
     qplug.convert(src, dst, to=to)

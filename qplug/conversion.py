@@ -287,7 +287,7 @@ def _check_hook(manager: Any, hook_name: str, config_class: type, what: str) -> 
 
 def _target_template(config_class: type[QuantConfig], to: str, options: Mapping[str, Any]) -> QuantConfig:
     """The target's config from ``options`` alone (the layers' settings are filled in later)."""
-    fields = [f.name for f in attrs.fields(config_class) if f.init and not f.name.startswith("_")]
+    fields = config_class.field_names()
     for key in options:
         if key not in fields:
             raise QuantConfigError(field=key, value=options[key], config=config_class.__name__,
