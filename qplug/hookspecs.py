@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from qplug.backend import Backend
     from qplug.checkpoint import TensorInfo
     from qplug.config import QuantConfig
-    from qplug.conversion import PlainLayer, WrittenLayer
+    from qplug.plain_layers import PlainLayer, WrittenLayer
 
 PROJECT = "qplug"
 
