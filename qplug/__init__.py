@@ -29,12 +29,14 @@ from qplug.api import (
 )
 from qplug.backend import Backend
 from qplug.config import QuantConfig
+from qplug.conversion import convert
 from qplug.disk_quantize import quantize_checkpoint
 from qplug.errors import (
     BackendConflictError,
     BackendUnavailableError,
     CheckpointError,
     ConfigFileError,
+    ConversionError,
     IncompatibleModelError,
     KernelUnavailableError,
     PlacementError,
@@ -54,6 +56,7 @@ __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
     "ConfigFileError",
+    "ConversionError",
     "IncompatibleModelError",
     "KernelUnavailableError",
     "PlacementError",
@@ -67,6 +70,7 @@ __all__ = [
     "backend_hookimpl",
     "check",
     "config_from_dict",
+    "convert",
     "dequantize",
     "get_config_class",
     "get_plugin_manager",

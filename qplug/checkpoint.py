@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "COMPANION_FILES",
     "CheckpointWeights",
     "TensorInfo",
     "build_skeleton",
@@ -41,6 +42,7 @@ __all__ = [
     "read_tensors",
     "state_tensors",
     "write_checkpoint",
+    "write_model_config",
 ]
 
 CONFIG_NAME = "config.json"
@@ -48,6 +50,25 @@ CONFIG_NAME = "config.json"
 # with another one (tied weights): {"lm_head.weight": "model.embed_tokens.weight"}.
 TIED_KEY = "qplug.tied"
 _OWN_FILES = {CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME}
+
+#: Files of a model directory that travel with its weights unchanged when qplug writes a new checkpoint
+#: from it (``qplug quantize``, :func:`qplug.convert`): the tokenizer and its friends.
+COMPANION_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+)
 
 
 def state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -115,13 +136,17 @@ def write_checkpoint(
                     writer.add(name, tensor)
                 writer.finish()
             saving.advance()
-            config = config() if callable(config) else config
-            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            write_model_config(staging, config() if callable(config) else config)
             if add_files is not None:
                 add_files(staging)
             saving.advance()
         saving.advance()
     return target
+
+
+def write_model_config(directory: Path, config: Mapping[str, Any]) -> None:
+    """Write ``config.json`` into ``directory`` (a staging one) as every qplug checkpoint has it."""
+    (Path(directory) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _carry_over(old: Path, new: Path) -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
     "ConfigFileError",
+    "ConversionError",
     "IncompatibleModelError",
     "KernelUnavailableError",
     "PlacementError",
@@ -108,6 +109,10 @@ class IncompatibleModelError(QPlugError, ValueError):
 
 class CheckpointError(QPlugError, ValueError):
     """A checkpoint does not match the model: a missing, unexpected or mis-shaped tensor."""
+
+
+class ConversionError(QPlugError, ValueError):
+    """A checkpoint cannot be written in another format without changing its weights; names the layer and why."""
 
 
 class KernelUnavailableError(QPlugError, RuntimeError):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from qplug.backend import Backend
     from qplug.checkpoint import TensorInfo
     from qplug.config import QuantConfig
+    from qplug.plain_layers import PlainLayer, WrittenLayer
 
 PROJECT = "qplug"
 
@@ -227,18 +228,86 @@ def add_checkpoint_files(config: QuantConfig, model: torch.nn.Module, directory:
     to read its format, and any other plugin may add its own (a model card, provenance).
 
     :param config: the config the model was quantized with.
-    :param model: the quantized model being saved.
+    :param model: the quantized model being saved; ``None`` when :func:`qplug.convert` writes the
+        checkpoint (it never holds the whole model).
     :param directory: the staging directory; write files inside it only, under names that are not
         ``config.json`` or weight files.
     :return: nothing; raise to abort the save.
 
     .. versionadded:: 0.2
+    .. versionchanged:: 0.2 ``model`` is ``None`` when :func:`qplug.convert` writes.
 
     Example::
 
         @qplug.backend_hookimpl(Int8Config)
         def add_checkpoint_files(config, directory):
             (directory / "int8_config.json").write_text(config.to_json_string())
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Converting checkpoints between formats
+# --------------------------------------------------------------------------------------------
+
+
+@_hookspec(firstresult=True)
+def read_int_layer(config: QuantConfig, name: str, module: torch.nn.Module) -> PlainLayer | None:
+    """Give one quantized layer of a checkpoint in the plain affine integer form.
+
+    Called by :func:`qplug.convert` once per quantized layer of the source checkpoint, one layer at a
+    time. ``module`` is the backend's own module, made by its ``replace_modules`` hook
+    (``prequantized=True``) and filled with this layer's checkpoint tensors
+    (``load_state_dict(..., assign=True)``, so the module's own loading checks ran).
+    Stops at first non-None result: only the backend that owns ``config`` answers. Implementing it
+    makes the backend's checkpoints a *source* of conversions.
+
+    :param config: the source checkpoint's config.
+    :param name: the layer's dotted name, for messages.
+    :param module: the filled module.
+    :return: a :class:`qplug.conversion.PlainLayer`: its :class:`qplug.int_kernels.IntWeight`
+        (``q``, ``scale``, ``zero``, ``bits``, ``group_size``, the act-order ``perm``), its bias, and
+        whether the format declares one group per row.
+
+    .. versionadded:: 0.2
+
+    Example::
+
+        @qplug.backend_hookimpl(Int8Config)
+        def read_int_layer(config, module):
+            return PlainLayer(module.int_weight(), module.bias, channelwise=True)
+    """
+
+
+@_hookspec(firstresult=True)
+def write_int_layer(config: QuantConfig, name: str, layer: PlainLayer) -> WrittenLayer | None:
+    """Pack one plain layer into this backend's checkpoint tensors, or refuse with the reason.
+
+    Called by :func:`qplug.convert` once per layer, right after the source backend's
+    :func:`read_int_layer`. Stops at first non-None result: only the backend that owns ``config``
+    answers. Implementing it makes the backend a *target* of conversions. A conversion repacks the
+    same integers, scales and zero points; where this format cannot hold them exactly (bits it does
+    not store, asymmetric weights in a symmetric-only layout, act-order, scales that would change in
+    its dtype), raise :class:`~qplug.ConversionError` (:func:`qplug.conversion.refuse` words it)
+    naming ``name`` and why, rather than write different weights.
+
+    :param config: the target config built from the caller's options alone (``checkpoint_format``,
+        ``version``, ...); the layer decides bits, group size and symmetry.
+    :param name: the layer's dotted name, for messages.
+    :param layer: the plain layer (:class:`qplug.conversion.PlainLayer`).
+    :return: a :class:`qplug.conversion.WrittenLayer`: the tensors by their names inside the layer, in
+        the order :func:`qplug.save_quantized` writes them, and the config fields this layer needs
+        (every layer must need the same; the core writes them into the ``quantization_config``).
+
+    .. versionadded:: 0.2
+
+    Example::
+
+        @qplug.backend_hookimpl(Int8Config)
+        def write_int_layer(config, name, layer):
+            if layer.weight.bits != 8 or not layer.symmetric:
+                raise qplug.conversion.refuse(name, "int8-weight", "it holds symmetric 8-bit weights only")
+            module = Int8Linear.from_integers(layer.weight.q, layer.weight.scale, bias=layer.bias)
+            return WrittenLayer(module.state_dict(), settings={"bits": 8})
     """
 
 

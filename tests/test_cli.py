@@ -589,7 +589,7 @@ def test_demo_plot_without_matplotlib(tmp_path):
 
 
 @pytest.mark.parametrize("command", [[], ["backends"], ["config"], ["config", "show"], ["config", "validate"],
-                                     ["quantize"], ["inspect"], ["demo"]])
+                                     ["quantize"], ["convert"], ["inspect"], ["demo"]])
 def test_help_with_examples(command):
     proc = qplug(*command, "--help")
     assert proc.returncode == 0, proc.stderr
@@ -611,7 +611,7 @@ def test_every_way_to_start_the_command_is_the_same_command():
     }
     assert outputs["-m qplug"].startswith("usage: qplug")
     assert outputs["-m qplug.cli"] == outputs["-m qplug"] == outputs["script"]
-    for command in ("backends", "config", "quantize", "inspect", "demo"):
+    for command in ("backends", "config", "quantize", "convert", "inspect", "demo"):
         assert f"    {command} " in outputs["script"]
 
 

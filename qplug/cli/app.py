@@ -13,7 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from qplug.cli import backends, config, demo, inspect, quantize
+from qplug.cli import backends, config, convert, demo, inspect, quantize
 from qplug.cli.output import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -27,7 +27,7 @@ from qplug.errors import QPlugError
 __all__ = ["build_parser", "main"]
 
 #: The commands, in the order ``qplug --help`` lists them.
-COMMANDS = (backends, config, quantize, inspect, demo)
+COMMANDS = (backends, config, quantize, convert, inspect, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="qplug", formatter_class=FORMATTER, parents=[common],
-        description="List quantization backends, check configs, quantize and inspect models.",
+        description="List quantization backends, check configs, quantize, convert and inspect models.",
         epilog=examples("qplug demo", "qplug backends", "qplug quantize ./llama ./llama-q --method nf4",
                         "qplug COMMAND --help"),
     )

@@ -88,7 +88,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def parse_set(items: Sequence[str], config_class: type[QuantConfig]) -> dict[str, Any]:
+def parse_set(items: Sequence[str], config_class: type[QuantConfig], flag: str = "--set") -> dict[str, Any]:
     """``["bits=4", "sym=false", "group_size=128"]`` → ``{"bits": 4, "sym": False, ...}``.
 
     Values are read as JSON when they parse (numbers, true/false/null, lists, objects), else taken
@@ -100,12 +100,12 @@ def parse_set(items: Sequence[str], config_class: type[QuantConfig]) -> dict[str
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise CLIError(f"--set {item!r}: expected KEY=VALUE")
+            raise CLIError(f"{flag} {item!r}: expected KEY=VALUE")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise CLIError(
-                f"--set {key}: {config_class.__name__} has no field {key!r}{hint}; "
+                f"{flag} {key}: {config_class.__name__} has no field {key!r}{hint}; "
                 f"its fields: {', '.join(fields)}"
             )
         out[key] = _parse_value(value)

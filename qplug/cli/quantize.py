@@ -30,26 +30,7 @@ from qplug.cli.output import (
 from qplug.errors import CheckpointError
 from qplug.manager import get_plugin_manager
 
-__all__ = ["TOKENIZER_FILES", "add_parser", "cmd_quantize", "load_calibration"]
-
-#: Files of a model directory that ``qplug quantize`` copies to DST unchanged (tokenizer and friends).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "preprocessor_config.json",
-)
-
+__all__ = ["add_parser", "cmd_quantize", "load_calibration"]
 
 
 def _check_source(src: Path) -> None:
@@ -70,7 +51,7 @@ def _check_source(src: Path) -> None:
 def _check_destination(dst: Path, src: Path) -> None:
     """Fail before any work when DST cannot be written, or would replace something it should not."""
     if dst.resolve() == src.resolve():
-        raise CLIError("DST must differ from SRC (the quantized checkpoint never replaces its source)")
+        raise CLIError("DST must differ from SRC (the new checkpoint never replaces its source)")
     if dst.exists() and not dst.is_dir():
         raise CLIError(f"DST {dst}: exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not (dst / "config.json").is_file():
@@ -167,8 +148,10 @@ def _skeleton(src: Path) -> Any:
 
 
 def _copy_tokenizer_files(src: Path, staging: Path) -> list[str]:
+    from qplug.checkpoint import COMPANION_FILES  # tokenizer and friends
+
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in COMPANION_FILES:
         source = src / name
         if source.is_file():
             shutil.copy2(source, staging / name)

@@ -11,7 +11,8 @@ from typing import Any
 import qplug
 from qplug_awq.config import AwqConfig
 
-__all__ = ["dequantize", "register_backends", "replace_modules", "serialize", "validate"]
+__all__ = ["dequantize", "read_int_layer", "register_backends", "replace_modules", "serialize", "validate",
+           "write_int_layer"]
 
 
 @qplug.hookimpl
@@ -109,3 +110,36 @@ def dequantize(config: AwqConfig, model: Any) -> list[str]:
 @qplug.backend_hookimpl(AwqConfig)
 def serialize(config: AwqConfig, model: Any) -> dict[str, Any]:
     return config.to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# conversion (qplug.convert): AWQ GEMM and GEMV to and from the plain integer form
+# --------------------------------------------------------------------------------------------
+
+
+@qplug.backend_hookimpl(AwqConfig)
+def read_int_layer(config: AwqConfig, name: str, module: Any):
+    from qplug.conversion import PlainLayer
+
+    return PlainLayer(module.int_weight(), module.bias, channelwise=config.group_size == -1)
+
+
+@qplug.backend_hookimpl(AwqConfig)
+def write_int_layer(config: AwqConfig, name: str, layer: Any):
+    """4-bit weights, groups of contiguous columns, float16 scales and bias, in ``config.version``'s layout."""
+    import torch
+
+    from qplug.conversion import WrittenLayer, exact_cast, refuse
+    from qplug_awq.linear import AwqLinear
+
+    w = layer.weight
+    if w.bits != 4:
+        raise refuse(name, "awq", f"{w.bits}-bit weights (AWQ's layouts hold 4-bit ones)")
+    if layer.act_order:
+        raise refuse(name, "awq", "its act-order g_idx (AWQ has no activation order)")
+    layer.check_zeros_fit(name, "awq")
+    scale = exact_cast(w.scale, torch.float16, name=name, to="awq", what="scales")
+    bias = exact_cast(layer.bias, torch.float16, name=name, to="awq", what="bias values")
+    module = AwqLinear.from_unpacked(w.q, w.zero, scale, bias, group_size=w.group_size, bits=4,
+                                     version=_layout(config))
+    return WrittenLayer(module.state_dict(), {"bits": 4, "group_size": layer.group_size, "zero_point": True})

@@ -11,7 +11,8 @@ from typing import Any
 import qplug
 from qplug_compressed_tensors.config import CompressedTensorsConfig, scheme_dict
 
-__all__ = ["dequantize", "register_backends", "replace_modules", "serialize", "validate"]
+__all__ = ["dequantize", "read_int_layer", "register_backends", "replace_modules", "serialize", "validate",
+           "write_int_layer"]
 
 _DESCRIPTION = (
     "compressed-tensors (llm-compressor, vLLM): weight-only int4/int8 (W4A16, W8A16; group, channel, tensor; "
@@ -160,3 +161,45 @@ def serialize(config: CompressedTensorsConfig, model: Any) -> dict[str, Any]:
     if ignore != list(data.get("ignore") or []):
         data["ignore"] = ignore
     return data
+
+
+# --------------------------------------------------------------------------------------------
+# conversion (qplug.convert): pack-quantized to and from the plain integer form
+# --------------------------------------------------------------------------------------------
+
+
+@qplug.backend_hookimpl(CompressedTensorsConfig)
+def read_int_layer(config: CompressedTensorsConfig, name: str, module: Any):
+    from qplug.conversion import PlainLayer
+
+    # the tensor strategy's one scale reads as one group per row, which is what it is
+    return PlainLayer(module.int_weight(), module.bias, channelwise=module.strategy != "group")
+
+
+@qplug.backend_hookimpl(CompressedTensorsConfig)
+def write_int_layer(config: CompressedTensorsConfig, name: str, layer: Any):
+    """4- and 8-bit weights in ``pack-quantized``: group or channel strategy, symmetric when every zero
+    point is ``2**(bits-1)`` (then none is stored), scales in their dtype; no act-order."""
+    from qplug.conversion import WrittenLayer, exact_cast, refuse
+    from qplug_compressed_tensors.linear import CompressedTensorsLinear
+
+    to = "compressed-tensors"
+    w = layer.weight
+    if config.format != "pack-quantized":
+        raise refuse(name, to, f"format={config.format!r}: qplug converts to 'pack-quantized' only")
+    if w.bits not in (4, 8):
+        raise refuse(name, to, f"{w.bits}-bit weights (4 and 8 carry over)")
+    if layer.act_order:
+        raise refuse(name, to, "its act-order g_idx (compressed-tensors 0.20 removed activation order 'group', "
+                               "so transformers and vLLM could not load it)")
+    layer.check_zeros_fit(name, to)
+    symmetric = layer.symmetric
+    strategy = "channel" if layer.channelwise else "group"
+    group = w.group_size if strategy == "group" else None
+    bias = exact_cast(layer.bias, w.scale.dtype, name=name, to=to, what="bias values")
+    module = CompressedTensorsLinear.from_integers(
+        w.q, w.scale.contiguous(), None if symmetric else w.zero, bits=w.bits, strategy=strategy,
+        group_size=group, bias=bias,
+    )
+    scheme = scheme_dict(w.bits, symmetric=symmetric, strategy=strategy, group_size=group)
+    return WrittenLayer(module.state_dict(), {"config_groups": {"group_0": scheme}})

@@ -56,6 +56,19 @@ def _qweight_from_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     return b.permute(1, 0, 2).contiguous().view(torch.int32).reshape(in_f * bits // 32, out_f)
 
 
+def _pack_codes(intweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[in, out]`` integers -> ``qweight``: bytes straight into words for 4 and 8 bits (several times faster
+    than the general bit stream of :func:`packing.pack_qweight`, and the same bits)."""
+    if bits not in (4, 8) or intweight.dtype.is_floating_point or not intweight.numel():
+        return packing.pack_qweight(intweight, bits)
+    if intweight.dtype != torch.uint8 or bits == 4:  # uint8 always holds 8-bit codes: no pass to check them
+        low, high = torch.aminmax(intweight) if intweight.dtype != torch.uint8 else (0, intweight.max())
+        if int(low) < 0 or int(high) >= 2**bits:  # a value out of range would overwrite its neighbours
+            raise ValueError(f"values to pack at {bits} bits must lie in [0, {2**bits - 1}], "
+                             f"got range [{int(low)}, {int(high)}]")
+    return _qweight_from_codes(intweight.t().to(torch.uint8), bits)
+
+
 class GPTQLinear(KernelLayer, nn.Module):
     """Linear layer with GPTQ-packed weights; see the module docstring."""
 
@@ -137,7 +150,7 @@ class GPTQLinear(KernelLayer, nn.Module):
         )
         if scales.shape != mod.scales.shape:
             raise ValueError(f"scales has shape {tuple(scales.shape)}, expected {tuple(mod.scales.shape)}")
-        mod.qweight = packing.pack_qweight(intweight, bits)
+        mod.qweight = _pack_codes(intweight, bits)
         mod.qzeros = packing.pack_qzeros(zeros, bits, checkpoint_format)
         mod.scales = scales.to(dtype).contiguous()
         mod.g_idx = g_idx.to(torch.int32).contiguous()

@@ -172,6 +172,8 @@ def unpack_qzeros(qzeros: torch.Tensor, bits: int, checkpoint_format: str = "gpt
 
 def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
     """``g_idx`` of a checkpoint without act-order: channel ``i`` is in group ``i // group_size``."""
+    if torch.device(device or "cpu").type == "meta":  # a skeleton's: no values, and meta division is slow
+        return torch.empty(in_features, dtype=torch.int32, device="meta")
     gs = in_features if group_size == -1 else group_size
     return torch.arange(in_features, dtype=torch.int32, device=device) // gs
 

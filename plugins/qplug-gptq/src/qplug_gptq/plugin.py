@@ -316,3 +316,47 @@ def add_checkpoint_files(config, directory):
         path.write_text(json.dumps(config.to_autogptq_dict(), indent=2) + "\n", encoding="utf-8")
     elif path.exists():
         path.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# conversion (qplug.convert): GPTQ v1 and v2 to and from the plain integer form
+# --------------------------------------------------------------------------------------------
+
+
+@qplug.backend_hookimpl(GPTQConfig)
+def read_int_layer(config, name, module):
+    from qplug.conversion import PlainLayer
+    from qplug_gptq.linear import GPTQLinear
+
+    if not isinstance(module, GPTQLinear):  # auto-gptq's modules (QPLUG_GPTQ_KERNEL=auto-gptq) hold no plain form
+        raise qplug.ConversionError(f"cannot read {name}: it is a {type(module).__name__}, not qplug's GPTQLinear; "
+                                    "unset QPLUG_GPTQ_KERNEL=auto-gptq to convert")
+    return PlainLayer(module.int_weight(), module.bias, channelwise=module.group_size == -1)
+
+
+@qplug.backend_hookimpl(GPTQConfig)
+def write_int_layer(config, name, layer):
+    """Any bits GPTQ packs (2, 3, 4, 8), symmetric or not, act-order kept as ``g_idx``; scales in their dtype."""
+    import torch
+
+    from qplug.conversion import WrittenLayer, exact_cast, refuse
+    from qplug_gptq import packing
+    from qplug_gptq.linear import GPTQLinear
+
+    w = layer.weight
+    if w.bits not in packing.SUPPORTED_BITS:
+        raise refuse(name, "gptq", f"{w.bits}-bit weights (GPTQ packs {list(packing.SUPPORTED_BITS)})")
+    layer.check_zeros_fit(name, "gptq")
+    q, g_idx = layer.checkpoint_order()
+    if g_idx is None:
+        g_idx = packing.default_g_idx(q.shape[1], layer.group_size, device=q.device)
+    elif layer.channelwise:
+        raise refuse(name, "gptq", "act-order with one group per row has no GPTQ g_idx")
+    bias = exact_cast(layer.bias, w.scale.dtype, name=name, to="gptq", what="bias values")
+    module = GPTQLinear.from_integers(
+        q.t(), w.zero.t(), w.scale.t(), g_idx, bits=w.bits, group_size=layer.group_size, bias=bias,
+        checkpoint_format=config.checkpoint_format, sym=layer.symmetric, dtype=w.scale.dtype,
+    )
+    settings = {"bits": w.bits, "group_size": layer.group_size, "sym": layer.symmetric, "desc_act": layer.act_order}
+    with torch.no_grad():
+        return WrittenLayer(module.state_dict(), settings)

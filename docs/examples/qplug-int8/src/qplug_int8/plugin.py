@@ -166,3 +166,39 @@ def dequantize(config, model):
 @qplug.backend_hookimpl(Int8WeightConfig)
 def serialize(config, model):
     return config.to_dict()
+
+
+# qplug.convert: int8 codes with one scale per row are an affine integer weight (zero point 128 once the
+# codes are made unsigned), so these checkpoints convert to and from GPTQ's and compressed-tensors' 8-bit ones.
+
+
+@qplug.backend_hookimpl(Int8WeightConfig)
+def read_int_layer(config, module):
+    import torch
+
+    from qplug.conversion import PlainLayer
+    from qplug.int_kernels import IntWeight
+
+    q = (module.weight.to(torch.int16) + 128).to(torch.uint8)
+    zero = torch.full((module.out_features, 1), 128, dtype=torch.int16)
+    weight = IntWeight(q, module.weight_scale, zero, bits=8, group_size=module.in_features)
+    return PlainLayer(weight, None if module.bias is None else module.bias.detach(), channelwise=True)
+
+
+@qplug.backend_hookimpl(Int8WeightConfig)
+def write_int_layer(config, name, layer):
+    import torch
+
+    from qplug.config import torch_dtype
+    from qplug.conversion import WrittenLayer, exact_cast, refuse
+
+    w = layer.weight
+    if w.bits != 8 or not layer.symmetric or not layer.channelwise or layer.act_order:
+        raise refuse(name, "int8-weight", "it holds symmetric 8-bit weights with one scale per row, in order")
+    out_features, in_features = w.q.shape
+    module = _int8_linear_class()(in_features, out_features, layer.bias is not None, torch_dtype(config.compute_dtype))
+    module.weight.copy_((w.q.to(torch.int16) - 128).to(torch.int8))
+    module.weight_scale.copy_(exact_cast(w.scale, torch.float32, name=name, to="int8-weight", what="scales"))
+    if layer.bias is not None:
+        module.bias = torch.nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return WrittenLayer(module.state_dict(), settings={})

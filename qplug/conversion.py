@@ -1,0 +1,301 @@
+"""Converting a quantized checkpoint to another format: the same integers repacked, never re-quantized.
+
+Every weight-only integer format qplug reads (GPTQ v1/v2, AWQ GEMM/GEMV, compressed-tensors
+``pack-quantized``) stores one affine integer weight, ``w = (q - zero) * scale`` per group of input
+columns, in its own packing. :func:`convert` reads each quantized layer of SRC into that plain form
+(:class:`PlainLayer`, through the source backend's ``read_int_layer`` hook) and has the target backend
+pack it again (``write_int_layer``), so the converted checkpoint dequantizes to the same weights, bit
+for bit. A target that cannot hold a layer exactly refuses it with :class:`~qplug.ConversionError`,
+naming the layer and the reason (8-bit weights to AWQ, act-order to a format without it, scales that
+would change in float16, ...).
+
+It streams: SRC's model is built on the meta device only to learn which tensors form each quantized
+layer (the source backend's ``replace_modules`` on a skeleton, as :func:`qplug.load_quantized` does);
+then one layer's tensors at a time are read, converted and appended to DST's shards
+(:class:`qplug.shards.ShardWriter`), while a reader thread fetches the next ones. Every other tensor
+(embeddings, norms, the head) is copied as it is. Peak memory is the runtime floor plus about one
+layer, whatever the depth. DST is assembled in a staging directory and swapped in at the end
+(:func:`qplug._io.atomic_directory`): a refusal or a crash leaves an existing DST whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from qplug.errors import CheckpointError, ConversionError, IncompatibleModelError, PluginError, QuantConfigError
+from qplug.plain_layers import PlainLayer, WrittenLayer, exact_cast, refuse
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from qplug.checkpoint import CheckpointWeights
+    from qplug.config import QuantConfig
+
+__all__ = ["PlainLayer", "WrittenLayer", "convert", "exact_cast", "refuse"]
+
+# Freed memory is handed back to the system after every ~64 MB of dropped layers, as quantize_checkpoint
+# does (see qplug.disk_quantize): glibc otherwise lets resident memory creep up layer after layer.
+_RELEASE_EVERY_BYTES = 64 * 2**20
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    to: str,
+    *,
+    max_shard_size: int | str | None = "50GB",
+    on_layer: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Path:
+    """Write the quantized checkpoint in ``src`` to ``dst`` in the format ``to``, the same integers repacked.
+
+    See :mod:`qplug.conversion`. The layers' settings (bits, group size, symmetry, act-order) come from
+    the checkpoint; ``options`` set the target config's other fields, e.g. ``checkpoint_format="gptq_v2"``
+    (GPTQ) or ``version="gemv"`` (AWQ). ``config.json`` gets the new ``quantization_config``; SRC's
+    tokenizer and generation files are copied (:data:`qplug.checkpoint.COMPANION_FILES`).
+
+    :param to: the target backend's name or alias (``"gptq"``, ``"awq"``, ``"compressed-tensors"``/``"ct"``).
+    :param max_shard_size: as for :func:`qplug.save_quantized`: shards with an index beyond it.
+    :param on_layer: called with each converted layer's name once its tensors are written.
+    :param options: fields of the target's config (strings, numbers, lists as its JSON takes them).
+    :return: ``dst``.
+    :raises ConversionError: a layer the target cannot hold exactly (named, with the reason), or a
+        backend that cannot read or write converted layers.
+    :raises QuantConfigError: an option that is not a field of the target's config, or a bad value.
+    :raises CheckpointError: SRC is not a quantized checkpoint qplug can read.
+    """
+    from qplug import memory, progress
+    from qplug._io import atomic_directory, recover_directory
+    from qplug.api import _prepare, _replace_modules, _validate, checkpoint_metadata, config_from_dict
+    from qplug.checkpoint import CheckpointWeights, build_skeleton, read_model_config, write_model_config
+    from qplug.manager import get_plugin_manager
+    from qplug.shards import ShardWriter, parse_size
+
+    src = recover_directory(src)
+    if Path(dst).absolute().resolve() == Path(src).absolute().resolve():
+        raise ConversionError(f"cannot convert {src} onto itself: give a different DST")
+    model_config = read_model_config(src)
+    saved = model_config.get("quantization_config")
+    if not isinstance(saved, Mapping):
+        raise ConversionError(f"{src} holds no quantization_config: convert reads quantized checkpoints "
+                              "(qplug quantize makes one from a floating-point model)")
+    manager = get_plugin_manager()
+    source = config_from_dict(dict(saved))
+    target_backend = manager.get_backend(to)
+    to = target_backend.name
+    _check_hook(manager, "read_int_layer", type(source), f"read {source.quant_method!r} layers")
+    _check_hook(manager, "write_int_layer", target_backend.config_class, f"write {to!r} layers")
+    target_backend.ensure_available()
+    template = _target_template(target_backend.config_class, to, options)
+    _validate(template, None, None)  # the target's own checks of the options (a layout it cannot write)
+    parse_size(max_shard_size)  # a bad size fails before any work
+
+    skeleton = build_skeleton(model_config)
+    hook = manager.hook
+    with contextlib.ExitStack() as stack:
+        weights = CheckpointWeights(src, stack)
+        source, selected = _prepare(source, skeleton)
+        layers = _replace_modules(source, skeleton, selected, calibration=None, prequantized=True,
+                                  checkpoint_tensors=weights.tensor_infos())
+        if not layers:
+            raise ConversionError(f"{src}: no layer of this {source.quant_method!r} checkpoint is quantized")
+        units = _units(skeleton, layers, weights)
+        agreed: dict[str, Any] = {}  # the first layer's settings, and its name
+        written_infos: dict[str, tuple[Any, tuple[int, ...]]] = {}  # name -> (dtype, shape)
+
+        def convert_one(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            module = skeleton.get_submodule(name)
+            try:
+                module.load_state_dict(tensors, strict=True, assign=True)
+            except (RuntimeError, ValueError) as exc:
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise CheckpointError(f"{src}: {name}: {' '.join(str(exc).split())}") from exc  # torch's, on one line
+            plain = hook.read_int_layer(config=source, name=name, module=module)
+            if plain is None:
+                raise PluginError(f"backend {source.quant_method!r} did not answer read_int_layer for {name!r} "
+                                  f"({type(module).__name__})")
+            try:
+                written = hook.write_int_layer(config=template, name=name, layer=plain)
+            except (IncompatibleModelError, QuantConfigError) as exc:  # the target's own checks, named here
+                raise refuse(name, to, str(exc)) from exc
+            if written is None:
+                raise PluginError(f"backend {to!r} did not answer write_int_layer for {name!r}")
+            _agree(name, to, written.settings, agreed, template, options)
+            _to_meta(module)
+            return written.tensors
+
+        def produce() -> Iterator[tuple[str, torch.Tensor]]:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from qplug.streaming import _prefetched
+
+            def read(unit: tuple[str | None, list[str]]) -> dict[str, torch.Tensor]:
+                return {key: weights.get(key) for key in unit[1]}
+
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-read") as reader:
+                for (owner, _), tensors in _prefetched(reader, read, units):
+                    dropped = sum(t.numel() * t.element_size() for t in tensors.values())
+                    if owner is not None:
+                        local = {key[len(owner) + 1:]: tensors.pop(key) for key in list(tensors)}
+                        tensors = {f"{owner}.{key}": t for key, t in convert_one(owner, local).items()}
+                        del local
+                    for key in list(tensors):
+                        tensor = tensors.pop(key)
+                        written_infos[key] = (tensor.dtype, tuple(tensor.shape))
+                        dropped += tensor.numel() * tensor.element_size()
+                        yield key, tensor
+                        del tensor
+                    memory.note_freed(dropped, every=_RELEASE_EVERY_BYTES)
+                    if owner is not None:
+                        shown.advance()
+                        if on_layer is not None:
+                            on_layer(owner)
+
+        tied = {k: v for k, v in weights.tied.items() if k not in weights}
+        metadata = {"format": "pt", **checkpoint_metadata()}
+        if tied:
+            import json
+
+            from qplug.checkpoint import TIED_KEY
+
+            metadata[TIED_KEY] = json.dumps(tied, sort_keys=True)
+        with progress.task(f"converting to {to}", total=len(layers), unit="layers") as shown, \
+                atomic_directory(Path(dst)) as staging:
+            _copy_companions(Path(src), staging)
+            with ShardWriter(staging, max_shard_size=max_shard_size, metadata=metadata) as writer:
+                for key, tensor in produce():
+                    writer.add(key, tensor)
+                writer.finish()
+            final = _final_config(template, agreed, source, selected, layers)
+            _check_loads(final, model_config, layers, written_infos)
+            serialized = hook.serialize(config=final, model=None)
+            write_model_config(staging, {**model_config, "quantization_config": serialized})
+            hook.add_checkpoint_files(config=final, model=None, directory=staging)
+    memory.release_freed_memory()
+    return Path(dst)
+
+
+def _check_hook(manager: Any, hook_name: str, config_class: type, what: str) -> None:
+    """Refuse at once when no plugin implements ``hook_name`` for ``config_class``."""
+    for impl in getattr(manager.hook, hook_name).get_hookimpls():
+        if impl.wrapper or impl.hookwrapper:
+            continue
+        owner = getattr(impl.function, "qplug_config_class", None)  # set by qplug.backend_hookimpl
+        if owner is None or issubclass(config_class, owner):
+            return
+    able = sorted({entry.backend.name for entry in manager.backend_entries()
+                   for impl in getattr(manager.hook, hook_name).get_hookimpls()
+                   if getattr(impl.function, "qplug_config_class", None) is entry.backend.config_class})
+    raise ConversionError(f"cannot {what}: no installed plugin implements {hook_name} for "
+                          f"{config_class.__name__} (qplug converts between: {', '.join(able) or 'none installed'})")
+
+
+def _target_template(config_class: type[QuantConfig], to: str, options: Mapping[str, Any]) -> QuantConfig:
+    """The target's config from ``options`` alone (the layers' settings are filled in later)."""
+    fields = config_class.field_names()
+    for key in options:
+        if key not in fields:
+            raise QuantConfigError(field=key, value=options[key], config=config_class.__name__,
+                                   accepted=f"a field of {config_class.__name__}: {', '.join(fields)}")
+    return config_class.from_dict({**options, "quant_method": to})
+
+
+def _units(skeleton: nn.Module, layers: list[str], weights: CheckpointWeights) -> list[tuple[str | None, list[str]]]:
+    """SRC's tensors in the model's state-dict order: one unit per quantized layer, one per other tensor.
+
+    Tensors SRC lacks (a tied head qplug did not write) are left out, as they are in SRC; a tensor the
+    model does not have is refused, since copying it would hide a layer the config does not quantize.
+    """
+    layer_of = {}
+    for name in layers:
+        for key in skeleton.get_submodule(name).state_dict(prefix=name + "."):
+            layer_of[key] = name
+    units: list[tuple[str | None, list[str]]] = []
+    state = skeleton.state_dict(keep_vars=True)
+    for key in state:
+        owner = layer_of.get(key)
+        if key not in weights:
+            continue
+        if owner is None:
+            units.append((None, [key]))
+        elif units and units[-1][0] == owner:
+            units[-1][1].append(key)
+        else:
+            units.append((owner, [key]))
+    unexpected = [n for n in weights.names() if n not in state]
+    if unexpected:
+        raise CheckpointError(f"{weights.directory}: checkpoint has tensors the model does not: "
+                              f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    return units
+
+
+def _agree(name: str, to: str, settings: dict[str, Any], agreed: dict[str, Any], template: QuantConfig,
+           options: Mapping[str, Any]) -> None:
+    """Refuse a layer whose settings differ from the first layer's, or from an option the caller set."""
+    for key in options:
+        if key in settings and settings[key] != getattr(template, key):
+            raise refuse(name, to, f"it needs {key}={settings[key]!r}, and the options ask "
+                                   f"{key}={getattr(template, key)!r}")
+    if not agreed:
+        agreed.update(name=name, settings=settings)
+        return
+    first = agreed["settings"]
+    if settings != first:
+        keys = [k for k in dict.fromkeys([*settings, *first]) if settings.get(k) != first.get(k)]
+        mine = ", ".join(f"{k}={settings.get(k)!r}" for k in keys)
+        theirs = ", ".join(f"{k}={first.get(k)!r}" for k in keys)
+        raise refuse(name, to, f"it needs {mine}, and {agreed['name']} needs {theirs}; qplug writes one "
+                               f"{to} setting for every layer")
+
+
+def _final_config(template: QuantConfig, agreed: dict[str, Any], source: QuantConfig, selected: list[str],
+                  layers: list[str]) -> QuantConfig:
+    """The target config: ``template`` with the layers' settings, leaving in floating point what SRC did."""
+    config = attrs.evolve(template, **agreed["settings"]).with_skips(source.skip_patterns())
+    converted = set(layers)
+    left = [name for name in selected if name not in converted]  # SRC's backend left them unquantized
+    return config.with_skips(left) if left else config
+
+
+def _check_loads(config: QuantConfig, model_config: Mapping[str, Any], layers: list[str],
+                 written: Mapping[str, tuple[Any, tuple[int, ...]]]) -> None:
+    """Refuse a config that would load other layers than the ones converted (before it is written)."""
+    from qplug.api import _prepare, _replace_modules
+    from qplug.checkpoint import TensorInfo, build_skeleton
+
+    skeleton = build_skeleton(model_config)
+    config, names = _prepare(config, skeleton)
+    infos = {key: TensorInfo(dtype, shape) for key, (dtype, shape) in written.items()}
+    loaded = _replace_modules(config, skeleton, names, calibration=None, prequantized=True, checkpoint_tensors=infos)
+    missing = [n for n in layers if n not in set(loaded)]
+    extra = [n for n in loaded if n not in set(layers)]
+    if missing or extra:
+        raise ConversionError(
+            f"cannot convert to {config.quant_method}: its config would "
+            + (f"leave {', '.join(missing[:3])} unquantized" if missing else f"quantize {', '.join(extra[:3])}")
+            + ", which the source checkpoint does not"
+        )
+
+
+def _copy_companions(src: Path, staging: Path) -> None:
+    """SRC's tokenizer, generation and processor files, copied (never linked: DST is its own checkpoint)."""
+    from qplug.checkpoint import COMPANION_FILES
+
+    for name in COMPANION_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, staging / name)
+
+
+def _to_meta(module: nn.Module) -> None:
+    from qplug.disk_quantize import _to_meta as to_meta
+
+    to_meta(module)
