@@ -18,7 +18,7 @@ Paths:
 * ``gptq-4bit-sym``, ``gptq-4bit-asym``, ``gptq-4bit-actorder``, ``gptq-8bit``, ``awq-4bit`` (GEMM):
   qplug checkpoints of round-to-nearest integers (no calibration), loaded with ``qplug.load_quantized``;
 * ``ct-w4a16``: the ``gptq-4bit-sym`` checkpoint repacked as compressed-tensors ``pack-quantized``
-  (``qplug_compressed_tensors.convert``: the same integers), target within 1.1x of it;
+  (``qplug.convert``: the same integers), target within 1.1x of it;
 * ``nf4``, ``fp4`` (double quant, bf16 compute), ``int8`` (LLM.int8, threshold 6.0): qplug checkpoints
   made by quantize-on-load; ``nf4-bnb``, ``int8-bnb``: the same checkpoints on bitsandbytes' own code
   (``qplug.set_kernel(model, "bitsandbytes")``; n/a where no layer declares that kernel);
@@ -55,7 +55,7 @@ from model import CACHE, model_dir  # noqa: E402
 
 PATHS = ("bf16", "fp32", "torch-int4", "gptq-4bit-sym", "gptq-4bit-asym", "gptq-4bit-actorder", "gptq-8bit",
          "awq-4bit", "ct-w4a16", "nf4", "fp4", "int8", "nf4-bnb", "int8-bnb", "floor")
-#: paths whose checkpoint is another path's, repacked (qplug_compressed_tensors.convert: the same integers)
+#: paths whose checkpoint is another path's, repacked (qplug.convert: the same integers)
 REPACKED = {"ct-w4a16": "gptq-4bit-sym"}
 #: also accepted by --paths: GPTQModel's TorchAtenLinear on the same GPTQ checkpoints (nox -s bench_gptqmodel)
 GPTQMODEL = ("gptqmodel-4bit-sym", "gptqmodel-4bit-asym", "gptqmodel-4bit-actorder")

@@ -64,7 +64,7 @@ BNB_PATHS = {
 #: rows that load another path's checkpoint and run it on bitsandbytes' own code
 LIBRARY_KERNEL_PATHS = {"nf4-bnb": "nf4", "int8-bnb": "int8"}
 LIBRARY_KERNEL = "bitsandbytes"
-#: the gptq-4bit-sym checkpoint repacked into another format (qplug_compressed_tensors.convert)
+#: the gptq-4bit-sym checkpoint repacked into another format (qplug.convert)
 REPACKED_PATHS = {"ct-w4a16": "compressed-tensors"}
 #: GPTQModel (>= 7.7, torch >= 2.14.1) running qplug's GPTQ checkpoints on its TorchAtenLinear (nox -s bench_gptqmodel)
 GPTQMODEL_PATHS = {f"gptqmodel-{p.removeprefix('gptq-')}": p
@@ -218,9 +218,7 @@ def build(path: str, src: Path, dst: Path) -> None:
         build_gptqmodel_view(src, dst)
         return
     if path in REPACKED_PATHS:  # src: the qplug GPTQ checkpoint, its integers repacked
-        from qplug_compressed_tensors.convert import convert
-
-        convert(src, dst, to=REPACKED_PATHS[path])
+        qplug.convert(src, dst, to=REPACKED_PATHS[path])
         return
     if path in BNB_PATHS:
         model = qplug.load_quantized(src, quantization_config={"quant_method": "bitsandbytes", **BNB_PATHS[path]})
