@@ -14,8 +14,9 @@ load, so the files are byte-identical to ``load_quantized(SRC, quantization_conf
 by ``save_quantized``. DST is replaced atomically (:func:`qplug._io.atomic_directory`): a failure
 or an interruption leaves an existing DST whole, and a new run starts again from the beginning.
 
-Data-free methods only (bitsandbytes, int8 weight-only): methods that calibrate on activations need
-more than one layer at a time.
+That is the path of data-free methods (bitsandbytes, int8 weight-only). Given calibration data,
+:func:`quantize_checkpoint` hands methods that calibrate on activations (GPTQ, AWQ) to
+:mod:`qplug.block_quantize`, which goes one decoder block at a time instead of one layer.
 """
 
 from __future__ import annotations
@@ -60,28 +61,44 @@ def quantize_checkpoint(
     dst: str | os.PathLike[str],
     quantization_config: QuantConfig | Mapping[str, Any],
     *,
+    calibration: Any = None,
+    device: str | torch.device | None = None,
     max_shard_size: int | str | None = "50GB",
     skip: Iterable[str] = (),
     on_module: Callable[[Progress], None] | None = None,
 ) -> Path:
     """Quantize the floating-point checkpoint ``src`` into the checkpoint directory ``dst``, layer by layer.
 
-    The result is the checkpoint ``qplug.save_quantized(qplug.load_quantized(src,
-    quantization_config=...), dst)`` writes, byte for byte, without the quantized model ever being
-    in memory (see :mod:`qplug.disk_quantize`). Other files already in ``dst`` (a tokenizer) are kept;
-    SRC's own extra files are not copied.
+    Without ``calibration`` (data-free methods), the result is the checkpoint
+    ``qplug.save_quantized(qplug.load_quantized(src, quantization_config=...), dst)`` writes, byte for
+    byte, without the quantized model ever being in memory (see :mod:`qplug.disk_quantize`).
 
-    :param quantization_config: a data-free method's config (or its dict), e.g. bitsandbytes NF4.
+    With ``calibration`` (GPTQ, AWQ, compressed-tensors GPTQ), the model is calibrated one decoder
+    block at a time, each block's float weights read from ``src`` only for its turn (see
+    :mod:`qplug.block_quantize`); the result is the checkpoint ``qplug.quantize`` on the loaded float
+    model followed by ``qplug.save_quantized`` writes, byte for byte.
+
+    Other files already in ``dst`` (a tokenizer) are kept; SRC's own extra files are not copied.
+
+    :param quantization_config: the method's config (or its dict), e.g. bitsandbytes NF4 or GPTQ.
+    :param calibration: calibration data for methods that calibrate, in any form :func:`qplug.quantize`
+        accepts (see :mod:`qplug.calibration`); the backend must implement the ``calibrate_blocks`` hook.
+    :param device: with ``calibration``: where the blocks and activations live while calibrating
+        (``"cuda"``, ``"cuda:1"``); default the CPU.
     :param max_shard_size: as for :func:`qplug.save_quantized`: shards with an index beyond it.
     :param skip: more modules to leave in floating point (recorded in the config).
     :param on_module: called with a :class:`Progress` once each quantized module is written.
     :return: ``dst``.
-    :raises QPlugError: ``src`` is already quantized, or the backend needs calibration data.
+    :raises QPlugError: ``src`` is already quantized; the method needs calibration data and got none;
+        or the backend cannot work from disk this way (data-free without ``quantize_module``,
+        calibrating without ``calibrate_blocks``).
     :raises CheckpointError: ``src`` lacks a tensor the model needs, or has one it does not (named).
+    :raises PlacementError: ``device`` does not exist here.
     """
     from qplug import memory
     from qplug._io import recover_directory
     from qplug.api import _checkpoint_config, _module_quantizer, _prepare, _resolve, checkpoint_metadata
+    from qplug.calibration import check_given
     from qplug.checkpoint import CheckpointWeights, build_skeleton, read_model_config, write_checkpoint
     from qplug.manager import get_plugin_manager
     from qplug.shards import parse_size
@@ -96,12 +113,27 @@ def quantize_checkpoint(
     config = _resolve(quantization_config)
     entry = get_plugin_manager().get_entry(config.quant_method)
     backend = entry.backend
+    config.check_quantizable()
+    check_given(config, calibration)
+    if calibration is not None:
+        if not entry.calibrates_blocks:
+            raise QPlugError(
+                f"backend {backend.name!r} cannot calibrate a checkpoint block by block from disk (its plugin has "
+                "no calibrate_blocks hook); leave calibration out for a data-free method, or load the float model, "
+                "call qplug.quantize and qplug.save_quantized"
+            )
+        parse_size(max_shard_size)  # a bad size fails before any work
+        from qplug.block_quantize import quantize_blocks
+
+        return quantize_blocks(src, dst, config, model_config, calibration, max_shard_size=max_shard_size,
+                               skip=skip, on_module=on_module, device=device)
+    if device is not None:
+        raise QPlugError("device= places calibration (with calibration=); data-free methods quantize on the CPU")
     if not backend.streams:
         raise QPlugError(
             f"backend {backend.name!r} cannot quantize a checkpoint layer by layer (it needs the whole model, "
             "e.g. for calibration); load the float model, call qplug.quantize and qplug.save_quantized"
         )
-    config.check_quantizable()
     parse_size(max_shard_size)  # a bad size fails before any work
     model = build_skeleton(model_config)
     config, names = _prepare(config, model, skip)
@@ -128,12 +160,21 @@ class _Plan:
     ``tied`` maps each name the model shares with an earlier one (``lm_head.weight`` tied to
     ``model.embed_tokens.weight``) to that name, as :func:`qplug.checkpoint.state_tensors` does.
     Every check against SRC runs here, before anything is written.
+
+    :param names: the units to quantize: ``nn.Linear`` modules, or with ``blocks=True`` whole
+        blocks (:mod:`qplug.block_quantize`), each of whose tensors SRC must hold.
     """
 
-    def __init__(self, model: nn.Module, names: list[str], source: CheckpointWeights) -> None:
+    def __init__(self, model: nn.Module, names: list[str], source: CheckpointWeights, *, blocks: bool = False) -> None:
         from torch import nn
 
         selected = set(names)
+
+        def owner_of(key: str) -> str:
+            if blocks:
+                return next((name for name in names if key.startswith(name + ".")), "")
+            return key.rpartition(".")[0]
+
         self.units: list[tuple[str | None, list[str]]] = []  # (module to quantize or None, its keys)
         self.tied: dict[str, str] = {}
         self.reads: dict[str, str] = {}  # key to copy -> the SRC tensor holding it
@@ -143,13 +184,15 @@ class _Plan:
         for key, value in state.items():
             groups.setdefault(id(value), []).append(key)
         for key, value in state.items():
-            owner = key.rpartition(".")[0]
+            owner = owner_of(key)
             shared = groups[id(value)]
             if owner in selected:
                 if len(shared) > 1:
                     others = ", ".join(k for k in shared if k != key)
                     raise QPlugError(f"{owner}: its tensor {key!r} is shared with {others}; a shared tensor "
                                      "cannot be quantized layer by layer (skip the module)")
+                if blocks and key not in source:
+                    raise CheckpointError(f"checkpoint lacks tensor {key!r}")
                 if self.units and self.units[-1][0] == owner:
                     self.units[-1][1].append(key)
                 else:
@@ -165,7 +208,7 @@ class _Plan:
                 raise CheckpointError(f"checkpoint lacks tensors the model needs: {key}")
             self.reads[key] = held
             self.units.append((None, [key]))
-        for name in names:
+        for name in () if blocks else names:
             if not isinstance(model.get_submodule(name), nn.Linear):
                 raise QPlugError(f"{name} is {type(model.get_submodule(name)).__name__}, not nn.Linear; "
                                  "cannot quantize it layer by layer")
