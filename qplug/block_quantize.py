@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qplug.config import QuantConfig
-from qplug.disk_quantize import _RELEASE_EVERY_BYTES, Progress, _Plan, _refuse_shared, _to_meta
 from qplug.errors import IncompatibleModelError, PlacementError, PluginError
+from qplug.write_plan import RELEASE_EVERY_BYTES, Progress, WritePlan, refuse_shared, to_meta
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +88,7 @@ def quantize_blocks(
     with contextlib.ExitStack() as stack:
         source = CheckpointWeights(src, stack)
         block_names = [f"{calibrating.blocks}.{index}" for index in range(len(blocks))]
-        plan = _Plan(model, block_names, source, blocks=True)
+        plan = WritePlan(model, block_names, source, blocks=True)
         calls = _capture(model, blocks, calibrating, source, plan, target)
         tensors = stack.enter_context(contextlib.closing(
             _produce(model, plan, source, calibrating, calls, target, on_module)))
@@ -142,7 +142,7 @@ def _blocks(model: nn.Module, calibrating: BlockCalibration) -> nn.ModuleList:
 
 
 def _capture(model: nn.Module, blocks: nn.ModuleList, calibrating: BlockCalibration, source: CheckpointWeights,
-             plan: _Plan, device: torch.device) -> list[BlockCall]:
+             plan: WritePlan, device: torch.device) -> list[BlockCall]:
     """The first block's calls on the calibration batches, with only the modules that run before it read.
 
     Every module outside the blocks gets a pre-hook that reads its own tensors from SRC onto
@@ -185,7 +185,7 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, calibrating: BlockCalibrat
         for handle in handles:
             handle.remove()
         for module in filled:
-            _to_meta(module)
+            to_meta(module)
     if any(_holds_meta(call) for call in calls):
         raise IncompatibleModelError(
             f"{type(model).__name__} uses a tensor before {calibrating.blocks}.0 other than by calling the module that "
@@ -212,7 +212,7 @@ def _holds_meta(value: Any) -> bool:
 
 def _produce(
     model: nn.Module,
-    plan: _Plan,
+    plan: WritePlan,
     source: CheckpointWeights,
     calibrating: BlockCalibration,
     calls: list[BlockCall],
@@ -236,7 +236,7 @@ def _produce(
                 written += nbytes
                 yield key, tensor
                 del tensor
-                memory.note_freed(nbytes, every=_RELEASE_EVERY_BYTES)
+                memory.note_freed(nbytes, every=RELEASE_EVERY_BYTES)
                 continue
             block = model.get_submodule(owner)
             cut = len(owner) + 1
@@ -246,7 +246,7 @@ def _produce(
             with torch.no_grad(), progress.enabled(False):  # this task counts the blocks
                 calls = calibrating.quantize_block(owner, block, calls)
             out = block.state_dict(prefix=owner + ".")
-            _refuse_shared(owner, out)
+            refuse_shared(owner, out)
             dropped = 0
             for name in list(out):
                 tensor = out.pop(name)
@@ -255,8 +255,8 @@ def _produce(
                 dropped += nbytes
                 yield name, tensor
                 del tensor
-            _to_meta(block)
-            memory.note_freed(dropped, every=_RELEASE_EVERY_BYTES)
+            to_meta(block)
+            memory.note_freed(dropped, every=RELEASE_EVERY_BYTES)
             shown.advance()
             for name in calibrating.module_names:
                 if name.startswith(owner + "."):

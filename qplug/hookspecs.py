@@ -186,8 +186,8 @@ def calibrate_blocks(config: QuantConfig, model: torch.nn.Module, module_names: 
     the checkpoint only what runs before the first block, captures that block's inputs for
     ``batches``, then for each block reads its float weights, hands it to ``quantize_block``, writes
     its quantized tensors to the destination, frees it and passes its outputs on. Memory is one
-    block in floating point plus the calibration activations, whatever the depth. Stops at first
-    non-None result: only the backend that owns ``config`` answers.
+    block in floating point plus the calibration activations, whatever the depth.
+    Stops at first non-None result: only the backend that owns ``config`` answers.
 
     Implementing this hook is what lets a calibrating backend quantize from disk (the manager's
     :attr:`~qplug.manager.BackendEntry.calibrates_blocks`). Build ``quantize_block`` from the same

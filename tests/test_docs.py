@@ -18,10 +18,10 @@ SPECS = [
 ]
 
 
-def test_all_seven_hooks_are_specified_and_named_in_order():
+def test_all_eight_hooks_are_specified_and_named_in_order():
     assert sorted(name for name, _ in SPECS) == [
-        "add_checkpoint_files", "dequantize", "quantize_module", "register_backends", "replace_modules",
-        "serialize", "validate"]
+        "add_checkpoint_files", "calibrate_blocks", "dequantize", "quantize_module", "register_backends",
+        "replace_modules", "serialize", "validate"]
     assert hookspecs.HOOK_NAMES == tuple(name for name, _ in SPECS)  # derived, in definition order
 
 
