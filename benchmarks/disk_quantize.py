@@ -1,10 +1,10 @@
 """Disk-to-disk quantization: peak memory flat with depth, time against the in-memory paths.
 
     python benchmarks/disk_quantize.py [--methods nf4,gptq-4bit,awq-4bit] [--hidden 1024] [--depths 8,48]
-                                       [--samples 8] [--seqlen 128] [--runs N] [--keep DIR]
+                                       [--samples 8] [--seqlen 128] [--runs N] [--threads N] [--keep DIR]
 
-Builds random Llamas with TinyLlama's proportions (intermediate 2.75x hidden in whole groups of 128, heads of 64, 4 query
-heads per KV head, vocabulary 32000), saved as bf16 safetensors in a temporary directory, one per
+Builds random Llamas with TinyLlama's proportions (intermediate 2.75x hidden in whole groups of 128,
+heads of 64, 4 query heads per KV head, vocabulary 32000), saved as bf16 safetensors in a temporary directory, one per
 depth. Each measurement runs in a fresh process, which reports its peak RSS (``VmHWM`` in
 /proc/self/status) and the seconds the work took (imports excluded):
 
@@ -55,8 +55,10 @@ import json, sys, time
 import torch, transformers
 from transformers import AutoModelForCausalLM
 import qplug
-mode, src, dst, samples, seqlen = sys.argv[1:6]
-config = qplug.config_from_dict(json.loads(sys.argv[6]))
+mode, src, dst, samples, seqlen, threads = sys.argv[1:7]
+config = qplug.config_from_dict(json.loads(sys.argv[7]))
+if int(threads):
+    torch.set_num_threads(int(threads))
 qplug.get_plugin_manager().backend_for_config(config).ensure_available()
 if config.quant_method == "bitsandbytes":
     import bitsandbytes
@@ -87,9 +89,10 @@ def shapes(hidden: int) -> dict:
             "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 
-def measure(mode: str, src: Path, dst: Path, config: dict, samples: int, seqlen: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, mode, str(src), str(dst), str(samples), str(seqlen),
-                           json.dumps(config)], capture_output=True, text=True, check=False)
+def measure(mode: str, src: Path, dst: Path, config: dict, args: argparse.Namespace) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _CHILD, mode, str(src), str(dst), str(args.samples),
+                           str(args.seqlen), str(args.threads), json.dumps(config)],
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} on {src.name} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -112,6 +115,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=None,
                         help="runs of each timed path, alternating (default 2 data-free, 1 calibrating); "
                              "the fastest run and the highest peak count")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in each measured process (default 0: torch's choice); 1 keeps "
+                             "OpenMP from stalling on a machine others are using")
     parser.add_argument("--keep", type=Path, help="build the models here and keep them (default: a temporary dir)")
     args = parser.parse_args()
     import torch
@@ -122,7 +128,8 @@ def main() -> int:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     depths = [int(d) for d in args.depths.split(",")]
     print(f"cpu capability: {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
-          f"hidden {args.hidden}, depths {depths}, calibration {args.samples} x {args.seqlen} tokens")
+          f"hidden {args.hidden}, depths {depths}, calibration {args.samples} x {args.seqlen} tokens, "
+          f"threads {args.threads or torch.get_num_threads()}")
     with tempfile.TemporaryDirectory(prefix="qplug-disk-bench-") as tmp:
         root = args.keep or Path(tmp)
         for method in methods:
@@ -134,12 +141,12 @@ def main() -> int:
                 src = build_float_checkpoint(root / f"llama-{args.hidden}x{layers}-bf16",
                                              {**shapes(args.hidden), "num_hidden_layers": layers})
                 float_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-                floor = measure("floor", src, root / "unused", config, args.samples, args.seqlen)["peak"]
+                floor = measure("floor", src, root / "unused", config, args)["peak"]
                 runs: dict[str, list[dict]] = {"disk": [], other: []}
                 for _ in range(runs_each):
                     for mode in runs:
                         out = root / f"out-{method}-{layers}-{mode}"
-                        runs[mode].append(measure(mode, src, out, config, args.samples, args.seqlen))
+                        runs[mode].append(measure(mode, src, out, config, args))
                 same = digest(root / f"out-{method}-{layers}-disk") == digest(root / f"out-{method}-{layers}-{other}")
                 rows[layers] = {
                     "float": float_bytes, "floor": floor, "identical": same,

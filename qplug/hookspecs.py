@@ -202,7 +202,7 @@ def calibrate_blocks(config: QuantConfig, model: torch.nn.Module, module_names: 
     :return: a :class:`~qplug.blocks.BlockCalibration`; raise
         :class:`~qplug.IncompatibleModelError` when the model has no blocks to walk.
 
-    .. versionadded:: 0.3
+    .. versionadded:: 0.2
 
     Example::
 
