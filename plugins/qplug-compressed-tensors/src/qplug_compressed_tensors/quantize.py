@@ -70,8 +70,10 @@ def rtn_layer(linear: nn.Linear, scheme: Scheme, fmt: str) -> CompressedTensorsL
 
 
 def _gptq_algorithm():
-    try:
-        from qplug_gptq import algorithm
+    import importlib
+
+    try:  # by its module name, so an uninstalled (or blocked) qplug_gptq.algorithm is always seen
+        algorithm = importlib.import_module("qplug_gptq.algorithm")
     except ImportError as exc:
         raise BackendUnavailableError(
             "compressed-tensors: calibrated quantization runs qplug-gptq's GPTQ, which is not installed: "
