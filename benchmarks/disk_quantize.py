@@ -1,18 +1,26 @@
-"""Disk-to-disk NF4 quantization: peak memory flat with depth, time against quantize-on-load + save.
+"""Disk-to-disk quantization: peak memory flat with depth, time against the in-memory paths.
 
-    python benchmarks/disk_quantize.py [--keep DIR]
+    python benchmarks/disk_quantize.py [--methods nf4,gptq-4bit,awq-4bit] [--hidden 1024] [--depths 8,48]
+                                       [--samples 8] [--seqlen 128] [--runs N] [--threads N] [--keep DIR]
 
-Builds random Llamas 1024 wide (TinyLlama's proportions: intermediate 2816, 16 heads, 4 KV heads,
-vocabulary 32000) with 8 and 48 layers, saved as bf16 safetensors in a temporary directory. Each
-measurement runs in a fresh process, which reports its peak RSS (``VmHWM`` in /proc/self/status)
-and the seconds the work took (imports excluded):
+Builds random Llamas with TinyLlama's proportions (intermediate 2.75x hidden in whole groups of 128,
+heads of 64, 4 query heads per KV head, vocabulary 32000), saved as bf16 safetensors in a temporary directory, one per
+depth. Each measurement runs in a fresh process, which reports its peak RSS (``VmHWM`` in
+/proc/self/status) and the seconds the work took (imports excluded):
 
 * ``floor``: the same imports and the backend check, nothing built (the runtime floor);
-* ``disk``: ``qplug.quantize_checkpoint(SRC, DST, nf4)``;
-* ``load+save``: ``qplug.load_quantized(SRC, quantization_config=nf4)`` then ``qplug.save_quantized``.
+* ``disk``: ``qplug.quantize_checkpoint(SRC, DST, config)``, with ``calibration=`` for the methods
+  that calibrate (GPTQ, AWQ: block by block, :mod:`qplug.block_quantize`);
+* the path it replaces: for data-free methods ``load+save`` (``qplug.load_quantized(SRC,
+  quantization_config=...)`` then ``qplug.save_quantized``); for calibrating ones ``whole``
+  (transformers' ``from_pretrained``, ``qplug.quantize(model, config, calibration=...)``,
+  ``qplug.save_quantized``).
 
-Targets (issue 15): disk peak above the floor grows <= 1.3x from 8 to 48 layers; disk time <= 1.1x
-load+save. Both runs' outputs are also compared byte for byte.
+Calibration: ``--samples`` seeded random sequences of ``--seqlen`` tokens.
+
+Targets (issue 15): disk peak above the floor grows <= 1.3x from the smallest to the largest depth;
+disk time <= 1.1x load+save (data-free) and <= 1.15x whole (calibrating). Both paths' outputs are
+also compared byte for byte.
 """
 
 from __future__ import annotations
@@ -30,30 +38,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model import build_float_checkpoint  # benchmarks/model.py
 
-SHAPES = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,
-          "num_key_value_heads": 4, "max_position_embeddings": 2048, "tie_word_embeddings": False}
-NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-       "bnb_4bit_compute_dtype": "bfloat16"}
-DEPTHS = (8, 48)
-RUNS = 2  # each timed path runs this many times, alternating; the fastest run and the highest peak count
+METHODS = {
+    "nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_compute_dtype": "bfloat16"},
+    "gptq-4bit": {"quant_method": "gptq", "bits": 4, "group_size": 128},
+    "awq-4bit": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+}
+CALIBRATES = {"gptq-4bit", "awq-4bit"}
 GROWTH_TARGET = 1.3
-TIME_TARGET = 1.1
+TIME_TARGETS = {"load+save": 1.1, "whole": 1.15}
 GIB = 2**30
 
 # The child: one measurement, one JSON line.
 _CHILD = """
 import json, sys, time
-import bitsandbytes, torch, transformers
-from transformers import LlamaForCausalLM
+import torch, transformers
+from transformers import AutoModelForCausalLM
 import qplug
-mode, src, dst = sys.argv[1:4]
-config = qplug.config_from_dict(json.loads(sys.argv[4]))
+mode, src, dst, samples, seqlen, threads = sys.argv[1:7]
+config = qplug.config_from_dict(json.loads(sys.argv[7]))
+if int(threads):
+    torch.set_num_threads(int(threads))
 qplug.get_plugin_manager().backend_for_config(config).ensure_available()
+if config.quant_method == "bitsandbytes":
+    import bitsandbytes
+calibration = None
+if config.needs_calibration():
+    generator = torch.Generator().manual_seed(0)
+    calibration = torch.randint(0, 32000, (int(samples), int(seqlen)), generator=generator)
 start = time.perf_counter()
 if mode == "disk":
-    qplug.quantize_checkpoint(src, dst, config)
+    qplug.quantize_checkpoint(src, dst, config, calibration=calibration)
 elif mode == "load+save":
     qplug.save_quantized(qplug.load_quantized(src, quantization_config=config), dst)
+elif mode == "whole":
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    qplug.save_quantized(qplug.quantize(model, config, calibration=calibration), dst)
 seconds = time.perf_counter() - start
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
 peak = int(status["VmHWM"].split()[0]) * 1024
@@ -61,8 +81,17 @@ print(json.dumps({"mode": mode, "seconds": seconds, "peak": peak}))
 """
 
 
-def measure(mode: str, src: Path, dst: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, mode, str(src), str(dst), json.dumps(NF4)],
+def shapes(hidden: int) -> dict:
+    # TinyLlama's 2.75x, rounded up to whole groups of 128 (AWQ needs them): 2816 at 1024 wide
+    intermediate = -(-hidden * 11 // 4 // 128) * 128
+    return {"vocab_size": 32000, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_attention_heads": hidden // 64, "num_key_value_heads": max(1, hidden // 256),
+            "max_position_embeddings": 2048, "tie_word_embeddings": False}
+
+
+def measure(mode: str, src: Path, dst: Path, config: dict, args: argparse.Namespace) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _CHILD, mode, str(src), str(dst), str(args.samples),
+                           str(args.seqlen), str(args.threads), json.dumps(config)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} on {src.name} failed:\n{proc.stderr[-4000:]}")
@@ -78,48 +107,74 @@ def digest(directory: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="nf4", help="comma-separated: " + ", ".join(METHODS))
+    parser.add_argument("--hidden", type=int, default=1024, help="model width (default 1024)")
+    parser.add_argument("--depths", default="8,48", help="comma-separated layer counts (default 8,48)")
+    parser.add_argument("--samples", type=int, default=8, help="calibration sequences (default 8)")
+    parser.add_argument("--seqlen", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="runs of each timed path, alternating (default 2 data-free, 1 calibrating); "
+                             "the fastest run and the highest peak count")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in each measured process (default 0: torch's choice); 1 keeps "
+                             "OpenMP from stalling on a machine others are using")
     parser.add_argument("--keep", type=Path, help="build the models here and keep them (default: a temporary dir)")
     args = parser.parse_args()
     import torch
 
-    print(f"cpu capability: {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    depths = [int(d) for d in args.depths.split(",")]
+    print(f"cpu capability: {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
+          f"hidden {args.hidden}, depths {depths}, calibration {args.samples} x {args.seqlen} tokens, "
+          f"threads {args.threads or torch.get_num_threads()}")
     with tempfile.TemporaryDirectory(prefix="qplug-disk-bench-") as tmp:
         root = args.keep or Path(tmp)
-        rows = {}
-        for layers in DEPTHS:
-            src = build_float_checkpoint(root / f"llama-1024x{layers}-bf16", {**SHAPES, "num_hidden_layers": layers})
-            float_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-            floor = measure("floor", src, root / "unused")["peak"]
-            runs: dict[str, list[dict]] = {"disk": [], "load+save": []}
-            for _ in range(RUNS):
-                for mode in runs:
-                    out = root / f"out-{layers}-{mode}"
-                    runs[mode].append(measure(mode, src, out))
-            same = digest(root / f"out-{layers}-disk") == digest(root / f"out-{layers}-load+save")
-            rows[layers] = {
-                "float": float_bytes, "floor": floor, "identical": same,
-                **{mode: {"above": max(r["peak"] for r in rs) - floor, "seconds": min(r["seconds"] for r in rs)}
-                   for mode, rs in runs.items()},
-            }
-        print()
-        print("| layers | float bf16 | floor | disk: peak above floor | load+save: peak above floor "
-              "| disk time | load+save time | outputs identical |")
-        print("|---|---|---|---|---|---|---|---|")
-        for layers, r in rows.items():
-            print(f"| {layers} | {r['float'] / GIB:.2f} GiB | {r['floor'] / GIB:.2f} GiB "
-                  f"| {r['disk']['above'] / GIB:.3f} GiB | {r['load+save']['above'] / GIB:.3f} GiB "
-                  f"| {r['disk']['seconds']:.1f} s | {r['load+save']['seconds']:.1f} s "
-                  f"| {'yes' if r['identical'] else 'NO'} |")
-        small, large = rows[DEPTHS[0]], rows[DEPTHS[-1]]
-        growth = large["disk"]["above"] / small["disk"]["above"]
-        ratio = large["disk"]["seconds"] / large["load+save"]["seconds"]
-        print()
-        print(f"disk peak above floor, {DEPTHS[-1]}/{DEPTHS[0]} layers: {growth:.2f}x "
-              f"(target <= {GROWTH_TARGET}): {'pass' if growth <= GROWTH_TARGET else 'miss'}")
-        print(f"disk time / load+save time, {DEPTHS[-1]} layers: {ratio:.2f}x "
-              f"(target <= {TIME_TARGET}): {'pass' if ratio <= TIME_TARGET else 'miss'}")
-        identical = all(r["identical"] for r in rows.values())
-        print(f"disk output byte-identical to load+save: {'yes' if identical else 'NO'}")
+        for method in methods:
+            config = METHODS[method]
+            other = "whole" if method in CALIBRATES else "load+save"
+            runs_each = args.runs or (1 if method in CALIBRATES else 2)
+            rows = {}
+            for layers in depths:
+                src = build_float_checkpoint(root / f"llama-{args.hidden}x{layers}-bf16",
+                                             {**shapes(args.hidden), "num_hidden_layers": layers})
+                float_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+                floor = measure("floor", src, root / "unused", config, args)["peak"]
+                runs: dict[str, list[dict]] = {"disk": [], other: []}
+                for _ in range(runs_each):
+                    for mode in runs:
+                        out = root / f"out-{method}-{layers}-{mode}"
+                        runs[mode].append(measure(mode, src, out, config, args))
+                same = digest(root / f"out-{method}-{layers}-disk") == digest(root / f"out-{method}-{layers}-{other}")
+                rows[layers] = {
+                    "float": float_bytes, "floor": floor, "identical": same,
+                    **{mode: {"above": max(r["peak"] for r in rs) - floor, "seconds": min(r["seconds"] for r in rs)}
+                       for mode, rs in runs.items()},
+                }
+            print()
+            print(f"### {method}")
+            print()
+            print(f"| layers | float bf16 | floor | disk: peak above floor | {other}: peak above floor "
+                  f"| disk time | {other} time | outputs identical |")
+            print("|---|---|---|---|---|---|---|---|")
+            for layers, r in rows.items():
+                print(f"| {layers} | {r['float'] / GIB:.2f} GiB | {r['floor'] / GIB:.2f} GiB "
+                      f"| {r['disk']['above'] / GIB:.3f} GiB | {r[other]['above'] / GIB:.3f} GiB "
+                      f"| {r['disk']['seconds']:.1f} s | {r[other]['seconds']:.1f} s "
+                      f"| {'yes' if r['identical'] else 'NO'} |")
+            small, large = rows[depths[0]], rows[depths[-1]]
+            growth = large["disk"]["above"] / small["disk"]["above"]
+            ratio = large["disk"]["seconds"] / large[other]["seconds"]
+            target = TIME_TARGETS[other]
+            print()
+            print(f"{method}: disk peak above floor, {depths[-1]}/{depths[0]} layers: {growth:.2f}x "
+                  f"(target <= {GROWTH_TARGET}): {'pass' if growth <= GROWTH_TARGET else 'miss'}")
+            print(f"{method}: disk time / {other} time, {depths[-1]} layers: {ratio:.2f}x "
+                  f"(target <= {target}): {'pass' if ratio <= target else 'miss'}")
+            identical = all(r["identical"] for r in rows.values())
+            print(f"{method}: disk output byte-identical to {other}: {'yes' if identical else 'NO'}")
     return 0
 
 

@@ -9,7 +9,7 @@ block's inputs are whatever the model passes it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -18,7 +18,7 @@ from torch import nn
 
 from qplug.errors import IncompatibleModelError, QuantConfigError
 
-__all__ = ["BlockCall", "capture_first_block", "find_blocks", "first_output"]
+__all__ = ["BlockCalibration", "BlockCall", "capture_first_block", "find_blocks", "first_output"]
 
 # Keyword arguments of a captured block call that would make a replayed call read or grow a cache.
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "use_cache", "output_attentions")
@@ -85,6 +85,49 @@ class BlockCall:
         """The same call with new hidden states (the previous block's output)."""
         return attrs.evolve(self, hidden=hidden)
 
+    def to(self, device: torch.device | str) -> BlockCall:
+        """The same call with every tensor in it (in tuples, lists and dicts too) on ``device``."""
+        return BlockCall(_moved(self.hidden, device), _moved(self.args, device), _moved(self.kwargs, device),
+                         self.keyword)
+
+
+def _moved(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if type(value) in (tuple, list):
+        return type(value)(_moved(item, device) for item in value)
+    if type(value) is dict:
+        return {key: _moved(item, device) for key, item in value.items()}
+    return value
+
+
+@attrs.frozen
+class BlockCalibration:
+    """How a backend calibrates one model block by block: what the ``calibrate_blocks`` hook returns.
+
+    The core runs the model on ``batches`` up to the first block (:func:`capture_first_block`), then
+    for each block in turn fills it with its floating-point weights and calls ``quantize_block``;
+    what that returns is the next block's input. So a backend's whole-model path and the core's
+    block-by-block path from disk (:func:`qplug.quantize_checkpoint` with ``calibration=``) run the
+    same per-block code, and give the same checkpoint.
+
+    :param blocks: the dotted name of the model's ``nn.ModuleList`` of decoder blocks.
+    :param batches: the model inputs to run (dicts such as ``{"input_ids": ..., "attention_mask": ...}``),
+        one captured call of the first block each.
+    :param module_names: the modules the backend replaces, every one inside ``blocks``, in model order.
+    :param quantize_block: called as ``quantize_block(name, block, calls)`` with the block's dotted name,
+        the block (real weights, on the device it runs on; a submodule of the model, so
+        ``model.get_submodule`` reaches it) and its inputs, one :class:`BlockCall` per batch. It replaces
+        the block's selected modules by quantized ones, in place, and returns the calls of the next
+        block: each call with the hidden states this block outputs, computed as the backend's
+        whole-model path computes them (GPTQ: with the quantized weights; AWQ: with the float ones).
+    """
+
+    blocks: str
+    batches: list[dict[str, torch.Tensor]] = attrs.field(converter=list)
+    module_names: list[str] = attrs.field(converter=list)
+    quantize_block: Callable[[str, nn.Module, list[BlockCall]], list[BlockCall]]
+
 
 class _Reached(Exception):
     """Raised by the capturing hook to stop the forward at the first block."""
@@ -97,16 +140,19 @@ def first_output(output: Any) -> Any:
 
 @torch.no_grad()
 def capture_first_block(
-    model: nn.Module, block: nn.Module, batches: Sequence[dict[str, torch.Tensor]], *, name: str = "the first block"
+    model: nn.Module, block: nn.Module, batches: Sequence[dict[str, torch.Tensor]], *, name: str = "the first block",
+    device: torch.device | str | None = None,
 ) -> list[BlockCall]:
     """Run ``model`` on each batch up to ``block`` and return how ``block`` was called, one per batch.
 
-    Each batch is a dict of model inputs (``input_ids``, ``attention_mask``), moved to the
-    model's device; ``use_cache=False`` is passed when the model's forward takes it.
+    Each batch is a dict of model inputs (``input_ids``, ``attention_mask``), moved to ``device``
+    (default: the device of the model's first parameter); ``use_cache=False`` is passed when the
+    model's forward takes it.
 
     :raises IncompatibleModelError: a batch never reached ``block`` (naming it as ``name``).
     """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
     extra = {"use_cache": False} if _takes(model, "use_cache") else {}
     calls: list[BlockCall] = []
 

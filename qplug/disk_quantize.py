@@ -14,8 +14,9 @@ load, so the files are byte-identical to ``load_quantized(SRC, quantization_conf
 by ``save_quantized``. DST is replaced atomically (:func:`qplug._io.atomic_directory`): a failure
 or an interruption leaves an existing DST whole, and a new run starts again from the beginning.
 
-Data-free methods only (bitsandbytes, int8 weight-only): methods that calibrate on activations need
-more than one layer at a time.
+That is the path of data-free methods (bitsandbytes, int8 weight-only). Given calibration data,
+:func:`quantize_checkpoint` hands methods that calibrate on activations (GPTQ, AWQ) to
+:mod:`qplug.block_quantize`, which goes one decoder block at a time instead of one layer.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from qplug.config import QuantConfig
-from qplug.errors import CheckpointError, QPlugError
+from qplug.errors import QPlugError
+from qplug.write_plan import RELEASE_EVERY_BYTES, Progress, WritePlan, refuse_shared, to_meta
 
 if TYPE_CHECKING:
     import torch
@@ -38,50 +40,49 @@ if TYPE_CHECKING:
 __all__ = ["Progress", "quantize_checkpoint"]
 
 
-# Freed memory is handed back after every ~64 MB dropped. glibc does not reuse all of it for the next
-# layers, so resident memory climbs by about one float layer per layer between trims: 256 MB batches
-# (quantize-on-load's) made the peak of a 1024-wide Llama grow with depth (0.10 GiB above the floor at
-# 8 layers, 0.18 at 48); 64 MB batches kept it flat layer after layer at no measurable cost in time
-# (16 layers: 5.0-5.5 s either way).
-_RELEASE_EVERY_BYTES = 64 * 2**20
-
-
-class Progress(NamedTuple):
-    """What :func:`quantize_checkpoint` reports after each quantized module is on disk."""
-
-    module: str  #: the module just written
-    done: int  #: modules quantized so far
-    total: int  #: modules to quantize
-    bytes_written: int  #: tensor bytes written to DST so far
-
-
 def quantize_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     quantization_config: QuantConfig | Mapping[str, Any],
     *,
+    calibration: Any = None,
+    device: str | torch.device | None = None,
     max_shard_size: int | str | None = "50GB",
     skip: Iterable[str] = (),
     on_module: Callable[[Progress], None] | None = None,
 ) -> Path:
     """Quantize the floating-point checkpoint ``src`` into the checkpoint directory ``dst``, layer by layer.
 
-    The result is the checkpoint ``qplug.save_quantized(qplug.load_quantized(src,
-    quantization_config=...), dst)`` writes, byte for byte, without the quantized model ever being
-    in memory (see :mod:`qplug.disk_quantize`). Other files already in ``dst`` (a tokenizer) are kept;
-    SRC's own extra files are not copied.
+    Without ``calibration`` (data-free methods), the result is the checkpoint
+    ``qplug.save_quantized(qplug.load_quantized(src, quantization_config=...), dst)`` writes, byte for
+    byte, without the quantized model ever being in memory (see :mod:`qplug.disk_quantize`).
 
-    :param quantization_config: a data-free method's config (or its dict), e.g. bitsandbytes NF4.
+    With ``calibration`` (GPTQ, AWQ, compressed-tensors GPTQ), the model is calibrated one decoder
+    block at a time, each block's float weights read from ``src`` only for its turn (see
+    :mod:`qplug.block_quantize`); the result is the checkpoint ``qplug.quantize`` on the loaded float
+    model followed by ``qplug.save_quantized`` writes, byte for byte.
+
+    Other files already in ``dst`` (a tokenizer) are kept; SRC's own extra files are not copied.
+
+    :param quantization_config: the method's config (or its dict), e.g. bitsandbytes NF4 or GPTQ.
+    :param calibration: calibration data for methods that calibrate, in any form :func:`qplug.quantize`
+        accepts (see :mod:`qplug.calibration`); the backend must implement the ``calibrate_blocks`` hook.
+    :param device: with ``calibration``: where the blocks and activations live while calibrating
+        (``"cuda"``, ``"cuda:1"``); default the CPU.
     :param max_shard_size: as for :func:`qplug.save_quantized`: shards with an index beyond it.
     :param skip: more modules to leave in floating point (recorded in the config).
     :param on_module: called with a :class:`Progress` once each quantized module is written.
     :return: ``dst``.
-    :raises QPlugError: ``src`` is already quantized, or the backend needs calibration data.
+    :raises QPlugError: ``src`` is already quantized; the method needs calibration data and got none;
+        or the backend cannot work from disk this way (data-free without ``quantize_module``,
+        calibrating without ``calibrate_blocks``).
     :raises CheckpointError: ``src`` lacks a tensor the model needs, or has one it does not (named).
+    :raises PlacementError: ``device`` does not exist here.
     """
     from qplug import memory
     from qplug._io import recover_directory
     from qplug.api import _checkpoint_config, _module_quantizer, _prepare, _resolve, checkpoint_metadata
+    from qplug.calibration import check_given
     from qplug.checkpoint import CheckpointWeights, build_skeleton, read_model_config, write_checkpoint
     from qplug.manager import get_plugin_manager
     from qplug.shards import parse_size
@@ -96,18 +97,33 @@ def quantize_checkpoint(
     config = _resolve(quantization_config)
     entry = get_plugin_manager().get_entry(config.quant_method)
     backend = entry.backend
+    config.check_quantizable()
+    check_given(config, calibration)
+    if calibration is not None:
+        if not entry.calibrates_blocks:
+            raise QPlugError(
+                f"backend {backend.name!r} cannot calibrate a checkpoint block by block from disk (its plugin has "
+                "no calibrate_blocks hook); leave calibration out for a data-free method, or load the float model, "
+                "call qplug.quantize and qplug.save_quantized"
+            )
+        parse_size(max_shard_size)  # a bad size fails before any work
+        from qplug.block_quantize import quantize_blocks
+
+        return quantize_blocks(src, dst, config, model_config, calibration, max_shard_size=max_shard_size,
+                               skip=skip, on_module=on_module, device=device)
+    if device is not None:
+        raise QPlugError("device= places calibration (with calibration=); data-free methods quantize on the CPU")
     if not backend.streams:
         raise QPlugError(
             f"backend {backend.name!r} cannot quantize a checkpoint layer by layer (it needs the whole model, "
             "e.g. for calibration); load the float model, call qplug.quantize and qplug.save_quantized"
         )
-    config.check_quantizable()
     parse_size(max_shard_size)  # a bad size fails before any work
     model = build_skeleton(model_config)
     config, names = _prepare(config, model, skip)
     with contextlib.ExitStack() as stack:
         source = CheckpointWeights(src, stack)
-        plan = _Plan(model, names, source)
+        plan = WritePlan(model, names, source)
         tensors = stack.enter_context(contextlib.closing(_produce(
             model, plan, source,
             _module_quantizer(config, model, entry.quantizes_modules),
@@ -122,64 +138,9 @@ def quantize_checkpoint(
     return Path(dst)
 
 
-class _Plan:
-    """The skeleton's state dict as units to write in order: one module to quantize, or one tensor to copy.
-
-    ``tied`` maps each name the model shares with an earlier one (``lm_head.weight`` tied to
-    ``model.embed_tokens.weight``) to that name, as :func:`qplug.checkpoint.state_tensors` does.
-    Every check against SRC runs here, before anything is written.
-    """
-
-    def __init__(self, model: nn.Module, names: list[str], source: CheckpointWeights) -> None:
-        from torch import nn
-
-        selected = set(names)
-        self.units: list[tuple[str | None, list[str]]] = []  # (module to quantize or None, its keys)
-        self.tied: dict[str, str] = {}
-        self.reads: dict[str, str] = {}  # key to copy -> the SRC tensor holding it
-        first: dict[int, str] = {}
-        groups: dict[int, list[str]] = {}
-        state = model.state_dict(keep_vars=True)
-        for key, value in state.items():
-            groups.setdefault(id(value), []).append(key)
-        for key, value in state.items():
-            owner = key.rpartition(".")[0]
-            shared = groups[id(value)]
-            if owner in selected:
-                if len(shared) > 1:
-                    others = ", ".join(k for k in shared if k != key)
-                    raise QPlugError(f"{owner}: its tensor {key!r} is shared with {others}; a shared tensor "
-                                     "cannot be quantized layer by layer (skip the module)")
-                if self.units and self.units[-1][0] == owner:
-                    self.units[-1][1].append(key)
-                else:
-                    self.units.append((owner, [key]))
-                continue
-            if value.numel() and id(value) in first:
-                self.tied[key] = first[id(value)]
-                continue
-            if value.numel():
-                first[id(value)] = key
-            held = next((k for k in [key, *shared] if k in source), None)
-            if held is None:
-                raise CheckpointError(f"checkpoint lacks tensors the model needs: {key}")
-            self.reads[key] = held
-            self.units.append((None, [key]))
-        for name in names:
-            if not isinstance(model.get_submodule(name), nn.Linear):
-                raise QPlugError(f"{name} is {type(model.get_submodule(name)).__name__}, not nn.Linear; "
-                                 "cannot quantize it layer by layer")
-            if f"{name}.weight" not in source:
-                raise CheckpointError(f"checkpoint lacks tensor {name + '.weight'!r}")
-        unexpected = [n for n in source.names() if n not in state]
-        if unexpected:
-            raise CheckpointError(f"checkpoint has tensors the model does not: {', '.join(unexpected)}")
-        self.modules = len(names)
-
-
 def _produce(
     model: nn.Module,
-    plan: _Plan,
+    plan: WritePlan,
     source: CheckpointWeights,
     quantize_one: Callable[[str], Any],
     on_module: Callable[[Progress], None] | None,
@@ -209,7 +170,7 @@ def _produce(
                     written += tensor.numel() * tensor.element_size()
                     yield name, tensor
                 del tensors
-                memory.note_freed(dropped, every=_RELEASE_EVERY_BYTES)
+                memory.note_freed(dropped, every=RELEASE_EVERY_BYTES)
                 continue
             _materialize(model, owner, tensors)
             del tensors
@@ -217,84 +178,16 @@ def _produce(
                 quantize_one(owner)
             module = model.get_submodule(owner)
             out = module.state_dict(prefix=owner + ".")
-            _refuse_shared(owner, out)
+            refuse_shared(owner, out)
             for name in list(out):
                 tensor = out.pop(name)
                 written += tensor.numel() * tensor.element_size()
                 yield name, tensor
                 dropped += tensor.numel() * tensor.element_size()
                 del tensor
-            _to_meta(module)
-            memory.note_freed(dropped, every=_RELEASE_EVERY_BYTES)
+            to_meta(module)
+            memory.note_freed(dropped, every=RELEASE_EVERY_BYTES)
             done += 1
             shown.advance()
             if on_module is not None:
                 on_module(Progress(owner, done, plan.modules, written))
-
-
-def _refuse_shared(owner: str, tensors: dict[str, torch.Tensor]) -> None:
-    """A quantized module whose tensors share memory would be saved with ties: refuse rather than differ."""
-    seen: dict[tuple, str] = {}
-    for name, value in tensors.items():
-        if not value.numel():
-            continue
-        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
-               tuple(value.stride()), value.dtype)
-        if key in seen:
-            raise QPlugError(f"{owner}: the backend's module stores {name!r} and {seen[key]!r} in one tensor; "
-                             "save it with qplug.load_quantized and qplug.save_quantized instead")
-        seen[key] = name
-
-
-def _to_meta(module: nn.Module) -> None:
-    """Replace every tensor ``module`` holds by a meta tensor of its shape and dtype, freeing its memory.
-
-    Parameters and buffers, and tensors the module keeps in its other attributes, directly or inside
-    objects of its own (bitsandbytes' ``quant_state``, ``MatmulLtState``): those hold most of a
-    quantized layer's bytes. The module keeps its class and every other attribute, so the backend's
-    ``serialize`` still sees what was quantized; it is never run again.
-    """
-    from torch import nn
-
-    seen: set[int] = set()
-    for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is not None:
-                sub._parameters[name] = nn.Parameter(_meta(param), requires_grad=False)
-        for name, buffer in list(sub._buffers.items()):
-            if buffer is not None:
-                sub._buffers[name] = _meta(buffer)
-        state = vars(sub)
-        for name, value in list(state.items()):
-            if name not in ("_parameters", "_buffers", "_modules"):
-                state[name] = _strip(value, seen, depth=3)
-
-
-def _strip(value: Any, seen: set[int], depth: int) -> Any:
-    """``value`` with the tensors in it (in plain containers and objects' attributes) made meta."""
-    import torch
-    from torch import nn
-
-    if isinstance(value, torch.Tensor):
-        return nn.Parameter(_meta(value), requires_grad=False) if isinstance(value, nn.Parameter) else _meta(value)
-    if depth == 0 or id(value) in seen or isinstance(value, (nn.Module, type)) or callable(value):
-        return value
-    seen.add(id(value))
-    if type(value) in (list, tuple):
-        return type(value)(_strip(item, seen, depth - 1) for item in value)
-    if type(value) is dict:
-        for key in list(value):
-            value[key] = _strip(value[key], seen, depth - 1)
-        return value
-    attributes = getattr(value, "__dict__", None)
-    if isinstance(attributes, dict) and type(value).__module__ not in ("builtins", "torch"):
-        for key in list(attributes):
-            attributes[key] = _strip(attributes[key], seen, depth - 1)
-    return value
-
-
-def _meta(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain meta tensor like ``tensor`` (never a subclass that could keep state alive)."""
-    import torch
-
-    return torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="meta")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from qplug.backend import Backend
+    from qplug.blocks import BlockCalibration
     from qplug.checkpoint import TensorInfo
     from qplug.config import QuantConfig
     from qplug.plain_layers import PlainLayer, WrittenLayer
@@ -173,6 +174,50 @@ def quantize_module(config: QuantConfig, model: torch.nn.Module, name: str,
         @qplug.backend_hookimpl(Int8Config)
         def quantize_module(config, name, module):
             return Int8Linear.from_linear(module)
+    """
+
+
+@_hookspec(firstresult=True)
+def calibrate_blocks(config: QuantConfig, model: torch.nn.Module, module_names: list[str],
+                     calibration: Any) -> BlockCalibration | None:
+    """Say how to calibrate ``model`` one decoder block at a time: the blocks, the inputs, the per-block step.
+
+    Called by :func:`qplug.quantize_checkpoint` with ``calibration=`` (``qplug quantize SRC DST
+    --calibration FILE``): the float model stays a meta-device skeleton; the core materialises from
+    the checkpoint only what runs before the first block, captures that block's inputs for
+    ``batches``, then for each block reads its float weights, hands it to ``quantize_block``, writes
+    its quantized tensors to the destination, frees it and passes its outputs on. Memory is one
+    block in floating point plus the calibration activations, whatever the depth.
+    Stops at first non-None result: only the backend that owns ``config`` answers.
+
+    Implementing this hook is what lets a calibrating backend quantize from disk (the manager's
+    :attr:`~qplug.manager.BackendEntry.calibrates_blocks`). Build ``quantize_block`` from the same
+    per-block code the backend's ``replace_modules`` runs over a loaded model, so both paths write
+    the same checkpoint.
+
+    :param config: the backend's config (already checked by :func:`validate`).
+    :param model: the model skeleton, every parameter on the meta device; read names, shapes and
+        structure only.
+    :param module_names: the ``nn.Linear`` modules the core selected (as for :func:`replace_modules`).
+    :param calibration: the calibration data the caller gave (see :mod:`qplug.calibration`).
+    :return: a :class:`~qplug.blocks.BlockCalibration`; raise
+        :class:`~qplug.IncompatibleModelError` when the model has no blocks to walk.
+
+    .. versionadded:: 0.2
+
+    Example::
+
+        @qplug.backend_hookimpl(MyConfig)
+        def calibrate_blocks(config, model, module_names, calibration):
+            name, blocks = qplug.blocks.find_blocks(model, module_names)
+            batches = qplug.calibration.padded_batches(qplug.calibration.token_samples(calibration))
+
+            def quantize_block(block_name, block, calls):
+                mine = [n for n in module_names if n.startswith(block_name + ".")]
+                my_algorithm(model, mine, calls)        # replaces them in place
+                return [call.with_hidden(call.run(block)) for call in calls]
+
+            return qplug.blocks.BlockCalibration(name, batches, module_names, quantize_block)
     """
 
 

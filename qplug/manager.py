@@ -83,12 +83,15 @@ class BackendEntry:
     """A backend record together with the plugin that provided it.
 
     ``quantizes_modules``: that plugin implements the ``quantize_module`` hook for the backend's
-    config class, so quantize-on-load hands it one layer at a time.
+    config class, so quantize-on-load hands it one layer at a time. ``calibrates_blocks``: it
+    implements ``calibrate_blocks``, so a calibrating method quantizes a checkpoint from disk one
+    decoder block at a time (:func:`qplug.quantize_checkpoint` with ``calibration=``).
     """
 
     backend: Backend
     plugin: PluginInfo
     quantizes_modules: bool = False
+    calibrates_blocks: bool = False
 
 
 class PluginManager:
@@ -247,14 +250,14 @@ class PluginManager:
 
     def _entry(self, plugin: object, record: Backend, info: PluginInfo) -> BackendEntry:
         """The entry for ``record``; unset ``streams`` becomes whether the plugin has ``quantize_module``."""
-        quantizes = self._quantizes_modules(plugin, record.config_class)
+        quantizes = self._answers(plugin, "quantize_module", record.config_class)
         if record.streams is None:
             record = attrs.evolve(record, streams=quantizes)
-        return BackendEntry(record, info, quantizes)
+        return BackendEntry(record, info, quantizes, self._answers(plugin, "calibrate_blocks", record.config_class))
 
-    def _quantizes_modules(self, plugin: object, config_class: type) -> bool:
-        """Whether ``plugin`` answers ``quantize_module`` for ``config_class`` (wrappers only watch)."""
-        for impl in self._pm.hook.quantize_module.get_hookimpls():
+    def _answers(self, plugin: object, hook_name: str, config_class: type) -> bool:
+        """Whether ``plugin`` answers ``hook_name`` for ``config_class`` (wrappers only watch)."""
+        for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
             if impl.plugin is not plugin or impl.wrapper or impl.hookwrapper:
                 continue
             owner = getattr(impl.function, "qplug_config_class", None)  # set by qplug.backend_hookimpl

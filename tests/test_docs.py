@@ -18,10 +18,10 @@ SPECS = [
 ]
 
 
-def test_all_nine_hooks_are_specified_and_named_in_order():
+def test_all_ten_hooks_are_specified_and_named_in_order():
     assert sorted(name for name, _ in SPECS) == [
-        "add_checkpoint_files", "dequantize", "quantize_module", "read_int_layer", "register_backends",
-        "replace_modules", "serialize", "validate", "write_int_layer"]
+        "add_checkpoint_files", "calibrate_blocks", "dequantize", "quantize_module", "read_int_layer",
+        "register_backends", "replace_modules", "serialize", "validate", "write_int_layer"]
     assert hookspecs.HOOK_NAMES == tuple(name for name, _ in SPECS)  # derived, in definition order
 
 

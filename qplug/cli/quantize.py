@@ -1,7 +1,9 @@
 """``qplug quantize SRC DST``: load a float model directory, quantize it, write a checkpoint.
 
-Data-free backends quantize SRC while reading it (the float model never sits in memory); the
-others load it whole first. Torch and transformers are imported when the command runs.
+Data-free backends quantize SRC while reading it, one layer at a time; calibrating ones (GPTQ, AWQ)
+one decoder block at a time: either way through :func:`qplug.quantize_checkpoint`, so the float
+model never sits in memory. A backend that can do neither (or ``--dtype`` other than ``auto``)
+loads the whole model first. Torch and transformers are imported when the command runs.
 """
 
 from __future__ import annotations
@@ -187,13 +189,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         raise CLIError(f"--tokenizer {tokenizer_dir}: no such directory")
     calibration = load_calibration(args.calibration, src, tokenizer_dir) if args.calibration else None
-    # Data-free backends quantize SRC while reading it, one layer at a time (the float model never
-    # sits in memory); calibrating ones need the whole float model loaded first.
-    streaming = backend.streams and calibration is None and args.dtype == "auto"
+    # Data-free backends quantize SRC while reading it, one layer at a time, and calibrating ones one
+    # decoder block at a time (the float model never sits in memory); a backend that implements
+    # neither hook, or a dtype other than SRC's own, needs the whole float model loaded first.
+    entry = get_plugin_manager().get_entry(config.quant_method)
+    if calibration is None:
+        from_disk = backend.streams and args.dtype == "auto"
+    else:
+        from_disk = entry.calibrates_blocks and args.dtype == "auto"
+    if args.device is not None and not (from_disk and calibration is not None):
+        if calibration is None:
+            why = "it needs --calibration"
+        elif args.dtype != "auto":
+            why = "it needs --dtype auto (blocks are calibrated in SRC's own dtype)"
+        else:
+            why = f"backend {backend.name!r} does not calibrate block by block"
+        raise CLIError(f"--device places block-by-block calibration, and {why}")
     with progress.task(f"loading {src}"):
-        model = _skeleton(src) if streaming else _load_model(src, args.dtype)
+        model = _skeleton(src) if from_disk else _load_model(src, args.dtype)
     loaded = time.perf_counter()
-    size_before = checkpoint_bytes(src) if streaming else model_tensor_bytes(model)
+    size_before = checkpoint_bytes(src) if from_disk else model_tensor_bytes(model)
     snapshot = linear_snapshot(model)
     selection = select_modules(model, config.skip_patterns(), warn_unmatched=False)  # quantize warns
     from qplug._io import atomic_directory
@@ -201,9 +216,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # the backends and quantize_checkpoint report their own progress (qplug.progress)
     with atomic_directory(dst) as staging:
         # Weights, config and tokenizer are assembled beside DST and renamed over it in one step.
-        if streaming:  # disk to disk, layer by layer: memory flat in the model's depth
+        if from_disk:  # disk to disk, layer or block by block: memory flat in the model's depth
             names: list[str] = []
-            qplug.quantize_checkpoint(src, staging, config, max_shard_size=args.max_shard_size,
+            qplug.quantize_checkpoint(src, staging, config, calibration=calibration, device=args.device,
+                                      max_shard_size=args.max_shard_size,
                                       on_module=lambda done: names.append(done.module))
             quantized = saved = time.perf_counter()
             size_after = checkpoint_bytes(staging)
@@ -235,8 +251,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"({size_before / max(size_after, 1):.2f}× smaller; {mib(on_disk)} of safetensors on disk)",
         f"  bits/param   {bits:.2f} in the quantized layers" if bits is not None else "  bits/param   -",
         f"  time         {saved - started:.1f} s (load {loaded - started:.1f} s, quantize {quantized - loaded:.1f} s, "
-        f"save {saved - quantized:.1f} s)" if not streaming else
-        f"  time         {saved - started:.1f} s (read, quantized and written layer by layer)",
+        f"save {saved - quantized:.1f} s)" if not from_disk else
+        f"  time         {saved - started:.1f} s (read, quantized and written "
+        f"{'layer' if calibration is None else 'block'} by block)",
         f"  peak memory  {mib(peak)} (max RSS)" if peak else "  peak memory  - (not measurable here)",
     ]
     if copied:
@@ -253,8 +270,9 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
                     "checkpoint transformers can load to DST (written beside DST, then renamed over it). "
                     "The config is built from the preset (--method), then --config FILE, then each --set. "
                     "Data-free methods (bitsandbytes, compressed-tensors RTN, ...) read, quantize and write one "
-                    "layer at a time, so memory stays flat in the model's depth; methods that calibrate (gptq, "
-                    "awq) load the whole float model first.",
+                    "layer at a time; methods that calibrate (gptq, awq, compressed-tensors with --calibration) "
+                    "one decoder block at a time: memory stays flat in the model's depth. A backend that can do "
+                    "neither, or --dtype other than auto, loads the whole float model first.",
         epilog=examples("qplug quantize ./tiny ./tiny-nf4 --method nf4",
                          "qplug quantize ./tiny ./tiny-nf4 --method nf4 --set bnb_4bit_compute_dtype=bfloat16 "
                          "--skip model.layers.0",
@@ -276,6 +294,9 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
                         "token ids or texts, .safetensors with input_ids, or text with one sample per line")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="the tokenizer for calibration texts (default: the one in SRC, when it has one)")
+    p.add_argument("--device", metavar="DEVICE",
+                   help="with --calibration: run each block and the activations on this device (cuda, cuda:1); "
+                        "default the CPU")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the dtype SRC is loaded in (default: as stored)")
     p.add_argument("--max-shard-size", default="50GB", metavar="SIZE",

@@ -59,7 +59,7 @@ class CLITests:
     calibrates: ClassVar[bool] = False
     #: the start of the error a missing ``--calibration`` gives, naming the method (``"gptq (preset gptq-4bit)"``)
     label: ClassVar[str | None] = None
-    #: a progress line ``quantize`` writes to stderr off a terminal (``"qplug: gptq: 2/2 blocks done"``)
+    #: a progress line ``quantize`` writes to stderr off a terminal (``"qplug: calibrating to disk: 2/2 blocks done"``)
     progress_line: ClassVar[str | None] = None
 
     @pytest.fixture

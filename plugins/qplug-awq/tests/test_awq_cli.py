@@ -7,4 +7,4 @@ from qplug.testing.cli import CalibratingCLITests
 class TestAWQAtTheTerminal(CalibratingCLITests):
     method = "awq-4bit"
     label = "awq (preset awq-4bit)"
-    progress_line = "qplug: awq: 2/2 blocks done"
+    progress_line = "qplug: calibrating to disk: 2/2 blocks done"

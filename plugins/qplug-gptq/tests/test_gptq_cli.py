@@ -7,4 +7,4 @@ from qplug.testing.cli import CalibratingCLITests
 class TestGPTQAtTheTerminal(CalibratingCLITests):
     method = "gptq-4bit"
     label = "gptq (preset gptq-4bit)"
-    progress_line = "qplug: gptq: 2/2 blocks done"
+    progress_line = "qplug: calibrating to disk: 2/2 blocks done"

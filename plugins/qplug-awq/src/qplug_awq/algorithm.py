@@ -38,7 +38,7 @@ import attrs
 import torch
 from torch import nn
 
-from qplug.blocks import capture_first_block, first_output
+from qplug.blocks import BlockCall, capture_first_block, first_output
 from qplug.blocks import find_blocks as find_block_list
 from qplug.calibration import token_blocks, token_samples
 from qplug.errors import IncompatibleModelError
@@ -47,7 +47,10 @@ from qplug.progress import track
 from .linear import AwqLinear
 from .quant import pseudo_quantize
 
-__all__ = ["AwqSettings", "ScalingGroup", "calibration_tokens", "find_blocks", "quantize_model", "scaling_groups"]
+__all__ = [
+    "AwqSettings", "BlockQuantizer", "ScalingGroup", "calibration_tokens", "find_blocks", "quantize_model",
+    "scaling_groups",
+]
 
 logger = logging.getLogger("qplug.awq")
 
@@ -266,34 +269,31 @@ def _apply_scale(block: nn.Module, group: ScalingGroup, scales: torch.Tensor, fe
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def quantize_model(
-    model: nn.Module, module_names: Sequence[str], calibration: Any, settings: AwqSettings
-) -> list[str]:
-    """Run AWQ on ``model`` in place: every linear of ``module_names`` becomes an ``AwqLinear``.
+class BlockQuantizer:
+    """AWQ for one decoder block at a time: ``quantizer(name, block, calls)`` (see :func:`quantize_model`).
 
-    Layers outside the repeated blocks (rare: the output head is never selected) are
-    quantised round-to-nearest.
+    Its call signature is :class:`qplug.blocks.BlockCalibration`'s ``quantize_block``: the whole-model
+    path and the block-by-block path from disk run this same step.
 
-    :return: the names replaced, in model order.
+    :param module_names: every module to quantize (full dotted names); each block takes its own.
     """
-    from qplug.modules import set_submodule
 
-    tokens = calibration_tokens(calibration)
-    selected = list(module_names)
-    blocks_name, blocks = find_blocks(model, selected)
-    prefix = f"{blocks_name}." if blocks_name else ""
-    # all samples in one batch, so the block sees them as one [samples, seq, hidden] tensor
-    (call,) = capture_first_block(model, blocks[0], [{"input_ids": tokens}], name=f"{prefix}0")
-    x, block_kwargs = call.hidden, call.kwargs
+    def __init__(self, module_names: Sequence[str], settings: AwqSettings) -> None:
+        self.module_names = list(module_names)
+        self.settings = settings
+        self.replaced: list[str] = []
+        self._warned = False
 
-    replaced: list[str] = []
-    warned = False
-    for index in track(range(len(blocks)), "awq", unit="blocks"):
-        block = blocks[index]
-        block_prefix = f"{prefix}{index}."
-        local = [n[len(block_prefix) :] for n in selected if n.startswith(block_prefix)]
+    @torch.no_grad()
+    def __call__(self, name: str, block: nn.Module, calls: list[BlockCall]) -> list[BlockCall]:
+        """Quantize the selected linears of ``block`` (the model's module ``name``) in place; returns
+        ``calls`` with the block's outputs, computed before quantization (as autoawq does)."""
+        (call,) = calls  # AWQ runs every sample as one batch
+        settings = self.settings
+        block_prefix = f"{name}."
+        local = [n[len(block_prefix) :] for n in self.module_names if n.startswith(block_prefix)]
         linears = {n: block.get_submodule(n) for n in local}
+        x, block_kwargs = call.hidden, call.kwargs
 
         # 1. inputs of each selected linear; the float block's output feeds the next block
         feats: dict[str, list[torch.Tensor]] = {n: [] for n in local}
@@ -310,13 +310,13 @@ def quantize_model(
 
         # 2. scale search, group by group
         groups = scaling_groups(block, set(local))
-        if local and not groups and not warned:
+        if local and not groups and not self._warned:
             warnings.warn(
                 f"AWQ: no scaling rule for {type(block).__name__}; its layers are clipped and "
                 "quantized without activation-aware scaling",
-                stacklevel=2,
+                stacklevel=3,
             )
-            warned = True
+            self._warned = True
         for group in groups:
             layers = [linears[n] for n in group.layers]
             if group.inspect:
@@ -332,24 +332,51 @@ def quantize_model(
 
         # 3. clipping
         if settings.apply_clip:
-            for name in local:
-                if any(tag in name for tag in _NO_CLIP):
+            for n in local:
+                if any(tag in n for tag in _NO_CLIP):
                     continue
-                weight = linears[name].weight
-                bound = search_clip(weight, inputs[name], settings).to(weight.dtype)
+                weight = linears[n].weight
+                bound = search_clip(weight, inputs[n], settings).to(weight.dtype)
                 shape = weight.shape
                 clipped = weight.data.reshape(*bound.shape[:2], -1)
                 weight.data = torch.clamp(clipped, -bound, bound).reshape(shape)
 
         # 4. quantize and pack
-        for name in local:
+        from qplug.modules import set_submodule
+
+        for n in local:
             q = AwqLinear.from_linear(
-                linears[name], bits=settings.bits, group_size=settings.group_size,
+                linears[n], bits=settings.bits, group_size=settings.group_size,
                 zero_point=settings.zero_point, version=settings.version,
             )
-            set_submodule(block, name, q)
-            replaced.append(block_prefix + name)
-        x = next_x
+            set_submodule(block, n, q)
+            self.replaced.append(block_prefix + n)
+        return [call.with_hidden(next_x)]
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module, module_names: Sequence[str], calibration: Any, settings: AwqSettings
+) -> list[str]:
+    """Run AWQ on ``model`` in place: every linear of ``module_names`` becomes an ``AwqLinear``.
+
+    Each block goes through a :class:`BlockQuantizer`. Layers outside the repeated blocks (rare:
+    the output head is never selected) are quantised round-to-nearest.
+
+    :return: the names replaced, in model order.
+    """
+    from qplug.modules import set_submodule
+
+    tokens = calibration_tokens(calibration)
+    selected = list(module_names)
+    blocks_name, blocks = find_blocks(model, selected)
+    prefix = f"{blocks_name}." if blocks_name else ""
+    # all samples in one batch, so the block sees them as one [samples, seq, hidden] tensor
+    calls = capture_first_block(model, blocks[0], [{"input_ids": tokens}], name=f"{prefix}0")
+    quantizer = BlockQuantizer(selected, settings)
+    for index in track(range(len(blocks)), "awq", unit="blocks"):
+        calls = quantizer(f"{prefix}{index}", blocks[index], calls)
+    replaced = list(quantizer.replaced)
 
     outside = [n for n in selected if n not in set(replaced)]
     for name in outside:

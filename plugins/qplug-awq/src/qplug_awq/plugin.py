@@ -11,8 +11,8 @@ from typing import Any
 import qplug
 from qplug_awq.config import AwqConfig
 
-__all__ = ["dequantize", "read_int_layer", "register_backends", "replace_modules", "serialize", "validate",
-           "write_int_layer"]
+__all__ = ["calibrate_blocks", "dequantize", "read_int_layer", "register_backends", "replace_modules", "serialize",
+           "validate", "write_int_layer"]
 
 
 @qplug.hookimpl
@@ -86,13 +86,29 @@ def replace_modules(
             set_submodule(model, name, layer)
         return list(module_names)
 
-    from qplug_awq.algorithm import AwqSettings, quantize_model
+    from qplug_awq.algorithm import quantize_model
 
-    settings = AwqSettings(
+    return quantize_model(model, module_names, calibration, _settings(config))
+
+
+def _settings(config: AwqConfig):
+    from qplug_awq.algorithm import AwqSettings
+
+    return AwqSettings(
         bits=config.bits, group_size=config.group_size, zero_point=config.zero_point,
         version=_layout(config), duo_scaling=config.duo_scaling, apply_clip=config.apply_clip,
     )
-    return quantize_model(model, module_names, calibration, settings)
+
+
+@qplug.backend_hookimpl(AwqConfig)
+def calibrate_blocks(config: AwqConfig, model: Any, module_names: list[str], calibration: Any):
+    from qplug.blocks import BlockCalibration
+    from qplug_awq.algorithm import BlockQuantizer, calibration_tokens, find_blocks
+
+    name, _ = find_blocks(model, module_names)
+    # all samples in one batch, as the whole-model path runs them
+    batches = [{"input_ids": calibration_tokens(calibration)}]
+    return BlockCalibration(name, batches, module_names, BlockQuantizer(module_names, _settings(config)))
 
 
 @qplug.backend_hookimpl(AwqConfig)

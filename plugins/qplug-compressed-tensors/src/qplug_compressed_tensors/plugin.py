@@ -11,8 +11,8 @@ from typing import Any
 import qplug
 from qplug_compressed_tensors.config import CompressedTensorsConfig, scheme_dict
 
-__all__ = ["dequantize", "read_int_layer", "register_backends", "replace_modules", "serialize", "validate",
-           "write_int_layer"]
+__all__ = ["calibrate_blocks", "dequantize", "read_int_layer", "register_backends", "replace_modules", "serialize",
+           "validate", "write_int_layer"]
 
 _DESCRIPTION = (
     "compressed-tensors (llm-compressor, vLLM): weight-only int4/int8 (W4A16, W8A16; group, channel, tensor; "
@@ -129,6 +129,17 @@ def replace_modules(config: CompressedTensorsConfig, model: Any, module_names: l
     for name, layer in gptq_layers(model, assigned, calibration, formats).items():
         set_submodule(model, name, layer)
     return list(assigned)
+
+
+@qplug.backend_hookimpl(CompressedTensorsConfig)
+def calibrate_blocks(config: CompressedTensorsConfig, model: Any, module_names: list[str], calibration: Any):
+    from qplug_compressed_tensors.quantize import gptq_block_calibration
+
+    if calibration is None:  # round-to-nearest streams layer by layer (quantize_module's path)
+        return None
+    assigned = _assigned(config, model, list(module_names))
+    formats = {name: scheme.format for name, scheme in assigned.items()}
+    return gptq_block_calibration(model, assigned, calibration, formats)
 
 
 @qplug.backend_hookimpl(CompressedTensorsConfig)

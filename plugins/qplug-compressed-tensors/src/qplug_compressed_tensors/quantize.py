@@ -21,7 +21,7 @@ from qplug.errors import BackendUnavailableError, IncompatibleModelError
 from .config import Scheme
 from .linear import CompressedTensorsLinear
 
-__all__ = ["gptq_layers", "rtn_integers", "rtn_layer"]
+__all__ = ["gptq_block_calibration", "gptq_layers", "rtn_integers", "rtn_layer"]
 
 
 def _args(scheme: Scheme):
@@ -69,6 +69,56 @@ def rtn_layer(linear: nn.Linear, scheme: Scheme, fmt: str) -> CompressedTensorsL
     )
 
 
+def _gptq_algorithm():
+    import importlib
+
+    try:  # by its module name, so an uninstalled (or blocked) qplug_gptq.algorithm is always seen
+        algorithm = importlib.import_module("qplug_gptq.algorithm")
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "compressed-tensors: calibrated quantization runs qplug-gptq's GPTQ, which is not installed: "
+            "pip install 'qplug-compressed-tensors[gptq]' (or quantize without calibration: round-to-nearest)",
+            backend="compressed-tensors", install="pip install qplug-gptq",
+        ) from exc
+    return algorithm
+
+
+def _gptq_settings(assigned: Mapping[str, Scheme]) -> dict[str, dict[str, Any]]:
+    """Each module's GPTQ settings from its scheme (refusing the tensor strategy, which GPTQ has no grid for)."""
+    for name, scheme in assigned.items():
+        if scheme.strategy == "tensor":
+            raise IncompatibleModelError(
+                f"compressed-tensors: {name}: GPTQ computes a scale per group or per output channel, not one per "
+                f"tensor (group {scheme.name!r}); use strategy 'channel' or 'group', or quantize without calibration"
+            )
+    return {
+        name: {"bits": s.num_bits, "group_size": s.group_size if s.strategy == "group" else -1, "sym": s.symmetric,
+               "desc_act": s.actorder in ("weight", "static"), "static_groups": s.actorder in ("weight", "static")}
+        for name, s in assigned.items()
+    }
+
+
+def _defaults(settings: dict[str, dict[str, Any]], damp_percent: float) -> dict[str, Any]:
+    first = next(iter(settings.values()))
+    return dict(bits=first["bits"], group_size=first["group_size"], damp_percent=damp_percent,
+                desc_act=first["desc_act"], static_groups=first["static_groups"], sym=first["sym"])
+
+
+def _batches(calibration: Any) -> list[dict[str, torch.Tensor]]:
+    from qplug.calibration import padded_batches, token_samples
+
+    return padded_batches(token_samples(calibration, method="compressed-tensors"))
+
+
+def _layer(result, linear: nn.Linear, dtype: torch.dtype, scheme: Scheme, fmt: str) -> CompressedTensorsLinear:
+    scale = result.scales.t().to(dtype).contiguous()  # compressed-tensors stores scales in the weight's dtype
+    zero = None if scheme.symmetric else result.zeros.t().to(torch.int16).contiguous()
+    return CompressedTensorsLinear.from_integers(
+        result.intweight.t().contiguous(), scale, zero, bits=scheme.num_bits, strategy=scheme.strategy,
+        group_size=scheme.group_size, format=fmt, bias=linear.bias,
+    )
+
+
 def gptq_layers(
     model: nn.Module,
     assigned: Mapping[str, Scheme],
@@ -83,44 +133,49 @@ def gptq_layers(
     ``weight``/``static`` processes columns by decreasing Hessian diagonal with groups kept in input order
     (no ``weight_g_idx``), as llm-compressor does.
     """
-    try:
-        from qplug_gptq.algorithm import quantize_model
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "compressed-tensors: calibrated quantization runs qplug-gptq's GPTQ, which is not installed: "
-            "pip install 'qplug-compressed-tensors[gptq]' (or quantize without calibration: round-to-nearest)",
-            backend="compressed-tensors", install="pip install qplug-gptq",
-        ) from exc
-    for name, scheme in assigned.items():
-        if scheme.strategy == "tensor":
-            raise IncompatibleModelError(
-                f"compressed-tensors: {name}: GPTQ computes a scale per group or per output channel, not one per "
-                f"tensor (group {scheme.name!r}); use strategy 'channel' or 'group', or quantize without calibration"
-            )
-    settings = {
-        name: {"bits": s.num_bits, "group_size": s.group_size if s.strategy == "group" else -1, "sym": s.symmetric,
-               "desc_act": s.actorder in ("weight", "static"), "static_groups": s.actorder in ("weight", "static")}
-        for name, s in assigned.items()
-    }
-    first = next(iter(settings.values()))
+    algorithm = _gptq_algorithm()
+    settings = _gptq_settings(assigned)
     names: Sequence[str] = list(assigned)
     dtypes = {name: model.get_submodule(name).weight.dtype for name in names}
-    from qplug.calibration import padded_batches, token_samples
+    results = algorithm.quantize_model(model, names, _batches(calibration), **_defaults(settings, damp_percent),
+                                       settings=settings)
+    return {name: _layer(results[name], model.get_submodule(name), dtypes[name], scheme, formats[name])
+            for name, scheme in assigned.items()}
 
-    batches = padded_batches(token_samples(calibration, method="compressed-tensors"))
-    results = quantize_model(
-        model, names, batches, bits=first["bits"], group_size=first["group_size"],
-        damp_percent=damp_percent, desc_act=first["desc_act"], static_groups=first["static_groups"],
-        sym=first["sym"], settings=settings,
-    )
-    layers = {}
-    for name, scheme in assigned.items():
-        r = results[name]
-        linear = model.get_submodule(name)
-        scale = r.scales.t().to(dtypes[name]).contiguous()  # compressed-tensors stores scales in the weight's dtype
-        zero = None if scheme.symmetric else r.zeros.t().to(torch.int16).contiguous()
-        layers[name] = CompressedTensorsLinear.from_integers(
-            r.intweight.t().contiguous(), scale, zero, bits=scheme.num_bits, strategy=scheme.strategy,
-            group_size=scheme.group_size, format=formats[name], bias=linear.bias,
+
+def gptq_block_calibration(
+    model: nn.Module,
+    assigned: Mapping[str, Scheme],
+    calibration: Any,
+    formats: Mapping[str, str],
+    *,
+    damp_percent: float = 0.01,
+):
+    """:func:`gptq_layers` one decoder block at a time: the ``calibrate_blocks`` hook's answer.
+
+    :raises IncompatibleModelError: the model has no list of blocks holding the modules.
+    """
+    from qplug.blocks import BlockCalibration, find_blocks
+    from qplug.modules import set_submodule
+
+    algorithm = _gptq_algorithm()
+    settings = _gptq_settings(assigned)
+    names = list(assigned)
+    found = find_blocks(model, names)
+    if found is None:
+        raise IncompatibleModelError(
+            f"compressed-tensors: {type(model).__name__} has no list of decoder blocks (nn.ModuleList) holding the "
+            "layers to quantize, so GPTQ cannot run block by block; load it and call qplug.quantize"
         )
-    return layers
+    batches = _batches(calibration)
+    defaults = _defaults(settings, damp_percent)
+
+    def quantize_block(name: str, block: nn.Module, calls: list) -> list:
+        mine = [n for n in names if n.startswith(name + ".")]
+        dtypes = {n: model.get_submodule(n).weight.dtype for n in mine}
+        results, calls = algorithm.quantize_block(block, name, mine, calls, **defaults, settings=settings)
+        for n in mine:
+            set_submodule(model, n, _layer(results[n], model.get_submodule(n), dtypes[n], assigned[n], formats[n]))
+        return calls
+
+    return BlockCalibration(found[0], batches, names, quantize_block)

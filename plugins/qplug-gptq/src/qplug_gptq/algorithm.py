@@ -19,7 +19,7 @@ ships) step by step, so that on the same layer and calibration data both produce
 same integers; ``tests/test_against_autogptq.py`` checks that.
 
 :func:`quantize_model` runs it over a model: inputs of the first decoder block are
-captured, then each block is quantized in turn (its linear layers in sequential
+captured, then each block is quantized in turn (:func:`quantize_block`) (its linear layers in sequential
 groups when ``true_sequential``), and its outputs, computed with the already
 quantized weights, become the next block's inputs.
 """
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qplug.blocks import capture_first_block, find_blocks
+from qplug.blocks import BlockCall, capture_first_block, find_blocks
 from qplug.progress import track
 
 
@@ -255,6 +255,81 @@ def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> 
     return groups
 
 
+def _quantize_group(
+    owner: nn.Module, prefix: str, names: list[str], run, kw: dict[str, Any], settings: dict[str, dict[str, Any]] | None
+) -> dict[str, QuantizedWeight]:
+    """GPTQ on ``names`` (full dotted names; ``owner`` is the module at ``prefix``, "" for the model):
+    accumulate their Hessians over ``run()``, quantize, and give each layer its dequantized weight."""
+    cut = len(prefix) + 1 if prefix else 0
+    layers = {n: owner.get_submodule(n[cut:]) for n in names}
+    states = {n: LayerGPTQ(layers[n].weight.data, n) for n in names}
+    hooks = [
+        layers[n].register_forward_hook(lambda m, args, out, _s=states[n]: _s.add_batch(args[0].data))
+        for n in names
+    ]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    results = {}
+    for n in names:
+        own = {k: v for k, v in (settings or {}).get(n, {}).items() if k in kw}
+        res = states[n].quantize(**{**kw, **own})
+        lin = layers[n]
+        lin.weight.data = res.weight.to(lin.weight.dtype)
+        results[n] = res
+    return results
+
+
+@torch.no_grad()
+def quantize_block(
+    block: nn.Module,
+    prefix: str,
+    module_names: Sequence[str],
+    calls: list[BlockCall],
+    *,
+    bits: int,
+    group_size: int,
+    damp_percent: float,
+    desc_act: bool,
+    static_groups: bool,
+    sym: bool,
+    true_sequential: bool = True,
+    modules_in_block: Sequence[Sequence[str]] | None = None,
+    settings: dict[str, dict[str, Any]] | None = None,
+) -> tuple[dict[str, QuantizedWeight], list[BlockCall]]:
+    """Run GPTQ on the modules ``module_names`` (full dotted names) of the decoder block ``block``
+    (the model's module ``prefix``), given its inputs ``calls``.
+
+    The layers' weights are replaced by their dequantized values, and the block's outputs are
+    computed with them: the next block calibrates on the quantized model's activations.
+
+    :return: the per-module results, and ``calls`` with this block's outputs as hidden states.
+    """
+    kw = dict(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
+              static_groups=static_groups, sym=sym)
+    names = list(module_names)
+    wanted = set(names)
+
+    def run_block(limit: int | None = None) -> list:
+        return [call.run(block) for call in calls[:limit]]
+
+    results: dict[str, QuantizedWeight] = {}
+    if names:
+        if modules_in_block:
+            groups = [[f"{prefix}.{n}" for n in g if f"{prefix}.{n}" in wanted] for g in modules_in_block]
+            groups = [g for g in groups if g]
+        elif true_sequential:
+            groups = _sequential_groups(block, names, prefix, run_block)
+        else:
+            groups = [names]
+        for g in groups:
+            results.update(_quantize_group(block, prefix, g, run_block, kw, settings))
+    outs = run_block()
+    return results, [call.with_hidden(out) for call, out in zip(calls, outs, strict=True)]
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -276,9 +351,11 @@ def quantize_model(
     dequantized values as it goes, so later layers see quantized inputs).  Returns
     the per-module results; the caller packs them into modules.  ``calibration`` is a list
     of model-input batches (:func:`qplug.calibration.padded_batches`).  ``settings`` may
-    override ``bits``/``group_size``/``sym``/``desc_act`` per module."""
+    override ``bits``/``group_size``/``sym``/``desc_act`` per module.
+
+    Each block goes through :func:`quantize_block`, the step the block-by-block path from disk
+    (:func:`qplug.quantize_checkpoint`) runs too."""
     module_names = list(module_names)
-    wanted = set(module_names)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     results: dict[str, QuantizedWeight] = {}
     kw = dict(
@@ -289,24 +366,6 @@ def quantize_model(
         static_groups=static_groups,
         sym=sym,
     )
-
-    def quantize_group(names: list[str], run) -> None:
-        states = {n: LayerGPTQ(model.get_submodule(n).weight.data, n) for n in names}
-        hooks = [
-            model.get_submodule(n).register_forward_hook(lambda m, args, out, _s=states[n]: _s.add_batch(args[0].data))
-            for n in names
-        ]
-        try:
-            run()
-        finally:
-            for h in hooks:
-                h.remove()
-        for n in names:
-            own = {k: v for k, v in (settings or {}).get(n, {}).items() if k in kw}
-            res = states[n].quantize(**{**kw, **own})
-            lin = model.get_submodule(n)
-            lin.weight.data = res.weight.to(lin.weight.dtype)
-            results[n] = res
 
     def run_model(limit: int | None = None) -> None:
         for s in calibration[:limit]:
@@ -321,22 +380,9 @@ def quantize_model(
         for b, block in track(enumerate(blocks), "gptq", total=len(blocks), unit="blocks"):
             bprefix = f"{prefix}.{b}"
             names = [n for n in module_names if n.startswith(bprefix + ".")]
-
-            def run_block(limit: int | None = None, _block=block, _calls=captured) -> list:
-                return [call.run(_block) for call in _calls[:limit]]
-
-            if names:
-                if modules_in_block:
-                    groups = [[f"{bprefix}.{n}" for n in g if f"{bprefix}.{n}" in wanted] for g in modules_in_block]
-                    groups = [g for g in groups if g]
-                elif true_sequential:
-                    groups = _sequential_groups(block, names, bprefix, run_block)
-                else:
-                    groups = [names]
-                for g in groups:
-                    quantize_group(g, run_block)
-            outs = run_block()
-            captured = [call.with_hidden(out) for call, out in zip(captured, outs, strict=True)]
+            done, captured = quantize_block(block, bprefix, names, captured, **kw, true_sequential=true_sequential,
+                                            modules_in_block=modules_in_block, settings=settings)
+            results.update(done)
         rest = [n for n in module_names if not n.startswith(prefix + ".")]
     else:
         rest = module_names
@@ -346,7 +392,7 @@ def quantize_model(
                 f"GPTQ: quantizing {len(rest)} module(s) outside {found[0]} with a full forward pass: {rest[:5]}",
                 stacklevel=2,
             )
-        quantize_group(rest, run_model)
+        results.update(_quantize_group(model, "", rest, run_model, kw, settings))
     missing = [n for n in module_names if n not in results]
     if missing:
         raise RuntimeError(f"GPTQ: these modules were selected but not quantized: {missing}")

@@ -198,40 +198,69 @@ def validate(config, model, module_names):
         _check_shape(n, lin, settings[n]["bits"])
 
 
+def _algorithm_settings(config: GPTQConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`qplug_gptq.algorithm.quantize_model` the config sets."""
+    return dict(
+        bits=config.bits,
+        group_size=config.group_size,
+        damp_percent=config.damp_percent,
+        desc_act=config.desc_act,
+        static_groups=config.static_groups,
+        sym=config.sym,
+        true_sequential=config.true_sequential,
+        modules_in_block=config.modules_in_block_to_quantize,
+    )
+
+
 @qplug.backend_hookimpl(GPTQConfig)
 def replace_modules(config, model, module_names, calibration, prequantized, checkpoint_tensors):
+    # validate has checked the layers selected here (the output head a checkpoint quantized aside:
+    # building its module checks its shape)
+    names, settings = select_modules(config, model, module_names, prequantized=prequantized)
+
+    results = None  # loading: empty modules
+    if not prequantized:
+        from qplug_gptq.algorithm import quantize_model
+
+        batches = calibration_batches(config, model, calibration)
+        results = quantize_model(model, names, batches, **_algorithm_settings(config), block_name=block_name(config),
+                                 settings=settings)
+    _swap_modules(config, model, names, settings, results, checkpoint_tensors)
+    return names
+
+
+@qplug.backend_hookimpl(GPTQConfig)
+def calibrate_blocks(config, model, module_names, calibration):
+    from qplug.blocks import BlockCalibration, find_blocks
+    from qplug_gptq.algorithm import quantize_block
+
+    names, settings = select_modules(config, model, module_names, prequantized=False)
+    found = find_blocks(model, names, block_name(config))
+    if found is None:
+        raise qplug.IncompatibleModelError(
+            f"gptq: {type(model).__name__} has no list of decoder blocks (nn.ModuleList) holding the layers to "
+            "quantize, so it cannot be calibrated block by block; load it and call qplug.quantize"
+        )
+    batches = calibration_batches(config, model, calibration)
+    algorithm = _algorithm_settings(config)
+
+    def quantize_one_block(name, block, calls):
+        mine = [n for n in names if n.startswith(name + ".")]
+        results, calls = quantize_block(block, name, mine, calls, **algorithm, settings=settings)
+        _swap_modules(config, model, mine, settings, results, None)
+        return calls
+
+    return BlockCalibration(found[0], batches, names, quantize_one_block)
+
+
+def _swap_modules(config, model, names, settings, results, checkpoint_tensors) -> None:
+    """Put GPTQ modules in place of ``names``: built from ``results`` (quantizing), empty when it is ``None``."""
     from qplug.checkpoint import needs_bias
     from qplug.modules import get_submodule, set_submodule
     from qplug_gptq import autogptq
     from qplug_gptq.linear import GPTQLinear
 
-    # validate has checked the layers selected here (the output head a checkpoint quantized aside:
-    # building its module checks its shape)
-    names, settings = select_modules(config, model, module_names, prequantized=prequantized)
-
-    results = {}
-    if not prequantized:
-        import torch
-
-        from qplug_gptq.algorithm import quantize_model
-
-        batches = calibration_batches(config, model, calibration)
-        results = quantize_model(
-            model,
-            names,
-            batches,
-            bits=config.bits,
-            group_size=config.group_size,
-            damp_percent=config.damp_percent,
-            desc_act=config.desc_act,
-            static_groups=config.static_groups,
-            sym=config.sym,
-            true_sequential=config.true_sequential,
-            block_name=block_name(config),
-            modules_in_block=config.modules_in_block_to_quantize,
-            settings=settings,
-        )
-
+    prequantized = results is None
     for n in names:
         lin = get_submodule(model, n)
         s = settings[n]
@@ -249,6 +278,8 @@ def replace_modules(config, model, module_names, calibration, prequantized, chec
                 device=device,
             )
         else:
+            import torch
+
             r = results[n]
             new = GPTQLinear.from_integers(
                 r.intweight,
@@ -275,7 +306,6 @@ def replace_modules(config, model, module_names, calibration, prequantized, chec
             else:
                 new = autogptq.from_gptq_linear(new, desc_act=s["desc_act"])
         set_submodule(model, n, new)
-    return names
 
 
 @qplug.backend_hookimpl(GPTQConfig)

@@ -1,0 +1,80 @@
+"""GPTQ from disk, block by block (issue 15, item 3): the same checkpoint as the whole-model path, byte for byte."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import qplug
+from qplug.testing import example_tokens, relative_error, tiny_llama
+from qplug.testing.cli import run_qplug
+
+CONFIGS = {
+    "g32": {"quant_method": "gptq", "bits": 4, "group_size": 32},
+    "act-order-static": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
+                         "static_groups": True, "batch_size": 2},
+    "8bit-channel-groups-in-block": {"quant_method": "gptq", "bits": 8, "group_size": -1, "sym": False,
+                                     "modules_in_block_to_quantize": [["self_attn.q_proj", "self_attn.k_proj"],
+                                                                      ["mlp.down_proj"]]},
+}
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gptq-disk") / "float"
+    tiny_llama(seed=0, dtype=torch.bfloat16, num_hidden_layers=3).save_pretrained(directory)
+    return directory
+
+
+def calibration():
+    return example_tokens(tiny_llama(), batch=4, length=32, seed=3)
+
+
+def files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def whole_model(src, dst, config):
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    qplug.quantize(model, config, calibration=calibration())
+    qplug.save_quantized(model, dst)
+    return model
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_block_path_is_byte_identical_to_the_whole_model_path(src, tmp_path, name):
+    model = whole_model(src, tmp_path / "whole", CONFIGS[name])
+    qplug.quantize_checkpoint(src, tmp_path / "disk", CONFIGS[name], calibration=calibration())
+    assert files(tmp_path / "disk") == files(tmp_path / "whole")
+    tokens = example_tokens(model)
+    with torch.no_grad():
+        torch.testing.assert_close(qplug.load_quantized(tmp_path / "disk")(tokens).logits, model(tokens).logits,
+                                   rtol=0, atol=0)
+
+
+def test_the_command_calibrates_block_by_block(src, tmp_path):
+    import json
+
+    ids = tmp_path / "calibration.json"
+    ids.write_text(json.dumps(calibration().tolist()))
+    args = ("--method", "gptq-4bit", "--set", "group_size=32", "--calibration", ids)
+    done = run_qplug("quantize", src, tmp_path / "disk", *args)
+    assert done.returncode == 0, done.stderr
+    assert "(read, quantized and written block by block)" in done.stdout
+    assert "qplug: calibrating to disk: 3/3 blocks done" in done.stderr
+    # a --dtype other than SRC's own loads the whole model first: the other path, in the same conditions
+    whole = run_qplug("quantize", src, tmp_path / "whole", *args, "--dtype", "bfloat16")
+    assert whole.returncode == 0, whole.stderr
+    assert "(load " in whole.stdout
+    assert files(tmp_path / "disk") == files(tmp_path / "whole")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_blocks_calibrate_on_the_gpu(src, tmp_path):
+    config = CONFIGS["g32"]
+    qplug.quantize_checkpoint(src, tmp_path / "gpu", config, calibration=calibration(), device="cuda")
+    qplug.quantize_checkpoint(src, tmp_path / "cpu", config, calibration=calibration())
+    gpu, cpu = qplug.load_quantized(tmp_path / "gpu"), qplug.load_quantized(tmp_path / "cpu")
+    tokens = example_tokens(cpu)
+    with torch.no_grad():
+        assert relative_error(gpu(tokens).logits.float(), cpu(tokens).logits.float()) < 0.05
