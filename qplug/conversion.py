@@ -31,6 +31,7 @@ import attrs
 
 from qplug.errors import CheckpointError, ConversionError, IncompatibleModelError, PluginError, QuantConfigError
 from qplug.plain_layers import PlainLayer, WrittenLayer, exact_cast, refuse
+from qplug.write_plan import RELEASE_EVERY_BYTES, to_meta
 
 if TYPE_CHECKING:
     import torch
@@ -41,9 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PlainLayer", "WrittenLayer", "convert", "exact_cast", "refuse"]
 
-# Freed memory is handed back to the system after every ~64 MB of dropped layers, as quantize_checkpoint
-# does (see qplug.disk_quantize): glibc otherwise lets resident memory creep up layer after layer.
-_RELEASE_EVERY_BYTES = 64 * 2**20
 
 
 def convert(
@@ -130,7 +128,7 @@ def convert(
             if written is None:
                 raise PluginError(f"backend {to!r} did not answer write_int_layer for {name!r}")
             _agree(name, to, written.settings, agreed, template, options)
-            _to_meta(module)
+            to_meta(module)
             return written.tensors
 
         def produce() -> Iterator[tuple[str, torch.Tensor]]:
@@ -154,7 +152,7 @@ def convert(
                         dropped += tensor.numel() * tensor.element_size()
                         yield key, tensor
                         del tensor
-                    memory.note_freed(dropped, every=_RELEASE_EVERY_BYTES)
+                    memory.note_freed(dropped, every=RELEASE_EVERY_BYTES)  # as the disk paths do
                     if owner is not None:
                         shown.advance()
                         if on_layer is not None:
@@ -294,8 +292,3 @@ def _copy_companions(src: Path, staging: Path) -> None:
         if (src / name).is_file():
             shutil.copy2(src / name, staging / name)
 
-
-def _to_meta(module: nn.Module) -> None:
-    from qplug.disk_quantize import _to_meta as to_meta
-
-    to_meta(module)
