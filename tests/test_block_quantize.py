@@ -22,7 +22,7 @@ from qplug.calibration import padded_batches, token_samples
 from qplug.config import QuantConfig
 from qplug.disk_quantize import Progress
 from qplug.modules import set_submodule
-from qplug.testing import example_tokens, tiny_llama
+from qplug.testing import example_tokens, load_float_model, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -120,9 +120,7 @@ def calibration():
 
 
 def whole_model_path(src, dst, config=CONFIG, **kwargs):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    model = load_float_model(src)
     qplug.quantize(model, config, calibration=calibration(), **kwargs)
     qplug.save_quantized(model, dst, max_shard_size="100KB")
     return model

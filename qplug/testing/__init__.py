@@ -14,6 +14,7 @@ __all__ = [
     "BackendContractTests",
     "default_tolerance",
     "example_tokens",
+    "load_float_model",
     "relative_error",
     "tiny_llama",
     "tiny_llama_config",
@@ -26,7 +27,7 @@ def __getattr__(name: str) -> Any:
         from qplug.testing import contract
 
         return getattr(contract, name)
-    if name in {"tiny_llama", "tiny_llama_config", "example_tokens", "TINY_LLAMA"}:
+    if name in {"tiny_llama", "tiny_llama_config", "example_tokens", "load_float_model", "TINY_LLAMA"}:
         from qplug.testing import models
 
         return getattr(models, name)

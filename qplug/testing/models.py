@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_LLAMA", "tiny_llama", "tiny_llama_config"]
+__all__ = ["TINY_LLAMA", "load_float_model", "tiny_llama", "tiny_llama_config"]
 
 #: Shapes of the tiny Llama used by the tests and the demo: every dimension a multiple of 128 so
 #: group-wise methods (group size 64 or 128) apply to every linear layer.
@@ -47,6 +47,16 @@ def tiny_llama(seed: int = 0, *, dtype: torch.dtype = torch.float32, **overrides
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * (param.shape[-1] ** -0.5))
     return model.to(dtype).eval()
+
+
+def load_float_model(path: Any, dtype: Any = "auto") -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` in ``dtype`` on whichever transformers is installed (it
+    renamed ``torch_dtype`` to ``dtype`` in 4.56; the auto-gptq and autoawq sessions pin older releases)."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), **{key: dtype})
 
 
 def example_tokens(model: torch.nn.Module, *, batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import qplug
-from qplug.testing import example_tokens, tiny_llama
+from qplug.testing import example_tokens, load_float_model, tiny_llama
 
 CONFIGS = {
     "gemm-g64": {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"},
@@ -31,7 +30,7 @@ def files(directory):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_block_path_is_byte_identical_to_the_whole_model_path(src, tmp_path, name):
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    model = load_float_model(src)
     qplug.quantize(model, CONFIGS[name], calibration=calibration())
     qplug.save_quantized(model, tmp_path / "whole")
     qplug.quantize_checkpoint(src, tmp_path / "disk", CONFIGS[name], calibration=calibration())

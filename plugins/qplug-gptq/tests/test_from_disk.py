@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import qplug
-from qplug.testing import example_tokens, relative_error, tiny_llama
+from qplug.testing import example_tokens, load_float_model, relative_error, tiny_llama
 from qplug.testing.cli import run_qplug
 
 CONFIGS = {
@@ -34,7 +33,7 @@ def files(directory):
 
 
 def whole_model(src, dst, config):
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    model = load_float_model(src)
     qplug.quantize(model, config, calibration=calibration())
     qplug.save_quantized(model, dst)
     return model
