@@ -260,13 +260,14 @@ int qplug_dequant_4bit(int isa, const uint8_t *packed, int64_t first, int64_t co
  * reordered to its 16 even elements then its 16 odd ones, so that one 16-byte load of packed
  * codes gives the even elements' weights (high nibbles) and the odd ones' (low nibbles) with no
  * shuffle back to element order. */
-int qplug_gemv_4bit_input(const void *x, int dtype, int64_t M, int64_t K, float *xr) {
+int qplug_gemv_4bit_input(const void *x, int dtype, int64_t M, int64_t K, const int64_t *perm, float *xr) {
     if (K % 32 != 0) return -1;
     for (int64_t m = 0; m < M; m++)
         for (int64_t c = 0; c < K; c += 32)
             for (int j = 0; j < 16; j++) {
-                xr[m * K + c + j] = load_float(x, dtype, m * K + c + 2 * j);
-                xr[m * K + c + 16 + j] = load_float(x, dtype, m * K + c + 2 * j + 1);
+                const int64_t even = c + 2 * j, odd = even + 1;
+                xr[m * K + c + j] = load_float(x, dtype, m * K + (perm == NULL ? even : perm[even]));
+                xr[m * K + c + 16 + j] = load_float(x, dtype, m * K + (perm == NULL ? odd : perm[odd]));
             }
     return 0;
 }

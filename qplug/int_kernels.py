@@ -423,7 +423,7 @@ def _lut4_prepare(layer, device, dtype):
 
 def _lut4_forward(layer, layout, x):
     weight, perm, bias = layout
-    y = lut4.matmul(weight, _permuted(x, perm).contiguous())
+    y = lut4.matmul(weight, x.contiguous(), perm=perm)
     if bias is not None:  # in float32, so that the result is rounded to x's dtype once
         y = y.float().add_(bias)
     return y.to(x.dtype)

@@ -109,11 +109,12 @@ def dequantize(weight: Lut4Weight, first: int, count: int, dtype: torch.dtype,
     return out
 
 
-def _gemv(weight: Lut4Weight, x: torch.Tensor, isa_code: int) -> torch.Tensor:
+def _gemv(weight: Lut4Weight, x: torch.Tensor, isa_code: int, perm: torch.Tensor | None) -> torch.Tensor:
     lib = native.CPU_KERNELS.get()
     m, k, n = x.shape[0], weight.k, weight.n
     xr = torch.empty(m, k, dtype=torch.float32)
-    if lib.qplug_gemv_4bit_input(x.data_ptr(), native.DTYPE_CODES[x.dtype], m, k, xr.data_ptr()):
+    if lib.qplug_gemv_4bit_input(x.data_ptr(), native.DTYPE_CODES[x.dtype], m, k,
+                                 None if perm is None else perm.data_ptr(), xr.data_ptr()):
         raise RuntimeError("qplug_gemv_4bit_input failed")
     out = torch.empty(m, n, dtype=torch.float32)
     args = (xr.data_ptr(), m, k, *weight.weight_args(), out.data_ptr(), n)
@@ -134,10 +135,12 @@ def _blocked(weight: Lut4Weight, x: torch.Tensor, compute_dtype: torch.dtype | N
     return blocked.matmul(x.to(dtype), weight.n, k, fill, dtype)
 
 
-def matmul(weight: Lut4Weight, x: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x @ W.T`` for a contiguous 2-D ``x`` ``[m, k]`` on the CPU, in float32 or the blocked path's matmul
-    dtype (the caller casts to what it returns)."""
+def matmul(weight: Lut4Weight, x: torch.Tensor, compute_dtype: torch.dtype | None = None,
+           perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[:, perm] @ W.T`` (``x @ W.T`` without ``perm``) for a contiguous 2-D ``x`` ``[m, k]`` on the CPU, in
+    float32 or the blocked path's matmul dtype (the caller casts to what it returns). ``perm`` (int64, ``[k]``,
+    contiguous) is GPTQ act-order's input order; the GEMV gathers it while it converts ``x`` to float32."""
     name, _ = native.isa()
     if x.shape[0] <= GEMV_MAX_ROWS[name] and weight.k % 32 == 0 and weight.blocksize % 32 == 0:
-        return _gemv(weight, x, native.ISAS[name])
-    return _blocked(weight, x, compute_dtype)
+        return _gemv(weight, x, native.ISAS[name], perm)
+    return _blocked(weight, x if perm is None else x.index_select(1, perm), compute_dtype)

@@ -131,7 +131,7 @@ def _declare_cpu_kernels(lib: ctypes.CDLL) -> None:
     lib.qplug_dequant_4bit.argtypes = [c_int, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, f32, c_int,
                                        ptr, i64]
     lib.qplug_gemv_4bit_input.restype = c_int
-    lib.qplug_gemv_4bit_input.argtypes = [ptr, c_int, i64, i64, ptr]
+    lib.qplug_gemv_4bit_input.argtypes = [ptr, c_int, i64, i64, ptr, ptr]
     lib.qplug_gemv_4bit.restype = c_int
     lib.qplug_gemv_4bit.argtypes = [c_int, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                                     f32, ptr, i64]
