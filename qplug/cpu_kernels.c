@@ -47,6 +47,11 @@ enum { QPLUG_ISA_PORTABLE = 0, QPLUG_ISA_AVX2 = 1, QPLUG_ISA_AVX512 = 2 };
 #include <immintrin.h>
 #define QPLUG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define QPLUG_AVX2 __attribute__((target("avx2,fma,f16c")))
+/* The GEMVs stream each weight once; the hardware prefetcher alone left them at a third of the memory bandwidth
+ * torch's own reductions reach on the same buffers (Zen 3, measured), so they ask for the bytes this far ahead. */
+#ifndef QPLUG_PREFETCH_BYTES
+#define QPLUG_PREFETCH_BYTES 1024
+#endif
 #else
 #define QPLUG_X86 0
 #endif
@@ -412,6 +417,7 @@ QPLUG_AVX2 QPLUG_INLINE void gemv4_avx2_planes_rows(const float *xr, const int M
             __m256 acc[2][4]; /* four FMA chains a row: one chain would wait on the FMA latency */
             for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
             for (int64_t c = bb * blocksize; c < (bb + 1) * blocksize; c += 32) {
+                _mm_prefetch((const char *)(p + c / 2 + QPLUG_PREFETCH_BYTES), _MM_HINT_T0);
                 const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + c / 2)));
                 const __m256i d = _mm256_shuffle_epi8(bytes, ctrl);
                 const __m256i idx = _mm256_blend_epi32(_mm256_and_si256(d, low4),
@@ -466,6 +472,7 @@ QPLUG_AVX2 QPLUG_INLINE void gemv4_avx2_affine_rows(const float *xr, const int M
             __m256 acc[2][4];
             for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
             for (int64_t c = bb * blocksize; c < (bb + 1) * blocksize; c += 32) {
+                _mm_prefetch((const char *)(p + c / 2 + QPLUG_PREFETCH_BYTES), _MM_HINT_T0);
                 const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + c / 2)));
                 const __m256i e0 = _mm256_shuffle_epi8(bytes, lo8), e1 = _mm256_shuffle_epi8(bytes, hi8);
                 /* high nibbles: the even elements, xr 0-15; low nibbles: the odd ones, xr 16-31 */
@@ -614,6 +621,7 @@ QPLUG_AVX2 QPLUG_INLINE void dot8_avx2(const int MR, const int8_t *w, const floa
     for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
     int64_t k = k0;
     for (; k + 32 <= k1; k += 32) {
+        _mm_prefetch((const char *)(w + k + 2 * QPLUG_PREFETCH_BYTES), _MM_HINT_T0); /* twice the bytes a weight */
         __m256 wv[4];
         for (int j = 0; j < 4; j++)
             wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k + 8 * j))));
@@ -955,6 +963,140 @@ int qplug_dequant_int4pack(int isa, int64_t first, int64_t count, const uint8_t 
     return 0;
 }
 
+/* ---- W4A8 GEMV (opt-in): affine 4-bit weights times activations rounded to int8.
+ *
+ * The float GEMVs above convert every weight to float32 and spend four FMAs on 32 weights; on an AVX2 core
+ * that shares its vector pipes between two hyperthreads they are compute-bound below the memory bandwidth.
+ * Here the activations are rounded to int8 once per call, per block of 64 inputs (scale max|x| / 127), and
+ * 64 weights take one load, two ands, a shift, two vpmaddubsw (u8 code x s8 input, pairwise sums in int16:
+ * at most 2 * 15 * 127 each), an add, a vpmaddwd into int32, one conversion and one FMA by the block's scale.
+ * The result is exactly sum_k (q_k - z) s x^_k with x^ = round(x / sx) sx, up to float32 summation order: the
+ * weights are unchanged, the activations carry int8 rounding (relative error up to 1/254 of the block's
+ * largest input). */
+#define QPLUG_W4A8_BLOCK 64
+
+/* xr (qplug_gemv_4bit_input's layout) [M, K] -> xq int8 [M, K]: per 64 inputs, the even elements of both
+ * 32-element chunks, then their odd ones (the nibble order of one 32-byte load of codes); sx [M, K / 64], each
+ * block's scale; xs [M, K / 64], sx times the block's sum of xq (the zero points' share). */
+int qplug_w4a8_input(const float *xr, int64_t M, int64_t K, int8_t *xq, float *sx, float *xs) {
+    if (K % QPLUG_W4A8_BLOCK != 0) return -1;
+    const int64_t blocks = K / QPLUG_W4A8_BLOCK;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *src = xr + m * K + b * QPLUG_W4A8_BLOCK;
+            int8_t *dst = xq + m * K + b * QPLUG_W4A8_BLOCK;
+            float amax = 0.0f;
+            for (int j = 0; j < QPLUG_W4A8_BLOCK; j++) amax = fmaxf(amax, fabsf(src[j]));
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            /* destination j takes source from[j / 16] + j % 16 (chunk 0 evens, chunk 1 evens, chunk 0 odds, ...) */
+            static const int from[4] = {0, 32, 16, 48};
+            int32_t sum = 0;
+            for (int j = 0; j < QPLUG_W4A8_BLOCK; j++) {
+                float r = nearbyintf(src[from[j / 16] + j % 16] * inv);
+                r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+                dst[j] = (int8_t)r;
+                sum += dst[j];
+            }
+            sx[m * blocks + b] = amax / 127.0f;
+            xs[m * blocks + b] = (amax / 127.0f) * (float)sum;
+        }
+    return 0;
+}
+
+static void gemv_w4a8_portable(const int8_t *xq, const float *sx, const float *xs, int64_t M, int64_t K,
+                               const uint8_t *packed, int64_t blocksize, const float *scale, const float *zero,
+                               int64_t first, int64_t count, float *out, int64_t N) {
+    const int64_t blocks = K / QPLUG_W4A8_BLOCK, groups = K / blocksize, per_group = blocksize / QPLUG_W4A8_BLOCK;
+    for (int64_t n = first; n < first + count; n++) {
+        const uint8_t *p = packed + n * (K / 2);
+        for (int64_t m = 0; m < M; m++) {
+            float total = 0.0f, shift = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                float acc = 0.0f, xsum = 0.0f;
+                for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
+                    const uint8_t *w = p + b * (QPLUG_W4A8_BLOCK / 2);
+                    const int8_t *x = xq + m * K + b * QPLUG_W4A8_BLOCK;
+                    int32_t dot = 0;
+                    for (int j = 0; j < 32; j++) dot += (w[j] >> 4) * x[j] + (w[j] & 15) * x[32 + j];
+                    acc += (float)dot * sx[m * blocks + b];
+                    xsum += xs[m * blocks + b];
+                }
+                total += scale[n * groups + g] * acc;
+                if (zero != NULL) shift += zero[n * groups + g] * scale[n * groups + g] * xsum;
+            }
+            out[m * N + n] = total - shift;
+        }
+    }
+}
+
+#if QPLUG_X86
+/* one 64-weight block: the int32 lane sums of q * xq (32 bytes of codes, see qplug_w4a8_input) */
+QPLUG_AVX2 QPLUG_INLINE __m256i w4a8_block_avx2(const uint8_t *w, const int8_t *x) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i codes = _mm256_loadu_si256((const __m256i *)w);
+    const __m256i even = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4), odd = _mm256_and_si256(codes, low4);
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(even, _mm256_loadu_si256((const __m256i *)x)),
+                                           _mm256_maddubs_epi16(odd, _mm256_loadu_si256((const __m256i *)(x + 32))));
+    return _mm256_madd_epi16(pairs, ones);
+}
+
+QPLUG_AVX2 static void gemv_w4a8_avx2(const int8_t *xq, const float *sx, const float *xs, int64_t M, int64_t K,
+                                      const uint8_t *packed, int64_t blocksize, const float *scale, const float *zero,
+                                      int64_t first, int64_t count, float *out, int64_t N) {
+    const int64_t blocks = K / QPLUG_W4A8_BLOCK, groups = K / blocksize, per_group = blocksize / QPLUG_W4A8_BLOCK;
+    float *xg = (float *)malloc(sizeof(float) * (size_t)(M * groups)); /* each row's sum of x^ per group */
+    if (xg == NULL) {
+        gemv_w4a8_portable(xq, sx, xs, M, K, packed, blocksize, scale, zero, first, count, out, N);
+        return;
+    }
+    for (int64_t i = 0; i < M * groups; i++) {
+        float sum = 0.0f;
+        for (int64_t b = i * per_group; b < (i + 1) * per_group; b++) sum += xs[b];
+        xg[i] = sum;
+    }
+    for (int64_t n = first; n < first + count; n++) {
+        const uint8_t *p = packed + n * (K / 2);
+        const float *sn = scale + n * groups;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xm = xq + m * K;
+            const float *sxm = sx + m * blocks;
+            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; /* two FMA chains: latency */
+            /* each block's int32 sums times its input scale and its group's weight scale, straight into the row's
+             * float32 sum */
+            for (int64_t b = 0; b < blocks; b++) {
+                _mm_prefetch((const char *)(p + b * (QPLUG_W4A8_BLOCK / 2) + QPLUG_PREFETCH_BYTES), _MM_HINT_T0);
+                const __m256i dot = w4a8_block_avx2(p + b * (QPLUG_W4A8_BLOCK / 2), xm + b * QPLUG_W4A8_BLOCK);
+                acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sxm[b] * sn[b / per_group]),
+                                             acc[b & 1]);
+            }
+            float shift = 0.0f;
+            if (zero != NULL)
+                for (int64_t g = 0; g < groups; g++) shift += zero[n * groups + g] * sn[g] * xg[m * groups + g];
+            out[m * N + n] = hsum_avx2(_mm256_add_ps(acc[0], acc[1])) - shift;
+        }
+    }
+    free(xg);
+}
+#endif
+
+/* Output rows [first, first + count) of y [M, N] (float32) from qplug_w4a8_input's xq, sx, xs; codes as the
+ * 4-bit GEMV's (two a byte, element 2j high), a float32 scale (and zero point, or NULL) per group of
+ * `blocksize` (a multiple of 64 dividing K) along each row. */
+int qplug_gemv_w4a8(int isa, int64_t first, int64_t count, const int8_t *xq, const float *sx, const float *xs,
+                    int64_t M, int64_t K, const uint8_t *packed, int64_t blocksize, const float *scale,
+                    const float *zero, float *out, int64_t N) {
+    if (blocksize <= 0 || blocksize % QPLUG_W4A8_BLOCK != 0 || K % blocksize != 0) return -1;
+    if (isa > qplug_cpu_isa()) return -3;
+#if QPLUG_X86
+    if (isa >= QPLUG_ISA_AVX2) { /* AVX-512 machines run the AVX2 code too (no VNNI path yet) */
+        gemv_w4a8_avx2(xq, sx, xs, M, K, packed, blocksize, scale, zero, first, count, out, N);
+        return 0;
+    }
+#endif
+    gemv_w4a8_portable(xq, sx, xs, M, K, packed, blocksize, scale, zero, first, count, out, N);
+    return 0;
+}
+
 /* ---- Parallel entry points: the same kernels over `threads` contiguous ranges of output rows (or
  * elements), on the process's OpenMP pool. Built with -fopenmp, this library resolves libgomp to the
  * copy torch has already loaded, so the ranges run on torch's own worker threads, which are still
@@ -1053,6 +1195,19 @@ int qplug_dequant_int4pack_parallel(int isa, int threads, int64_t first, int64_t
         if (n > 0)
             status |= qplug_dequant_int4pack(isa, first + start, n, packed, K, block, scales_zeros, N, group, dtype,
                                              out, ld, base);
+    }
+    return status;
+}
+
+int qplug_gemv_w4a8_parallel(int isa, int threads, const int8_t *xq, const float *sx, const float *xs, int64_t M,
+                             int64_t K, const uint8_t *packed, int64_t blocksize, const float *scale,
+                             const float *zero, float *out, int64_t N) {
+    int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+    for (int t = 0; t < threads; t++) {
+        QPLUG_RANGE(t, threads, N, first, count)
+        if (count > 0)
+            status |= qplug_gemv_w4a8(isa, first, count, xq, sx, xs, M, K, packed, blocksize, scale, zero, out, N);
     }
     return status;
 }

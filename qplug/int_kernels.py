@@ -46,6 +46,12 @@ such a layer holds its codes once, in the kernel's packing (see :mod:`qplug.kern
 ``dequant-blocked``
     any bits, shape, device and dtype: dequantizes a block of output rows at a time and multiplies,
     never holding the whole float weight. Its layout keeps 2/3/4-bit codes at half a byte each.
+``qplug-int4-w4a8-cpu`` (opt-in)
+    ``qplug-int4-cpu`` with a W4A8 GEMV for decode: the activations are rounded to int8 per block of 64
+    inputs (scale ``max |x| / 127``) and multiplied by the 4-bit codes in integers (``vpmaddubsw``), the
+    scales applied in float32. The weights are exact; the activations carry int8 rounding, so the result
+    is that of the exact product with the rounded input (tested), not of the float input. Groups must
+    be multiples of 64 inputs. Prefill runs ``qplug-int4-cpu``'s exact blocked path.
 ``dequant-cached`` (opt-in)
     keeps ``float_weight(dtype)``: a full-precision copy (``out * in * 2`` bytes in bf16/fp16, 4 in
     fp32), fastest for large batches where memory does not matter.
@@ -446,6 +452,37 @@ QPLUG_INT4_CPU = Kernel(
 )
 
 
+# ------------------------------------------------- 4-bit weights x int8-rounded activations, CPU (opt-in)
+def _w4a8_refuses(layer, device: torch.device, dtype: torch.dtype) -> str | None:
+    why = _lut4_refuses(layer, device, dtype)
+    if why is None and _group(layer) % lut4.INT8_ACTIVATION_BLOCK:
+        why = f"groups of a multiple of {lut4.INT8_ACTIVATION_BLOCK} inputs (this layer's: {_group(layer)})"
+    return why
+
+
+def _w4a8_forward(layer, layout, x):
+    weight, perm, bias = layout
+    if x.shape[0] > lut4.GEMV_MAX_ROWS[native.isa()[0]]:  # prefill: the exact blocked path of qplug-int4-cpu
+        return _lut4_forward(layer, layout, x)
+    y = lut4.gemv_int8_activations(weight, x.contiguous(), perm)
+    if bias is not None:
+        y = y.add_(bias)
+    return y.to(x.dtype)
+
+
+QPLUG_INT4_W4A8_CPU = Kernel(
+    "qplug-int4-w4a8-cpu",
+    refuses=_w4a8_refuses,
+    prepare=_lut4_prepare,
+    forward=_w4a8_forward,
+    description="qplug's C 4-bit GEMV on int8-rounded activations (decode; prefill as qplug-int4-cpu): "
+                "faster where the float GEMV is compute-bound, less exact: opt-in",
+    releases=_code_tensors,
+    restore=_restorer(_lut4_codes),
+    opt_in=True,
+)
+
+
 # ---------------------------------------------------------------------------- 8-bit, qplug's C, CPU
 _INT8_WEIGHTS_PER_THREAD = 1 << 16
 
@@ -742,5 +779,6 @@ KERNELS = (
     QPLUG_INT8_CPU,
     INT8_WEIGHT_CPU,
     DEQUANT_BLOCKED,
+    QPLUG_INT4_W4A8_CPU,
     DEQUANT_CACHED,
 )

@@ -26,7 +26,8 @@ import torch
 from qplug import blocked, native
 from qplug.blocked import matmul_dtype
 
-__all__ = ["GEMV_MAX_ROWS", "Lut4Weight", "dequantize", "matmul", "matmul_dtype", "refuses"]
+__all__ = ["GEMV_MAX_ROWS", "INT8_ACTIVATION_BLOCK", "Lut4Weight", "dequantize", "gemv_int8_activations",
+           "int8_activations_refuse", "matmul", "matmul_dtype", "refuses"]
 
 #: Inputs of at most this many rows take the GEMV, per path; more rows the blocked dequantize + matmul one.
 #: (Measured on a Zen 4 core: the AVX-512 GEMV costs ~0.25 ms per extra row of a 5632x2048 layer, about
@@ -122,6 +123,50 @@ def _gemv(weight: Lut4Weight, x: torch.Tensor, isa_code: int, perm: torch.Tensor
                                  inline_first=True)
     if any(status):
         raise RuntimeError(f"qplug_gemv_4bit returned {status}")
+    return out
+
+
+#: Inputs per activation scale of :func:`gemv_int8_activations` (the C kernel's block).
+INT8_ACTIVATION_BLOCK = 64
+
+
+def int8_activations_refuse(weight: Lut4Weight) -> str | None:
+    """Why :func:`gemv_int8_activations` cannot take ``weight``, or ``None``."""
+    if weight.qabsmax is not None or not torch.equal(weight.code, torch.arange(16, dtype=torch.float32)):
+        return "affine integer codes only (code book 0..15, plain float32 scales)"
+    if weight.blocksize % INT8_ACTIVATION_BLOCK or weight.k % weight.blocksize:
+        return (f"groups of a multiple of {INT8_ACTIVATION_BLOCK} inputs that divide the row "
+                f"(group {weight.blocksize}, in_features {weight.k})")
+    return None
+
+
+def gemv_int8_activations(weight: Lut4Weight, x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``x^[:, perm] @ W.T`` in float32 for an affine ``weight`` (see :func:`int8_activations_refuse`) and a
+    contiguous 2-D ``x``, where ``x^`` is ``x`` rounded to int8 per block of :data:`INT8_ACTIVATION_BLOCK`
+    inputs (scale ``max |x| / 127``): the C W4A8 GEMV (integer products, float32 sums; an opt-in trade of
+    accuracy for speed, see ``docs/performance.md``)."""
+    name, why = native.isa()
+    if name is None:
+        raise RuntimeError(why)
+    lib = native.CPU_KERNELS.get()
+    m, k, n = x.shape[0], weight.k, weight.n
+    blocks = k // INT8_ACTIVATION_BLOCK
+    xr = torch.empty(m, k, dtype=torch.float32)
+    xq = torch.empty(m, k, dtype=torch.int8)
+    sx = torch.empty(m, blocks, dtype=torch.float32)
+    xs = torch.empty(m, blocks, dtype=torch.float32)
+    if (lib.qplug_gemv_4bit_input(x.data_ptr(), native.DTYPE_CODES[x.dtype], m, k,
+                                  None if perm is None else perm.data_ptr(), xr.data_ptr())
+            or lib.qplug_w4a8_input(xr.data_ptr(), m, k, xq.data_ptr(), sx.data_ptr(), xs.data_ptr())):
+        raise RuntimeError("qplug_w4a8_input failed")
+    out = torch.empty(m, n, dtype=torch.float32)
+    zeros = None if weight.zeros is None else weight.zeros.data_ptr()
+    status = native.run_parallel(lib, "qplug_gemv_w4a8", n, max(1, _GEMV_WEIGHTS_PER_THREAD // k), native.ISAS[name],
+                                 xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), m, k, weight.packed.data_ptr(),
+                                 weight.blocksize, weight.absmax.data_ptr(), zeros, out.data_ptr(), n,
+                                 inline_first=True)
+    if any(status):
+        raise RuntimeError(f"qplug_gemv_w4a8 returned {status}")
     return out
 
 

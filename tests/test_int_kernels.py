@@ -30,6 +30,8 @@ from qplug.kernels import KernelLayer
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
 CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "qplug-int8-cpu", "int8-weight-cpu", "dequant-blocked",
                "dequant-cached")
+#: kernels that round the activations (checked against the rounded input's exact product instead)
+INT8_ACTIVATION_KERNELS = ("qplug-int4-w4a8-cpu",)
 
 
 class PlainLinear(KernelLayer, nn.Module):
@@ -188,6 +190,72 @@ def check_every_cpu_kernel(bits, out_f, group_size, groups, act_order, sym, bias
     assert layer.kernel == preferred[0]  # automatic: the first that accepts and is not passed over
 
 
+def int8_rounded_input(layer, x):
+    """``x`` as the W4A8 GEMV multiplies it, written out independently: per 64 consecutive inputs in run-time
+    order, ``round(x * 127 / amax) * amax / 127`` in float32 (``amax`` the block's largest ``|x|``)."""
+    run = x.float() if layer.perm is None else x.float()[:, layer.perm]
+    blocks = run.reshape(x.shape[0], -1, 64)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # tensor / tensor: IEEE division (torch computes ``127 / amax`` as ``127 * (1 / amax)``, one rounding more)
+    q = (blocks * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0)).round().clamp(-127, 127)
+    rounded = (q * (amax / 127)).reshape(run.shape)
+    if layer.perm is None:
+        return rounded
+    out = torch.empty_like(rounded)
+    out[:, layer.perm] = rounded
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    out_f=st.sampled_from([16, 24, 48, 192]),
+    group_size=st.sampled_from([64, 128, 256, -1]),
+    groups=st.integers(1, 3),
+    act_order=st.booleans(),
+    sym=st.booleans(),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    batch=st.one_of(st.integers(1, 4), st.integers(9, 24)),
+    seed=st.integers(0, 2**16),
+    isa=st.sampled_from(["portable", "avx2", "avx512"]),
+)
+def test_the_w4a8_gemv_is_the_exact_product_with_the_int8_rounded_input(out_f, group_size, groups, act_order, sym,
+                                                                         bias, dtype, batch, seed, isa):
+    """Decode-sized batches: the weights are exact and only the input is rounded, so the output is the exact
+    product with the rounded input within the float32 GEMV's bound. Prefill-sized ones run the exact path."""
+    assume(isa in available_isas())
+    in_f = groups * (64 if group_size == -1 else group_size)
+    layer = make_layer(out_f, in_f, 4, group_size, act_order=act_order, sym=sym, bias=bias, seed=seed)
+    x = torch.randn(batch, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    with forced_isa(isa):
+        out = run_on(layer, "qplug-int4-w4a8-cpu", x)
+    if batch <= 4:
+        rounded = int8_rounded_input(layer, x)
+        y, magnitude = reference(layer, rounded)
+        eps = EPS[dtype]
+        assert out.dtype == dtype
+        assert bool(((out.float() - y).abs() <= 2 * EPS[torch.float32] * magnitude + eps * y.abs() + 1e-6).all())
+        # and the rounding is what separates it from the float input's product: at most half a step of the
+        # block's scale per input
+        y_exact, _ = reference(layer, x)
+        step = (rounded - x.float()).abs().amax()
+        assert step <= x.float().abs().amax() / 254 * (1 + 1e-3)
+        assert float((out.float() - y_exact).abs().max()) <= float(step * layer.float_weight(torch.float32)
+                                                                   .abs().sum(1).max()) + 2 * eps * float(y.abs().max()) + 1e-5
+    else:
+        assert_within_bound(layer, x, out, dtype)
+
+
+def test_the_w4a8_gemv_refuses_groups_it_cannot_scale():
+    layer = make_layer(32, 128, 4, 32)
+    qplug.set_kernel(layer, "qplug-int4-w4a8-cpu")
+    with pytest.raises(qplug.KernelUnavailableError, match="groups of a multiple of 64 inputs"):
+        layer(torch.randn(1, 128))
+    qplug.set_kernel(layer, None)
+    layer(torch.randn(1, 128))
+    assert layer.kernel != "qplug-int4-w4a8-cpu"  # opt-in: never chosen by itself
+
+
 def available_isas() -> list[str]:
     best = native.ISAS[native.isa()[0]] if native.isa()[0] else -1
     return [name for name, code in native.ISAS.items() if code <= best]
@@ -305,7 +373,7 @@ def test_a_requested_kernel_that_refuses_says_why(kwargs, dtype, kernel, reason)
     assert f"not {kernel}: " in layer.kernel_reason or order.index(layer.kernel) < order.index(kernel)
 
 
-@pytest.mark.parametrize("name", CPU_KERNELS)
+@pytest.mark.parametrize("name", CPU_KERNELS + INT8_ACTIVATION_KERNELS)
 def test_checkpoint_tensors_stay_byte_identical(name):
     layer = make_layer(32, 256, 8 if "int8" in name else 4, 64, act_order=True)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -317,7 +385,7 @@ def test_checkpoint_tensors_stay_byte_identical(name):
     assert after.keys() == before.keys()
 
 
-@pytest.mark.parametrize("name", CPU_KERNELS)
+@pytest.mark.parametrize("name", CPU_KERNELS + INT8_ACTIVATION_KERNELS)
 def test_input_gradients_come_from_the_dequantized_weight(name):
     layer = make_layer(32, 256, 8 if "int8" in name else 4, 64)
     qplug.set_kernel(layer, name)
@@ -340,7 +408,7 @@ def test_blocked_layout_is_smaller_than_the_float_weight():
 
 
 @pytest.mark.parametrize("name", ["tinygemm-int4-cpu", "qplug-int4-cpu", "qplug-int8-cpu", "int8-weight-cpu",
-                                  "dequant-blocked"])
+                                  "dequant-blocked", *INT8_ACTIVATION_KERNELS])
 def test_a_layout_that_can_restore_the_codes_holds_them_once(name):
     layer = make_layer(32, 256, 8 if "int8" in name else 4, 64, act_order=True)
     before = {k: v.clone() for k, v in layer.state_dict().items()}

@@ -110,6 +110,7 @@ class AwqLinear(KernelLayer, nn.Module):
         int_kernels.TINYGEMM_INT4_CPU,
         int_kernels.QPLUG_INT4_CPU,
         int_kernels.DEQUANT_BLOCKED,
+        int_kernels.QPLUG_INT4_W4A8_CPU,
         int_kernels.DEQUANT_CACHED,
     )
 
