@@ -61,9 +61,11 @@ BNB_PATHS = {
             "bnb_4bit_compute_dtype": "bfloat16"},
     "int8": {"load_in_8bit": True, "llm_int8_threshold": 6.0},
 }
-#: rows that load another path's checkpoint and run it on bitsandbytes' own code
-LIBRARY_KERNEL_PATHS = {"nf4-bnb": "nf4", "int8-bnb": "int8"}
-LIBRARY_KERNEL = "bitsandbytes"
+#: rows that load another path's checkpoint and run it on a kernel asked for by name (qplug.set_kernel):
+#: bitsandbytes' own code, or qplug's opt-in W4A8 GEMV (int8-rounded activations)
+KERNEL_PATHS = {"nf4-bnb": ("nf4", "bitsandbytes"), "int8-bnb": ("int8", "bitsandbytes"),
+                "gptq-4bit-sym-w4a8": ("gptq-4bit-sym", "qplug-int4-w4a8-cpu"),
+                "awq-4bit-w4a8": ("awq-4bit", "qplug-int4-w4a8-cpu")}
 #: the gptq-4bit-sym checkpoint repacked into another format (qplug.convert)
 REPACKED_PATHS = {"ct-w4a16": "compressed-tensors"}
 #: GPTQModel (>= 7.7, torch >= 2.14.1) running qplug's GPTQ checkpoints on its TorchAtenLinear (nox -s bench_gptqmodel)
@@ -73,7 +75,7 @@ GPTQMODEL_PATHS = {f"gptqmodel-{p.removeprefix('gptq-')}": p
 
 def checkpoint_of(path: str) -> str | None:
     """The cached checkpoint a path loads (``None``: the float model itself)."""
-    path = LIBRARY_KERNEL_PATHS.get(path, GPTQMODEL_PATHS.get(path, path))
+    path = KERNEL_PATHS[path][0] if path in KERNEL_PATHS else GPTQMODEL_PATHS.get(path, path)
     return path if path in GPTQ_PATHS or path in BNB_PATHS or path in REPACKED_PATHS or path == "awq-4bit" else None
 
 
@@ -279,11 +281,12 @@ def load(path: str, model_dir: Path) -> nn.Module:
         loaded = GPTQModel.load(str(model_dir), backend=BACKEND.GPTQ_TORCH_ATEN, device="cpu", dtype=torch.bfloat16)
         return loaded.model.eval()
     model = qplug.load_quantized(model_dir)
-    if path in LIBRARY_KERNEL_PATHS:
+    if path in KERNEL_PATHS:
+        kernel = KERNEL_PATHS[path][1]
         try:
-            qplug.set_kernel(model, LIBRARY_KERNEL)
+            qplug.set_kernel(model, kernel)
         except (qplug.KernelUnavailableError, AttributeError) as exc:
-            raise NotAvailable(f"set_kernel(model, {LIBRARY_KERNEL!r}): {exc}") from exc
+            raise NotAvailable(f"set_kernel(model, {kernel!r}): {exc}") from exc
     return model
 
 
@@ -424,7 +427,7 @@ def run(path: str, model_dir: Path, prompt_len: int, tokens: int) -> dict:
         **sizes,
         "kernels": kernels,
         "kernel_reasons": reasons,
-        "tokens": ids[:8],
+        "tokens": ids,
     }
 
 
