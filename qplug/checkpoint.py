@@ -37,6 +37,7 @@ __all__ = [
     "CheckpointWeights",
     "TensorInfo",
     "build_skeleton",
+    "load_float_checkpoint",
     "needs_bias",
     "read_model_config",
     "read_tensors",
@@ -369,6 +370,17 @@ def read_tensors(
         weights = CheckpointWeights(directory, stack)
         tensors = weights.read_all(threads)
     return tensors, weights.tied
+
+
+def load_float_checkpoint(path: str | os.PathLike[str], dtype: Any = "auto") -> nn.Module:
+    """``transformers.AutoModelForCausalLM.from_pretrained(path)`` in ``dtype`` (a ``torch.dtype`` or ``"auto"``)
+    on whichever transformers is installed: it renamed ``torch_dtype`` to ``dtype`` in 4.56, and older
+    releases (the auto-gptq and autoawq sessions pin them) ignore the new name. Exceptions are transformers'."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), **{key: dtype})
 
 
 def build_skeleton(config: Mapping[str, Any]) -> nn.Module:

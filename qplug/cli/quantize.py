@@ -121,21 +121,17 @@ def _load_tokenizer(directory: Path) -> Any:
 
 
 def _load_model(src: Path, dtype: str) -> Any:
-    try:
-        import transformers
-    except ImportError as exc:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
         raise CLIError("qplug quantize loads SRC with transformers, which is not installed: "
-                       "pip install 'qplug[transformers]'") from exc
+                       "pip install 'qplug[transformers]'")
     quiet_transformers()
+    from qplug.checkpoint import load_float_checkpoint
     from qplug.config import torch_dtype
 
-    chosen = "auto" if dtype == "auto" else torch_dtype(dtype)
-    from packaging.version import Version
-
-    # transformers renamed `torch_dtype` to `dtype` in 4.56; older releases ignore the new name.
-    key = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(src), **{key: chosen})
+        model = load_float_checkpoint(src, "auto" if dtype == "auto" else torch_dtype(dtype))
     except (OSError, ValueError, KeyError) as exc:
         raise CLIError(f"SRC {src}: transformers cannot load it: {one_line(exc)}") from exc
     return model.eval()

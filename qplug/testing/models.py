@@ -50,13 +50,11 @@ def tiny_llama(seed: int = 0, *, dtype: torch.dtype = torch.float32, **overrides
 
 
 def load_float_model(path: Any, dtype: Any = "auto") -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path)`` in ``dtype`` on whichever transformers is installed (it
-    renamed ``torch_dtype`` to ``dtype`` in 4.56; the auto-gptq and autoawq sessions pin older releases)."""
-    import transformers
-    from packaging.version import Version
+    """``AutoModelForCausalLM.from_pretrained(path)`` in ``dtype`` on whichever transformers is installed
+    (:func:`qplug.checkpoint.load_float_checkpoint`)."""
+    from qplug.checkpoint import load_float_checkpoint
 
-    key = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), **{key: dtype})
+    return load_float_checkpoint(path, dtype)
 
 
 def example_tokens(model: torch.nn.Module, *, batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
