@@ -24,7 +24,9 @@ Paths:
   (``qplug.set_kernel(model, "bitsandbytes")``; n/a where no layer declares that kernel);
 * ``gptq-4bit-sym-w4a8``, ``awq-4bit-w4a8``: those checkpoints on qplug's opt-in W4A8 GEMV
   (``qplug.set_kernel(model, "qplug-int4-w4a8-cpu")``: activations rounded to int8 for decode, so not
-  the exact result; the tokens they generate are compared with the exact path's);
+  the exact result; the tokens they generate are compared with the exact path's); ``int8-w8a8``: the
+  ``int8`` checkpoint on ``qplug-llm-int8-cpu`` (opt-in: bitsandbytes' inference arithmetic, int8 inputs
+  with float outliers, in an int8 x int8 GEMV);
 * ``floor``: imports the same libraries and builds nothing (the runtime floor of the RSS target);
 * only when asked for (``nox -s bench_gptqmodel``: GPTQModel 7.7 needs torch >= 2.14.1):
   ``gptqmodel-4bit-sym``, ``gptqmodel-4bit-asym``, ``gptqmodel-4bit-actorder``, the same GPTQ
@@ -58,7 +60,7 @@ from model import CACHE, model_dir  # noqa: E402
 
 PATHS = ("bf16", "fp32", "torch-int4", "gptq-4bit-sym", "gptq-4bit-asym", "gptq-4bit-actorder", "gptq-8bit",
          "awq-4bit", "ct-w4a16", "nf4", "fp4", "int8", "nf4-bnb", "int8-bnb", "gptq-4bit-sym-w4a8", "awq-4bit-w4a8",
-         "floor")
+         "int8-w8a8", "floor")
 #: paths whose checkpoint is another path's, repacked (qplug.convert: the same integers)
 REPACKED = {"ct-w4a16": "gptq-4bit-sym"}
 #: also accepted by --paths: GPTQModel's TorchAtenLinear on the same GPTQ checkpoints (nox -s bench_gptqmodel)
@@ -66,8 +68,8 @@ GPTQMODEL = ("gptqmodel-4bit-sym", "gptqmodel-4bit-asym", "gptqmodel-4bit-actord
 FLOATS = ("bf16", "fp32")
 QUANTIZED = tuple(p for p in PATHS if p not in (*FLOATS, "torch-int4", "floor"))
 #: the checkpoint each quantized path loads (the -bnb rows run another path's checkpoint)
-#: opt-in kernels that round the activations: checkpoint path -> its W4A8 row
-W4A8 = {"gptq-4bit-sym": "gptq-4bit-sym-w4a8", "awq-4bit": "awq-4bit-w4a8"}
+#: opt-in kernels on int8 activations: checkpoint path -> its row on them
+W4A8 = {"gptq-4bit-sym": "gptq-4bit-sym-w4a8", "awq-4bit": "awq-4bit-w4a8", "int8": "int8-w8a8"}
 CHECKPOINTS = ({p: p for p in QUANTIZED} | {"nf4-bnb": "nf4", "int8-bnb": "int8"} | {v: k for k, v in W4A8.items()}
                | {p: p.replace("gptqmodel-", "gptq-") for p in GPTQMODEL})
 FOUR_BIT = ("gptq-4bit-sym", "gptq-4bit-asym", "gptq-4bit-actorder", "awq-4bit", "ct-w4a16")
@@ -78,7 +80,8 @@ TARGETS = (
     [(p, ref, "decode_ms", t) for p in FOUR_BIT for ref, t in (("bf16", 0.4), ("torch-int4", 1.0))]
     + [(p, "gptq-4bit-sym", "decode_ms", 1.15) for p in ("gptq-4bit-actorder", "gptq-4bit-asym")]
     + [("ct-w4a16", "gptq-4bit-sym", "decode_ms", 1.1)]  # the same weights as compressed-tensors
-    + [(p, "bf16", "decode_ms", 0.4) for p in W4A8.values()]  # opt-in, not the exact result
+    + [(p, "bf16", "decode_ms", 0.4) for p in ("gptq-4bit-sym-w4a8", "awq-4bit-w4a8")]  # opt-in, not exact
+    + [("int8-w8a8", "bf16", "decode_ms", 0.6)]  # opt-in: bitsandbytes' own inference arithmetic
     + [("gptq-8bit", "bf16", "decode_ms", 0.7)]
     + [(p, "bf16", "decode_ms", 0.45) for p in ("nf4", "fp4")]
     + [("nf4", "nf4-bnb", "decode_ms", 1.0), ("int8", "bf16", "decode_ms", 0.6), ("int8", "int8-bnb", "decode_ms", 1.0)]
@@ -303,13 +306,14 @@ def main() -> None:
         verdicts.append({"what": what, "ratio": ratio, "target": RSS_SLACK, "result": result})
         lines.append(f"| {what} | {ratio:.3f} | ≤ {RSS_SLACK} | {result} |")
     agreement = []
-    for exact, rounded in W4A8.items():  # how long the rounded activations keep to the exact path's greedy tokens
+    for exact, rounded in W4A8.items():  # greedy tokens shared with the float-activation path
         if exact in paths and rounded in paths and "na" not in stats[rounded] and "na" not in stats[exact]:
-            same = [common_prefix(a["tokens"], b["tokens"]) for a, b in zip(samples[exact], samples[rounded])]
+            pairs = zip(samples[exact], samples[rounded], strict=True)
+            same = [common_prefix(a["tokens"], b["tokens"]) for a, b in pairs]
             agreement.append(f"- {rounded}: the first {min(same)} of {len(samples[exact][0]['tokens'])} greedy "
                              f"tokens equal {exact}'s")
     if agreement:
-        lines += ["", "Opt-in W4A8 rows (int8-rounded activations) against the exact path:", "", *agreement]
+        lines += ["", "Opt-in rows on int8 activations against the float-activation path:", "", *agreement]
     notes = [f"- {p}: {r}" for p in paths if p not in ("floor",) for r in list(stats[p].get("kernel_reasons", {}))[:1]]
     if notes:
         lines += ["", "Kernel choice (first reason reported per path):", "", *notes]

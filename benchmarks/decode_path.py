@@ -62,10 +62,11 @@ BNB_PATHS = {
     "int8": {"load_in_8bit": True, "llm_int8_threshold": 6.0},
 }
 #: rows that load another path's checkpoint and run it on a kernel asked for by name (qplug.set_kernel):
-#: bitsandbytes' own code, or qplug's opt-in W4A8 GEMV (int8-rounded activations)
+#: bitsandbytes' own code, or qplug's opt-in GEMVs on int8 activations (W4A8; LLM.int8's inference arithmetic)
 KERNEL_PATHS = {"nf4-bnb": ("nf4", "bitsandbytes"), "int8-bnb": ("int8", "bitsandbytes"),
                 "gptq-4bit-sym-w4a8": ("gptq-4bit-sym", "qplug-int4-w4a8-cpu"),
-                "awq-4bit-w4a8": ("awq-4bit", "qplug-int4-w4a8-cpu")}
+                "awq-4bit-w4a8": ("awq-4bit", "qplug-int4-w4a8-cpu"),
+                "int8-w8a8": ("int8", "qplug-llm-int8-cpu")}
 #: the gptq-4bit-sym checkpoint repacked into another format (qplug.convert)
 REPACKED_PATHS = {"ct-w4a16": "compressed-tensors"}
 #: GPTQModel (>= 7.7, torch >= 2.14.1) running qplug's GPTQ checkpoints on its TorchAtenLinear (nox -s bench_gptqmodel)

@@ -1097,6 +1097,101 @@ int qplug_gemv_w4a8(int isa, int64_t first, int64_t count, const int8_t *xq, con
     return 0;
 }
 
+/* ---- LLM.int8 inference arithmetic (opt-in): bitsandbytes' MatMul8bitLt forward, int8 inputs times int8 rows.
+ *
+ * bitsandbytes' inference forward rounds the input to float16, zeroes the elements at or above the threshold
+ * (their columns are multiplied in float by the caller), quantizes each row to int8 by its largest remaining
+ * magnitude (round(x * (127 * (1 / absmax)))), zeroes whole outlier columns when there are several rows, multiplies
+ * in integers and scales: dot * (absmax * SCB) * 6.200124e-05 (1 / 127^2). The same steps here, in the same float32
+ * operations; the integer dot products are exact (bitsandbytes' default CPU backend sums them in float32).
+ * 32 weights take one vpmaddubsw on |w| and x signed by w (at most 2 * 128 * 127 a pair), a vpmaddwd and an add. */
+
+/* x [M, K] (any float dtype) -> xq int8 [M, K], absmax [M] (float32), outlier [K] set to 1 for a column with an
+ * element at or above `threshold` (threshold > 0). Returns the number of outlier columns. */
+int qplug_llm_int8_input(const void *x, int dtype, int64_t M, int64_t K, float threshold, int8_t *xq, float *absmax,
+                         uint8_t *outlier) {
+    int64_t columns = 0;
+    threshold = (float)(_Float16)threshold; /* bitsandbytes compares the float16 input with a float16 threshold */
+    for (int64_t m = 0; m < M; m++) {
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            const float a = fabsf((float)(_Float16)load_float(x, dtype, m * K + k));
+            if (threshold > 0.0f && a >= threshold) {
+                columns += outlier[k] == 0;
+                outlier[k] = 1;
+            } else if (a > amax) {
+                amax = a;
+            }
+        }
+        absmax[m] = amax;
+        const float inv = 127.0f * (1.0f / amax);
+        for (int64_t k = 0; k < K; k++) {
+            const float v = (float)(_Float16)load_float(x, dtype, m * K + k);
+            const int out = threshold > 0.0f && fabsf(v) >= threshold;
+            xq[m * K + k] = (out || amax == 0.0f) ? 0 : (int8_t)nearbyintf(v * inv);
+        }
+    }
+    if (M > 1 && columns > 0) /* several rows: an outlier column is left out of every row's int8 product */
+        for (int64_t k = 0; k < K; k++)
+            if (outlier[k])
+                for (int64_t m = 0; m < M; m++) xq[m * K + k] = 0;
+    return (int)columns;
+}
+
+static void gemv_llm_int8_portable(const int8_t *xq, const float *absmax, int64_t M, int64_t K, const int8_t *cb,
+                                   const float *scb, int64_t first, int64_t count, float *out, int64_t N) {
+    for (int64_t n = first; n < first + count; n++)
+        for (int64_t m = 0; m < M; m++) {
+            int32_t dot = 0;
+            for (int64_t k = 0; k < K; k++) dot += (int32_t)xq[m * K + k] * cb[n * K + k];
+            out[m * N + n] = (float)dot * (absmax[m] * scb[n]) * 6.200124e-05f;
+        }
+}
+
+#if QPLUG_X86
+QPLUG_AVX2 static void gemv_llm_int8_avx2(const int8_t *xq, const float *absmax, int64_t M, int64_t K,
+                                          const int8_t *cb, const float *scb, int64_t first, int64_t count, float *out,
+                                          int64_t N) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t n = first; n < first + count; n++) {
+        const int8_t *w = cb + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *x = xq + m * K;
+            __m256i acc = _mm256_setzero_si256();
+            int64_t k = 0;
+            for (; k + 32 <= K; k += 32) {
+                _mm_prefetch((const char *)(w + k + 2 * QPLUG_PREFETCH_BYTES), _MM_HINT_T0);
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + k));
+                const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+            }
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+            int32_t dot = _mm_cvtsi128_si32(s);
+            for (; k < K; k++) dot += (int32_t)x[k] * w[k];
+            out[m * N + n] = (float)dot * (absmax[m] * scb[n]) * 6.200124e-05f;
+        }
+    }
+}
+#endif
+
+/* Output rows [first, first + count) of y [M, N] (float32) from qplug_llm_int8_input's xq and absmax, the int8
+ * rows cb [N, K] and their float32 SCB [N]. */
+int qplug_gemv_llm_int8(int isa, int64_t first, int64_t count, const int8_t *xq, const float *absmax, int64_t M,
+                        int64_t K, const int8_t *cb, const float *scb, float *out, int64_t N) {
+    if (isa > qplug_cpu_isa()) return -3;
+#if QPLUG_X86
+    if (isa >= QPLUG_ISA_AVX2) {
+        gemv_llm_int8_avx2(xq, absmax, M, K, cb, scb, first, count, out, N);
+        return 0;
+    }
+#endif
+    gemv_llm_int8_portable(xq, absmax, M, K, cb, scb, first, count, out, N);
+    return 0;
+}
+
 /* ---- Parallel entry points: the same kernels over `threads` contiguous ranges of output rows (or
  * elements), on the process's OpenMP pool. Built with -fopenmp, this library resolves libgomp to the
  * copy torch has already loaded, so the ranges run on torch's own worker threads, which are still
@@ -1208,6 +1303,17 @@ int qplug_gemv_w4a8_parallel(int isa, int threads, const int8_t *xq, const float
         QPLUG_RANGE(t, threads, N, first, count)
         if (count > 0)
             status |= qplug_gemv_w4a8(isa, first, count, xq, sx, xs, M, K, packed, blocksize, scale, zero, out, N);
+    }
+    return status;
+}
+
+int qplug_gemv_llm_int8_parallel(int isa, int threads, const int8_t *xq, const float *absmax, int64_t M, int64_t K,
+                                 const int8_t *cb, const float *scb, float *out, int64_t N) {
+    int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+    for (int t = 0; t < threads; t++) {
+        QPLUG_RANGE(t, threads, N, first, count)
+        if (count > 0) status |= qplug_gemv_llm_int8(isa, first, count, xq, absmax, M, K, cb, scb, out, N);
     }
     return status;
 }

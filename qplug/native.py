@@ -143,10 +143,15 @@ def _declare_cpu_kernels(lib: ctypes.CDLL) -> None:
     lib.qplug_w4a8_input.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     lib.qplug_gemv_w4a8.restype = c_int
     lib.qplug_gemv_w4a8.argtypes = [c_int, i64, i64, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
+    lib.qplug_llm_int8_input.restype = c_int
+    lib.qplug_llm_int8_input.argtypes = [ptr, c_int, i64, i64, f32, ptr, ptr, ptr]
+    lib.qplug_gemv_llm_int8.restype = c_int
+    lib.qplug_gemv_llm_int8.argtypes = [c_int, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64]
     lib.qplug_openmp.restype = c_int
     lib.qplug_openmp.argtypes = []
     # the same kernels over `threads` ranges on the OpenMP pool: (isa, threads, <the rest>)
-    for name in ("qplug_gemv_4bit", "qplug_gemv_int8", "qplug_gemv_int8_grouped", "qplug_gemv_w4a8"):
+    for name in ("qplug_gemv_4bit", "qplug_gemv_int8", "qplug_gemv_int8_grouped", "qplug_gemv_w4a8",
+                 "qplug_gemv_llm_int8"):
         parallel = getattr(lib, f"{name}_parallel")
         parallel.restype = c_int
         parallel.argtypes = [c_int, c_int, *getattr(lib, name).argtypes[3:]]

@@ -277,6 +277,60 @@ def test_int8_is_bitsandbytes_float_arithmetic_and_near_its_inference_forward(ro
     assert ((ours - inference).norm() / inference.norm()).item() < 3e-2
 
 
+EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 70),
+    k=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    rows=st.integers(1, 4),
+    isa=st.sampled_from(["portable", "avx2", "avx512"]),
+    threshold=st.sampled_from([0.0, 6.0, 3.5]),
+    outlier_columns=st.integers(0, 3),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_llm_int8_kernel_is_bitsandbytes_inference_forward(n, k, dtype, rows, isa, threshold, outlier_columns, bias,
+                                                            seed):
+    """``qplug-llm-int8-cpu`` against bitsandbytes' own ``MatMul8bitLt`` (eval mode): the same int8 inputs, outlier
+    columns and scaling. Stated tolerance: bitsandbytes rounds the int8 product to the input dtype before adding
+    the outlier columns (an error of ``eps`` times that partial sum, at most ``eps |x| @ |W|.T``), and its CPU
+    backend sums the integers in float32; ours rounds once. So the outputs agree within
+    ``2 eps |y| + (eps + 2**-22) |x| @ |W|.T``."""
+    if isa not in available_isas():
+        return
+    layer = _int8_linear(n, k, threshold=threshold, dtype=dtype, bias=bias, seed=seed % 97)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen)
+    x[:, :outlier_columns] *= 20  # above both thresholds, in some rows only when rows > 1
+    x = x.to(dtype)
+    with torch.no_grad(), forced_isa(isa):
+        qplug.set_kernel(layer, "qplug-llm-int8-cpu")
+        ours = layer(x)
+        assert layer.kernel == "qplug-llm-int8-cpu"
+        qplug.set_kernel(layer, "bitsandbytes")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "inputs will be cast from ... to float16"
+            theirs = layer(x)
+    terms = x.float().abs() @ layer.float_weight(torch.float32).abs().t()
+    bound = 2 * EPS[dtype] * theirs.float().abs() + (EPS[dtype] + 2.0**-22) * terms + 1e-6
+    assert ours.dtype == dtype
+    error = (ours.float() - theirs.float()).abs()
+    assert bool((error <= bound).all()), float(error.max())
+
+
+def test_llm_int8_kernel_is_opt_in_and_prefill_runs_the_float_path():
+    layer = _int8_linear(32, 64)
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        default = layer(x)
+        assert layer.kernel == "qplug-int8-cpu"  # never chosen by itself
+        qplug.set_kernel(layer, "qplug-llm-int8-cpu")
+        assert torch.equal(layer(x), default)  # more rows than the GEMV takes: qplug-int8-cpu's arithmetic
+
+
 # ------------------------------------------------------------------------------------------------- choice, fallback
 
 
@@ -404,7 +458,7 @@ def test_bitsandbytes_layer_classes_still_hold():
     layer = _quantized_linear(32, 64, quant_type="nf4", double_quant=False, blocksize=64)
     assert isinstance(layer, bnb.nn.Linear4bit) and isinstance(layer, KernelLayer)
     assert [k.name for k in type(layer).kernels] == ["bitsandbytes-avx512bf16", "qplug-4bit-cpu", "bitsandbytes"]
-    assert [k.name for k in modules.Linear8bitLt.kernels] == ["qplug-int8-cpu", "bitsandbytes"]
+    assert [k.name for k in modules.Linear8bitLt.kernels] == ["qplug-int8-cpu", "bitsandbytes", "qplug-llm-int8-cpu"]
 
 
 def test_an_isa_cap_passes_bitsandbytes_avx512bf16_kernel_over(monkeypatch):

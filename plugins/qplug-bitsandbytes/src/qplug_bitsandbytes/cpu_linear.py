@@ -57,6 +57,7 @@ __all__ = [
     "dequantize_4bit",
     "forward_4bit",
     "forward_int8",
+    "forward_int8_inference",
     "isa",
     "prepare_4bit",
     "prepare_int8",
@@ -148,14 +149,15 @@ def forward_4bit(layer, weight: lut4.Lut4Weight, x: torch.Tensor) -> torch.Tenso
 
 
 class LayoutInt8:
-    """The int8 rows (the checkpoint's ``weight``, not copied) and their float32 scales ``SCB / 127``."""
+    """The int8 rows (the checkpoint's ``weight``, not copied), their float32 ``SCB`` and scales ``SCB / 127``."""
 
-    __slots__ = ("cb", "scale")
+    __slots__ = ("cb", "scale", "scb")
 
     def __init__(self, cb: torch.Tensor, scb: torch.Tensor):
         self.cb = cb.contiguous()
+        self.scb = scb.to(torch.float32).contiguous()
         # bitsandbytes: CB * (SCB * (1 / 127)); the same float32 scale per row (4 bytes a row, counted)
-        self.scale = (scb.to(torch.float32) * (1.0 / 127.0)).contiguous()
+        self.scale = (self.scb * (1.0 / 127.0)).contiguous()
 
 
 def refuses_int8(layer, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -194,3 +196,35 @@ def forward_int8(layer, layout: LayoutInt8, x: torch.Tensor) -> torch.Tensor:
     if layer.bias is not None:
         y += layer.bias.to(x.dtype)
     return y
+
+
+def forward_int8_inference(layer, layout: LayoutInt8, x: torch.Tensor) -> torch.Tensor:
+    """``qplug-llm-int8-cpu``: bitsandbytes' inference arithmetic (``MatMul8bitLt``) for decode-sized inputs: rows
+    rounded to float16 and quantized to int8 (outlier columns, at or above ``llm_int8_threshold``, multiplied in
+    float against their dequantized weight columns), an exact int8 x int8 GEMV in C, bitsandbytes' scaling. Larger
+    inputs (prefill) run ``qplug-int8-cpu``'s float path."""
+    name, _ = isa()
+    m = x.shape[0]
+    if m > lut4.GEMV_MAX_ROWS[name]:
+        return forward_int8(layer, layout, x)
+    x = x.contiguous()
+    n, k = layout.cb.shape
+    lib = native.CPU_KERNELS.get()
+    xq = torch.empty(m, k, dtype=torch.int8)
+    absmax = torch.empty(m, dtype=torch.float32)
+    outlier = torch.zeros(k, dtype=torch.uint8)
+    columns = lib.qplug_llm_int8_input(x.data_ptr(), native.DTYPE_CODES[x.dtype], m, k, float(layer.state.threshold),
+                                       xq.data_ptr(), absmax.data_ptr(), outlier.data_ptr())
+    out = torch.empty(m, n, dtype=torch.float32)
+    status = native.run_parallel(lib, "qplug_gemv_llm_int8", n, max(1, _GEMV_WEIGHTS_PER_THREAD // k), ISAS[name],
+                                 xq.data_ptr(), absmax.data_ptr(), m, k, layout.cb.data_ptr(), layout.scb.data_ptr(),
+                                 out.data_ptr(), n, inline_first=True)
+    if any(status):
+        raise KernelUnavailableError(f"qplug_gemv_llm_int8 returned {status}")
+    if columns:  # bitsandbytes' decomposition: those columns in the input's dtype against their float weights
+        cols = outlier.nonzero().view(-1)
+        weights = (layout.cb[:, cols].float() * layout.scb[:, None] * 7.874015718698502e-3).to(x.dtype)
+        out.addmm_(x[:, cols].float(), weights.float().t())
+    if layer.bias is not None:
+        out += layer.bias.float()
+    return out.to(x.dtype)

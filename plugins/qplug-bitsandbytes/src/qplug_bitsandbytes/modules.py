@@ -556,13 +556,20 @@ _QPLUG_INT8_CPU = Kernel(
     description="qplug's C GEMV (decode) / blocked dequantize + matmul (prefill) on the stored int8 rows",
 )
 
+_QPLUG_LLM_INT8_CPU = Kernel(
+    "qplug-llm-int8-cpu", refuses=cpu_linear.refuses_int8, prepare=cpu_linear.prepare_int8,
+    forward=cpu_linear.forward_int8_inference, opt_in=True,
+    description="bitsandbytes' inference arithmetic (int8 inputs, float outliers) in qplug's C int8 x int8 GEMV "
+                "for decode; prefill as qplug-int8-cpu: opt-in",
+)
+
 
 class Linear8bitLt(KernelLayer, bnb.nn.Linear8bitLt):
     """bitsandbytes ``Linear8bitLt`` that loads a checkpoint by assignment (meta device), with qplug's
     kernel choice: ``qplug-int8-cpu`` (:mod:`qplug_bitsandbytes.cpu_linear`), then ``bitsandbytes``.
     """
 
-    kernels = (_QPLUG_INT8_CPU, _BNB_INT8)
+    kernels = (_QPLUG_INT8_CPU, _BNB_INT8, _QPLUG_LLM_INT8_CPU)
     qplug_disk_offload_refusal = "bitsandbytes' Int8Params lose their scales (SCB) when accelerate reads them back"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
