@@ -30,6 +30,13 @@ kernels here read the checkpoint tensors as they are stored instead:
       float), so ``threshold`` changes nothing here, and the results differ from bitsandbytes'
       inference forward by its activation-quantization error only.
 
+``qplug-llm-int8-cpu`` (opt-in, :func:`forward_int8_inference`)
+    bitsandbytes' inference arithmetic for decode: the input rounded to float16, elements at or above the
+    threshold set aside (their columns multiplied in float against the dequantized weight columns), each
+    row quantized to int8 by its largest remaining magnitude, an exact int8 x int8 C GEMV
+    (``vpmaddubsw``), bitsandbytes' scaling ``dot * (absmax * SCB) / 127**2``. Prefill runs
+    ``qplug-int8-cpu``'s float path.
+
 Instruction sets: one build of qplug's C kernels holds AVX-512, AVX2+FMA and portable paths; the best
 the CPU runs is used unless ``QPLUG_ISA=avx512|avx2|portable`` asks for one (``QPLUG_BNB_ISA``, its
 old name, still works; a path the CPU cannot run makes the kernel refuse, naming it).

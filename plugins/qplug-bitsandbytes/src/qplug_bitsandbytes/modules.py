@@ -566,7 +566,8 @@ _QPLUG_LLM_INT8_CPU = Kernel(
 
 class Linear8bitLt(KernelLayer, bnb.nn.Linear8bitLt):
     """bitsandbytes ``Linear8bitLt`` that loads a checkpoint by assignment (meta device), with qplug's
-    kernel choice: ``qplug-int8-cpu`` (:mod:`qplug_bitsandbytes.cpu_linear`), then ``bitsandbytes``.
+    kernel choice: ``qplug-int8-cpu`` (:mod:`qplug_bitsandbytes.cpu_linear`), then ``bitsandbytes``; the opt-in
+    ``qplug-llm-int8-cpu`` runs bitsandbytes' inference arithmetic in qplug's C (decode).
     """
 
     kernels = (_QPLUG_INT8_CPU, _BNB_INT8, _QPLUG_LLM_INT8_CPU)
