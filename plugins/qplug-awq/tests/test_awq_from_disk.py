@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import qplug
-from qplug.testing import example_tokens, load_float_model, tiny_llama
+from qplug.testing import example_tokens, relative_error
+from qplug.testing.block_path import assert_block_path_matches_whole_model, calibration_ids, float_checkpoint
 
 CONFIGS = {
     "gemm-g64": {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"},
@@ -15,39 +16,20 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("awq-disk") / "float"
-    tiny_llama(seed=0, dtype=torch.bfloat16, num_hidden_layers=3).save_pretrained(directory)
-    return directory
-
-
-def calibration():
-    return example_tokens(tiny_llama(), batch=4, length=32, seed=3)
-
-
-def files(directory):
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    return float_checkpoint(tmp_path_factory.mktemp("awq-disk") / "float")
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_block_path_is_byte_identical_to_the_whole_model_path(src, tmp_path, name):
-    model = load_float_model(src)
-    qplug.quantize(model, CONFIGS[name], calibration=calibration())
-    qplug.save_quantized(model, tmp_path / "whole")
-    qplug.quantize_checkpoint(src, tmp_path / "disk", CONFIGS[name], calibration=calibration())
-    assert files(tmp_path / "disk") == files(tmp_path / "whole")
-    tokens = example_tokens(model)
-    with torch.no_grad():
-        torch.testing.assert_close(qplug.load_quantized(tmp_path / "disk")(tokens).logits, model(tokens).logits,
-                                   rtol=0, atol=0)
+    assert_block_path_matches_whole_model(src, tmp_path, CONFIGS[name])
 
 
 @pytest.mark.cuda
 def test_blocks_calibrate_on_the_gpu(src, tmp_path):
     config = CONFIGS["gemm-g64"]
-    qplug.quantize_checkpoint(src, tmp_path / "gpu", config, calibration=calibration(), device="cuda")
-    qplug.quantize_checkpoint(src, tmp_path / "cpu", config, calibration=calibration())
+    qplug.quantize_checkpoint(src, tmp_path / "gpu", config, calibration=calibration_ids(), device="cuda")
+    qplug.quantize_checkpoint(src, tmp_path / "cpu", config, calibration=calibration_ids())
     gpu, cpu = qplug.load_quantized(tmp_path / "gpu"), qplug.load_quantized(tmp_path / "cpu")
     tokens = example_tokens(cpu)
     with torch.no_grad():
-        expected = cpu(tokens).logits.float()
-        assert (gpu(tokens).logits.float() - expected).norm() / expected.norm() < 0.05
+        assert relative_error(gpu(tokens).logits.float(), cpu(tokens).logits.float()) < 0.05

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import qplug
-from qplug.testing import example_tokens, load_float_model, relative_error, tiny_llama
+from qplug.testing import example_tokens, relative_error
+from qplug.testing.block_path import (
+    assert_block_path_matches_whole_model,
+    calibration_ids,
+    checkpoint_files,
+    float_checkpoint,
+)
 from qplug.testing.cli import run_qplug
 
 CONFIGS = {
@@ -19,42 +25,19 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("gptq-disk") / "float"
-    tiny_llama(seed=0, dtype=torch.bfloat16, num_hidden_layers=3).save_pretrained(directory)
-    return directory
-
-
-def calibration():
-    return example_tokens(tiny_llama(), batch=4, length=32, seed=3)
-
-
-def files(directory):
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
-def whole_model(src, dst, config):
-    model = load_float_model(src)
-    qplug.quantize(model, config, calibration=calibration())
-    qplug.save_quantized(model, dst)
-    return model
+    return float_checkpoint(tmp_path_factory.mktemp("gptq-disk") / "float")
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_block_path_is_byte_identical_to_the_whole_model_path(src, tmp_path, name):
-    model = whole_model(src, tmp_path / "whole", CONFIGS[name])
-    qplug.quantize_checkpoint(src, tmp_path / "disk", CONFIGS[name], calibration=calibration())
-    assert files(tmp_path / "disk") == files(tmp_path / "whole")
-    tokens = example_tokens(model)
-    with torch.no_grad():
-        torch.testing.assert_close(qplug.load_quantized(tmp_path / "disk")(tokens).logits, model(tokens).logits,
-                                   rtol=0, atol=0)
+    assert_block_path_matches_whole_model(src, tmp_path, CONFIGS[name])
 
 
 def test_the_command_calibrates_block_by_block(src, tmp_path):
     import json
 
     ids = tmp_path / "calibration.json"
-    ids.write_text(json.dumps(calibration().tolist()))
+    ids.write_text(json.dumps(calibration_ids().tolist()))
     args = ("--method", "gptq-4bit", "--set", "group_size=32", "--calibration", ids)
     done = run_qplug("quantize", src, tmp_path / "disk", *args)
     assert done.returncode == 0, done.stderr
@@ -64,15 +47,15 @@ def test_the_command_calibrates_block_by_block(src, tmp_path):
     whole = run_qplug("quantize", src, tmp_path / "whole", *args, "--dtype", "bfloat16")
     assert whole.returncode == 0, whole.stderr
     assert "(load " in whole.stdout
-    assert files(tmp_path / "disk") == files(tmp_path / "whole")
+    assert checkpoint_files(tmp_path / "disk") == checkpoint_files(tmp_path / "whole")
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_blocks_calibrate_on_the_gpu(src, tmp_path):
     config = CONFIGS["g32"]
-    qplug.quantize_checkpoint(src, tmp_path / "gpu", config, calibration=calibration(), device="cuda")
-    qplug.quantize_checkpoint(src, tmp_path / "cpu", config, calibration=calibration())
+    qplug.quantize_checkpoint(src, tmp_path / "gpu", config, calibration=calibration_ids(), device="cuda")
+    qplug.quantize_checkpoint(src, tmp_path / "cpu", config, calibration=calibration_ids())
     gpu, cpu = qplug.load_quantized(tmp_path / "gpu"), qplug.load_quantized(tmp_path / "cpu")
     tokens = example_tokens(cpu)
     with torch.no_grad():
