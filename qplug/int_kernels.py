@@ -480,6 +480,7 @@ QPLUG_INT4_W4A8_CPU = Kernel(
     releases=_code_tensors,
     restore=_restorer(_lut4_codes),
     opt_in=True,
+    rounds_inputs=f"decode inputs rounded to int8 per {lut4.INT8_ACTIVATION_BLOCK}",
 )
 
 

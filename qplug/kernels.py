@@ -86,6 +86,9 @@ class Kernel:
     :param releases: ``layer -> names``: the checkpoint tensors (buffers) ``restore`` rebuilds for this
         layer; the layer drops them once the layout is built.
     :param restore: ``(layer, layout) -> {name: tensor}``: those tensors, bit for bit as loaded.
+    :param rounds_inputs: what the kernel does to the input beyond float rounding (``"int8 activations per 64
+        inputs"``), or ``None``: its result is then the dequantized weight times the input up to rounding in its
+        compute dtype. Such a kernel must be ``opt_in``; tests of that exactness pass it over.
     """
 
     name: str
@@ -97,6 +100,11 @@ class Kernel:
     passed_over: Callable[[nn.Module, torch.device, torch.dtype], str | None] | None = None
     releases: Callable[[nn.Module], tuple[str, ...]] = lambda layer: ()
     restore: Callable[[nn.Module, Any], Mapping[str, torch.Tensor]] | None = None
+    rounds_inputs: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.rounds_inputs is not None and not self.opt_in:
+            raise ValueError(f"kernel {self.name!r} rounds its inputs ({self.rounds_inputs}): it must be opt_in")
 
 
 def requested_kernels() -> tuple[str, ...]:

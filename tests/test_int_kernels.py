@@ -31,7 +31,7 @@ EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10, torch.float32: 2.0**-20
 CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "qplug-int8-cpu", "int8-weight-cpu", "dequant-blocked",
                "dequant-cached")
 #: kernels that round the activations (checked against the rounded input's exact product instead)
-INT8_ACTIVATION_KERNELS = ("qplug-int4-w4a8-cpu",)
+INT8_ACTIVATION_KERNELS = tuple(k.name for k in int_kernels.KERNELS if k.rounds_inputs)
 
 
 class PlainLinear(KernelLayer, nn.Module):
@@ -245,6 +245,15 @@ def test_the_w4a8_gemv_is_the_exact_product_with_the_int8_rounded_input(out_f, g
         assert error <= float(step) * weight_l1 + 2 * eps * float(y.abs().max()) + 1e-5
     else:
         assert_within_bound(layer, x, out, dtype)
+
+
+def test_kernels_that_round_their_inputs_are_opt_in_and_say_so():
+    assert INT8_ACTIVATION_KERNELS == ("qplug-int4-w4a8-cpu",)
+    kernel = next(k for k in int_kernels.KERNELS if k.rounds_inputs)
+    assert kernel.opt_in and "int8" in kernel.rounds_inputs
+    with pytest.raises(ValueError, match="must be opt_in"):
+        type(kernel)("rounding", refuses=kernel.refuses, prepare=kernel.prepare, forward=kernel.forward,
+                     rounds_inputs="int8")
 
 
 def test_the_w4a8_gemv_refuses_groups_it_cannot_scale():

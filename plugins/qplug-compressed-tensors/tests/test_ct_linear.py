@@ -43,8 +43,8 @@ def test_every_kernel_matches_the_dequantized_weight_and_gives_the_bytes_back(bi
     expected = F.linear(x.float(), layer.dequantize_weight(torch.float32), layer.bias.float())
     ran = []
     for kernel in layer.kernels:
-        if kernel.refuses(layer, torch.device("cpu"), dtype) is not None:
-            continue
+        if kernel.rounds_inputs is not None or kernel.refuses(layer, torch.device("cpu"), dtype) is not None:
+            continue  # exactness is what this checks (the int8-activation kernel has its own test)
         qplug.set_kernel(torch.nn.Sequential(layer), kernel.name)
         for rows in (1, 40):  # decode and prefill paths
             xr = x.reshape(-1, layer.in_features)[:1] if rows == 1 else torch.randn(rows, layer.in_features).to(dtype)

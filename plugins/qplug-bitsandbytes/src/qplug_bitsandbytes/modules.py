@@ -559,6 +559,7 @@ _QPLUG_INT8_CPU = Kernel(
 _QPLUG_LLM_INT8_CPU = Kernel(
     "qplug-llm-int8-cpu", refuses=cpu_linear.refuses_int8, prepare=cpu_linear.prepare_int8,
     forward=cpu_linear.forward_int8_inference, opt_in=True,
+    rounds_inputs="decode inputs rounded to float16, then to int8 per row (outlier columns in float)",
     description="bitsandbytes' inference arithmetic (int8 inputs, float outliers) in qplug's C int8 x int8 GEMV "
                 "for decode; prefill as qplug-int8-cpu: opt-in",
 )
