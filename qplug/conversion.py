@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from qplug.errors import CheckpointError, ConversionError, IncompatibleModelError, PluginError, QuantConfigError
-from qplug.plain_layers import PlainLayer, WrittenLayer, exact_cast, refuse
+from qplug.plain_layers import PackedCodes, PlainLayer, WrittenLayer, exact_cast, refuse
 from qplug.write_plan import RELEASE_EVERY_BYTES, to_meta
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from qplug.checkpoint import CheckpointWeights
     from qplug.config import QuantConfig
 
-__all__ = ["PlainLayer", "WrittenLayer", "convert", "exact_cast", "refuse"]
+__all__ = ["PackedCodes", "PlainLayer", "WrittenLayer", "convert", "exact_cast", "refuse"]
 
 
 

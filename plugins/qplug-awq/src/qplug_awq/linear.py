@@ -20,17 +20,19 @@ from torch import nn
 from qplug import int_kernels
 from qplug.errors import IncompatibleModelError
 from qplug.kernels import KernelLayer
+from qplug.plain_layers import PackedCodes
 
 from .autoawq import AUTOAWQ
 from .packing import (
     AWQ_ORDER,
     AWQ_REVERSE_ORDER,
     PackingError,
+    _check_range,
     _unpack_last,
     dequantize_unpacked,
     gemv_zeros_width,
-    pack_gemm,
-    pack_gemv,
+    pack_gemm_zeros,
+    pack_gemv_zeros,
     unpack_gemm,
     unpack_gemv,
 )
@@ -158,7 +160,7 @@ class AwqLinear(KernelLayer, nn.Module):
     @classmethod
     def from_unpacked(
         cls,
-        iweight: torch.Tensor,
+        iweight: torch.Tensor | PackedCodes,
         izeros: torch.Tensor,
         scales: torch.Tensor,
         bias: torch.Tensor | None,
@@ -167,15 +169,31 @@ class AwqLinear(KernelLayer, nn.Module):
         bits: int = 4,
         version: str = "gemm",
     ) -> AwqLinear:
-        """Build a layer from unpacked ``iweight [out, in]``, ``izeros``/``scales [out, groups]``."""
-        out_features, in_features = iweight.shape
+        """Build a layer from unpacked ``iweight [out, in]``, ``izeros``/``scales [out, groups]``.
+
+        ``iweight`` may be the codes packed along ``in`` (:class:`qplug.plain_layers.PackedCodes`):
+        GEMV stores those words as they are; GEMM, whose words run along ``out`` in AWQ's interleaved
+        order, repacks them from their bytes.
+        """
+        if isinstance(iweight, PackedCodes):
+            out_features, in_features = iweight.out_features, iweight.in_features
+        else:
+            out_features, in_features = iweight.shape
         layer = cls(
             in_features, out_features, bits=bits, group_size=group_size, version=version,
             bias=bias is not None, device="meta",
         )
-        pack = pack_gemm if layer.version == "gemm" else pack_gemv
-        qweight, qzeros, qscales = pack(iweight, izeros, scales, bits)
-        layer.qweight, layer.qzeros, layer.scales = qweight, qzeros, qscales
+        if layer.version == "gemm":
+            layer.qzeros, layer.scales = pack_gemm_zeros(izeros, scales, bits)
+        else:
+            layer.qzeros, layer.scales = pack_gemv_zeros(izeros, scales, in_features, bits)
+        if isinstance(iweight, PackedCodes) and layer.version == "gemv" and iweight.bits == bits:
+            layer.qweight = iweight.words.contiguous()
+        elif isinstance(iweight, PackedCodes):
+            layer.qweight = layer.checkpoint_from_codes(iweight.unpack())["qweight"]
+        else:
+            _check_range("iweight", iweight, bits)  # a code of 16 or more would overwrite its neighbours
+            layer.qweight = layer.checkpoint_from_codes(iweight.to(torch.uint8))["qweight"]
         if bias is not None:
             layer.bias = bias.detach().to(torch.float16).clone()
         return layer
@@ -230,15 +248,27 @@ class AwqLinear(KernelLayer, nn.Module):
         """The plain integer form the kernels build their layouts from (new tensors, same device)."""
         # the codes straight from qweight's bytes (little-endian words, low nibble first): no int32 unpacking
         b = self.qweight.contiguous().view(torch.uint8)
-        groups = self.in_features // self.group_size
         if self.version == "gemm":  # [in, out / 8] words; position k of a word holds column 8c + AWQ_ORDER[k]
             nib = torch.stack((b & 15, b >> 4), dim=-1).view(self.in_features, -1, 8)
             q = nib[..., list(AWQ_REVERSE_ORDER)].reshape(self.in_features, self.out_features).t()
-            izeros, scales = _unpack_last(self.qzeros, self.bits, AWQ_ORDER).t(), self.scales.t()
         else:  # [out, in / 8] words, in order
             q = torch.stack((b & 15, b >> 4), dim=-1).view(self.out_features, self.in_features)
+        scales, izeros = self.int_weight_parts()
+        return int_kernels.IntWeight(q.contiguous(), scales, izeros, self.bits, self.group_size)
+
+    def int_weight_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`int_weight`'s ``(scale, zero)``, ``[out, groups]`` each, without its codes."""
+        groups = self.in_features // self.group_size
+        if self.version == "gemm":
+            izeros, scales = _unpack_last(self.qzeros, self.bits, AWQ_ORDER).t(), self.scales.t()
+        else:
             izeros, scales = _unpack_last(self.qzeros, self.bits, None)[:, :groups], self.scales[:, :groups]
-        return int_kernels.IntWeight(q.contiguous(), scales, izeros.contiguous(), self.bits, self.group_size)
+        return scales, izeros.contiguous()
+
+    def packed_codes(self) -> PackedCodes | None:
+        """GEMV's ``qweight`` as :class:`qplug.plain_layers.PackedCodes` (the same words); ``None`` for GEMM, whose
+        words run along ``out`` in AWQ's interleaved order."""
+        return PackedCodes(self.qweight, self.bits) if self.version == "gemv" else None
 
     #: ``qweight`` holds nothing but the codes: a kernel that keeps them in its own packing drops it
     code_tensors = ("qweight",)
