@@ -81,13 +81,15 @@ class PackedCodes:
         packed = fields[..., 0].clone()
         for k in range(1, per_byte):
             packed |= fields[..., k] << (bits * k)
-        return cls(packed.view(torch.int32), bits)
+        return cls(packed.contiguous().reshape(-1).view(torch.int32).view(out_f, -1), bits)
 
     def unpack(self) -> torch.Tensor:
         """The codes, uint8 ``[out, in]`` in checkpoint column order."""
         import torch
 
-        data = self.words.contiguous().view(torch.uint8)  # [out, in * bits / 8], little-endian bytes
+        # [out, in * bits / 8], little-endian bytes (through one dimension: a contiguous tensor may have any
+        # stride along a dimension of size 1)
+        data = self.words.contiguous().reshape(-1).view(torch.uint8).view(self.out_features, -1)
         if self.bits == 8:
             return data
         mask = (1 << self.bits) - 1
@@ -113,6 +115,7 @@ class PlainLayer:
     def __init__(self, weight: IntWeight, bias: torch.Tensor | None = None, channelwise: bool = False) -> None:
         self._weight: IntWeight | None = weight
         self._packed: PackedCodes | None = None
+        self._symmetric: bool | None = None
         self.bias = bias
         self.channelwise = channelwise
         #: scales ``[out, groups]``, zero points ``[out, groups]``, bits, input columns per group, the
@@ -142,7 +145,7 @@ class PlainLayer:
         if perm is not None and tuple(perm.shape) != (in_f,):
             raise ValueError(f"PlainLayer perm has shape {tuple(perm.shape)}, expected {(in_f,)}")
         layer = cls.__new__(cls)
-        layer._weight, layer._packed = None, codes
+        layer._weight, layer._packed, layer._symmetric = None, codes, None
         layer.bias, layer.channelwise = bias, channelwise
         layer.scale, layer.zero, layer.bits = scale, zero, codes.bits
         layer.columns_per_group, layer.perm = columns_per_group, perm
@@ -179,7 +182,9 @@ class PlainLayer:
     @property
     def symmetric(self) -> bool:
         """Whether every zero point is ``2**(bits-1)``, the one symmetric schemes imply without storing it."""
-        return bool((self.zero == 1 << (self.bits - 1)).all())
+        if self._symmetric is None:  # a pass over the zero points, which writers ask about more than once
+            self._symmetric = bool((self.zero == 1 << (self.bits - 1)).all())
+        return self._symmetric
 
     @property
     def act_order(self) -> bool:
@@ -194,9 +199,14 @@ class PlainLayer:
     def check_zeros_fit(self, name: str, to: str) -> None:
         """Refuse zero points outside ``[0, 2**bits)``, which a format storing them in ``bits``-wide fields
         would wrap around."""
-        zero, top = self.zero, (1 << self.bits) - 1
-        if zero.numel() and (int(zero.min()) < 0 or int(zero.max()) > top):
-            raise refuse(name, to, f"its zero points span [{int(zero.min())}, {int(zero.max())}], and {to} stores "
+        import torch
+
+        if not self.zero.numel():
+            return
+        low, high = (int(v) for v in torch.aminmax(self.zero))
+        top = (1 << self.bits) - 1
+        if low < 0 or high > top:
+            raise refuse(name, to, f"its zero points span [{low}, {high}], and {to} stores "
                                    f"{self.bits}-bit ones in [0, {top}]")
 
     def group_index(self) -> torch.Tensor | None:

@@ -300,8 +300,13 @@ class CompressedTensorsLinear(KernelLayer, nn.Module):
         zp = self.weight_zero_point
         if self.strategy == "tensor":
             return (zp.to(torch.int16) + self.offset).reshape(1, 1).expand(self.out_features, 1)
-        if self.format == "pack-quantized":  # packed along `out`: unpack the transposed rows
-            return _unpack_bytes(zp.t(), self.bits, self.out_features).t().to(torch.int16)
+        if self.format == "pack-quantized":  # packed along `out`: byte j of word (r, g) holds rows 8r + 2j, 8r + 2j + 1
+            words, groups = zp.shape
+            b = zp.contiguous().reshape(-1).view(torch.uint8).view(words, groups, 4)  # any size-1 stride
+            if self.bits == 4:
+                b = torch.stack((b & 15, b >> 4), dim=-1).view(words, groups, 8)
+            rows = b.permute(0, 2, 1).reshape(-1, groups)
+            return rows[: self.out_features].to(torch.int16)
         return zp.to(torch.int16) + self.offset
 
     def group_index(self) -> torch.Tensor:
