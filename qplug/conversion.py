@@ -5,7 +5,9 @@ Every weight-only integer format qplug reads (GPTQ v1/v2, AWQ GEMM/GEMV, compres
 columns, in its own packing. :func:`convert` reads each quantized layer of SRC into that plain form
 (:class:`PlainLayer`, through the source backend's ``read_int_layer`` hook) and has the target backend
 pack it again (``write_int_layer``), so the converted checkpoint dequantizes to the same weights, bit
-for bit. A target that cannot hold a layer exactly refuses it with :class:`~qplug.ConversionError`,
+for bit. Formats that store their codes in the same words (:class:`PackedCodes`: GPTQ, compressed-tensors
+``pack-quantized``, AWQ GEMV) pass those words through the plain form as they are; only scales and zero
+points are repacked, so such a conversion costs little more than reading and writing the bytes. A target that cannot hold a layer exactly refuses it with :class:`~qplug.ConversionError`,
 naming the layer and the reason (8-bit weights to AWQ, act-order to a format without it, scales that
 would change in float16, ...).
 
