@@ -1,6 +1,6 @@
 """Converting a quantized checkpoint: time against reading and writing the same bytes, peak memory flat with depth.
 
-    python benchmarks/convert.py [--tinyllama] [--depths 4,16] [--runs 2] [--keep DIR]
+    python benchmarks/convert.py [--tinyllama] [--depths 4,16] [--runs 2] [--threads N] [--keep DIR]
                                  [--to gptq|awq|compressed-tensors]
 
 Builds random Llamas as bf16 safetensors, by default 1024 wide (TinyLlama's proportions: intermediate
@@ -48,7 +48,9 @@ import contextlib
 import torch, transformers
 from transformers import LlamaForCausalLM
 import qplug
-mode, src, dst, to = sys.argv[1:5]
+mode, src, dst, to, threads = sys.argv[1:6]
+if int(threads):
+    torch.set_num_threads(int(threads))
 for name in ("gptq", "awq", "compressed-tensors"):
     qplug.get_plugin_manager().get_backend(name).ensure_available()
 # the libraries a conversion uses, imported before the clock starts (as torch and transformers are)
@@ -89,6 +91,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=2,
                         help="runs of each timed path, alternating (default 2); the fastest run and the highest "
                              "peak count")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in each measured process (default 0: torch's choice); 1 keeps "
+                             "OpenMP from stalling on a machine others are using")
     parser.add_argument("--keep", type=Path, help="build the models here and keep them (default: a temporary dir)")
     parser.add_argument("--to", default="gptq", help="the target format (default: gptq)")
     args = parser.parse_args()
@@ -99,17 +104,19 @@ def main() -> int:
     shapes = {k: v for k, v in TINYLLAMA_SHAPES.items() if k != "num_hidden_layers"} if args.tinyllama else SHAPES
     depths = [int(d) for d in (args.depths or ("4,22" if args.tinyllama else "4,16")).split(",")]
     print(f"cpu capability: {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
-          f"qplug.convert to {args.to}, hidden {shapes['hidden_size']}, depths {depths}, {args.runs} runs each")
+          f"qplug.convert to {args.to}, hidden {shapes['hidden_size']}, depths {depths}, {args.runs} runs each, "
+          f"threads {args.threads or torch.get_num_threads()}")
     with tempfile.TemporaryDirectory(prefix="qplug-convert-bench-") as tmp, progress.enabled(False):
         root = args.keep or Path(tmp)
         rows = {}
         for layers in depths:
             src = quantized_checkpoint(root, shapes, layers)
             nbytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-            floor = measure(_CHILD, "floor", str(src), str(root / "unused"), args.to)["peak"]
+            floor = measure(_CHILD, "floor", str(src), str(root / "unused"), args.to, str(args.threads))["peak"]
             measured = alternate(["convert", "read+write"], args.runs,
                                  lambda mode, src=src, layers=layers: measure(
-                                     _CHILD, mode, str(src), str(root / f"out-{layers}-{mode}"), args.to),
+                                     _CHILD, mode, str(src), str(root / f"out-{layers}-{mode}"), args.to,
+                                     str(args.threads)),
                                  floor)
             rows[layers] = {"bytes": nbytes, "floor": floor, **measured}
         print()
