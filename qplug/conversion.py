@@ -7,9 +7,9 @@ columns, in its own packing. :func:`convert` reads each quantized layer of SRC i
 pack it again (``write_int_layer``), so the converted checkpoint dequantizes to the same weights, bit
 for bit. Formats that store their codes in the same words (:class:`PackedCodes`: GPTQ, compressed-tensors
 ``pack-quantized``, AWQ GEMV) pass those words through the plain form as they are; only scales and zero
-points are repacked, so such a conversion costs little more than reading and writing the bytes. A target that cannot hold a layer exactly refuses it with :class:`~qplug.ConversionError`,
-naming the layer and the reason (8-bit weights to AWQ, act-order to a format without it, scales that
-would change in float16, ...).
+points are repacked. A target that cannot hold a layer exactly refuses it with
+:class:`~qplug.ConversionError`, naming the layer and the reason (8-bit weights to AWQ, act-order to a
+format without it, scales that would change in float16, ...).
 
 It streams: SRC's model is built on the meta device only to learn which tensors form each quantized
 layer (the source backend's ``replace_modules`` on a skeleton, as :func:`qplug.load_quantized` does);

@@ -225,9 +225,9 @@ class PlainLayer:
         is ``None`` without act-order."""
         import torch
 
-        if self._packed is not None:
+        if self._weight is None:  # only packed: unpack them (in checkpoint order already)
             return self._packed.unpack(), self.group_index()
-        w = self.weight
+        w = self._weight
         if w.perm is None:
             return w.q, None
         q = torch.empty_like(w.q)
