@@ -25,7 +25,6 @@ from qplug.plain_layers import PackedCodes
 from .autoawq import AUTOAWQ
 from .packing import (
     AWQ_ORDER,
-    AWQ_REVERSE_ORDER,
     PackingError,
     _check_range,
     _unpack_last,
@@ -247,10 +246,14 @@ class AwqLinear(KernelLayer, nn.Module):
     def int_weight(self) -> int_kernels.IntWeight:
         """The plain integer form the kernels build their layouts from (new tensors, same device)."""
         # the codes straight from qweight's bytes (little-endian words, low nibble first): no int32 unpacking
-        b = self.qweight.contiguous().view(torch.uint8)
+        b = self.qweight.contiguous().reshape(-1).view(torch.uint8)  # through 1-D: any stride on a size-1 dim
         if self.version == "gemm":  # [in, out / 8] words; position k of a word holds column 8c + AWQ_ORDER[k]
-            nib = torch.stack((b & 15, b >> 4), dim=-1).view(self.in_features, -1, 8)
-            q = nib[..., list(AWQ_REVERSE_ORDER)].reshape(self.in_features, self.out_features).t()
+            # bytes 0-3 of word (i, c) hold output rows (0, 2), (4, 6), (1, 3), (5, 7) of group c, low nibble
+            # first: one transpose to [out / 8, 4, in], then whole rows of nibbles in AWQ_REVERSE_ORDER
+            b = b.view(self.in_features, -1, 4).permute(1, 2, 0).contiguous()
+            b0, b1, b2, b3 = b.unbind(1)
+            q = torch.stack((b0 & 15, b2 & 15, b0 >> 4, b2 >> 4, b1 & 15, b3 & 15, b1 >> 4, b3 >> 4), dim=1)
+            q = q.view(self.out_features, self.in_features)
         else:  # [out, in / 8] words, in order
             q = torch.stack((b & 15, b >> 4), dim=-1).view(self.out_features, self.in_features)
         scales, izeros = self.int_weight_parts()
@@ -276,9 +279,13 @@ class AwqLinear(KernelLayer, nn.Module):
     def checkpoint_from_codes(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         """``qweight`` from uint8 codes ``[out, in]``, bit for bit (the inverse of :meth:`int_weight`'s reading)."""
         if self.version == "gemm":  # [in, out / 8] words, position k holding column 8c + AWQ_ORDER[k]
-            nib = q.t().reshape(self.in_features, -1, 8)[..., list(AWQ_ORDER)]
-        else:  # [out, in / 8] words, in order
-            nib = q.reshape(self.out_features, -1, 8)
+            # whole rows of codes into the words' bytes (rows (0, 2), (4, 6), (1, 3), (5, 7) of each group of
+            # eight, low nibble first), then one transpose to [in, out / 8, 4]: no per-element gather
+            r = q.reshape(self.out_features // 8, 8, self.in_features).unbind(1)
+            b = torch.stack((r[0] | r[2] << 4, r[4] | r[6] << 4, r[1] | r[3] << 4, r[5] | r[7] << 4), dim=2)
+            b = b.permute(1, 0, 2).contiguous()  # [in, out / 8, 4]
+            return {"qweight": b.view(torch.int32).squeeze(-1)}
+        nib = q.reshape(self.out_features, -1, 8)  # [out, in / 8] words, in order
         b = nib[..., 0::2] | nib[..., 1::2] << 4  # low nibble first
         return {"qweight": b.contiguous().view(torch.int32).squeeze(-1)}
 
