@@ -6,7 +6,7 @@
 Builds random Llamas with TinyLlama's proportions (intermediate 2.75x hidden in whole groups of 128,
 heads of 64, 4 query heads per KV head, vocabulary 32000), saved as bf16 safetensors in a temporary directory, one per
 depth. Each measurement runs in a fresh process, which reports its peak RSS (``VmHWM`` in
-/proc/self/status) and the seconds the work took (imports excluded):
+/proc/self/status) and the seconds the work took (imports excluded; benchmarks/child_runs.py):
 
 * ``floor``: the same imports and the backend check, nothing built (the runtime floor);
 * ``disk``: ``qplug.quantize_checkpoint(SRC, DST, config)``, with ``calibration=`` for the methods
@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from child_runs import CHILD_HEAD, CHILD_REPORT, GIB, alternate, measure, timed_main, verdict  # benchmarks/
 from model import build_float_checkpoint  # benchmarks/model.py
 
 METHODS = {
@@ -47,11 +46,9 @@ METHODS = {
 CALIBRATES = {"gptq-4bit", "awq-4bit"}
 GROWTH_TARGET = 1.3
 TIME_TARGETS = {"load+save": 1.1, "whole": 1.15}
-GIB = 2**30
 
 # The child: one measurement, one JSON line.
-_CHILD = """
-import json, sys, time
+_CHILD = CHILD_HEAD + """
 import torch, transformers
 from transformers import AutoModelForCausalLM
 import qplug
@@ -74,11 +71,7 @@ elif mode == "load+save":
 elif mode == "whole":
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     qplug.save_quantized(qplug.quantize(model, config, calibration=calibration), dst)
-seconds = time.perf_counter() - start
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-peak = int(status["VmHWM"].split()[0]) * 1024
-print(json.dumps({"mode": mode, "seconds": seconds, "peak": peak}))
-"""
+""" + CHILD_REPORT
 
 
 def shapes(hidden: int) -> dict:
@@ -89,13 +82,9 @@ def shapes(hidden: int) -> dict:
             "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 
-def measure(mode: str, src: Path, dst: Path, config: dict, args: argparse.Namespace) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, mode, str(src), str(dst), str(args.samples),
-                           str(args.seqlen), str(args.threads), json.dumps(config)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode} on {src.name} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run(mode: str, src: Path, dst: Path, config: dict, args: argparse.Namespace) -> dict:
+    return measure(_CHILD, mode, str(src), str(dst), str(args.samples), str(args.seqlen), str(args.threads),
+                   json.dumps(config))
 
 
 def digest(directory: Path) -> str:
@@ -141,18 +130,13 @@ def main() -> int:
                 src = build_float_checkpoint(root / f"llama-{args.hidden}x{layers}-bf16",
                                              {**shapes(args.hidden), "num_hidden_layers": layers})
                 float_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-                floor = measure("floor", src, root / "unused", config, args)["peak"]
-                runs: dict[str, list[dict]] = {"disk": [], other: []}
-                for _ in range(runs_each):
-                    for mode in runs:
-                        out = root / f"out-{method}-{layers}-{mode}"
-                        runs[mode].append(measure(mode, src, out, config, args))
+                floor = run("floor", src, root / "unused", config, args)["peak"]
+                measured = alternate(["disk", other], runs_each,
+                                     lambda mode, src=src, layers=layers, method=method, config=config: run(
+                                         mode, src, root / f"out-{method}-{layers}-{mode}", config, args),
+                                     floor)
                 same = digest(root / f"out-{method}-{layers}-disk") == digest(root / f"out-{method}-{layers}-{other}")
-                rows[layers] = {
-                    "float": float_bytes, "floor": floor, "identical": same,
-                    **{mode: {"above": max(r["peak"] for r in rs) - floor, "seconds": min(r["seconds"] for r in rs)}
-                       for mode, rs in runs.items()},
-                }
+                rows[layers] = {"float": float_bytes, "floor": floor, "identical": same, **measured}
             print()
             print(f"### {method}")
             print()
@@ -165,21 +149,15 @@ def main() -> int:
                       f"| {r['disk']['seconds']:.1f} s | {r[other]['seconds']:.1f} s "
                       f"| {'yes' if r['identical'] else 'NO'} |")
             small, large = rows[depths[0]], rows[depths[-1]]
-            growth = large["disk"]["above"] / small["disk"]["above"]
-            ratio = large["disk"]["seconds"] / large[other]["seconds"]
-            target = TIME_TARGETS[other]
             print()
-            print(f"{method}: disk peak above floor, {depths[-1]}/{depths[0]} layers: {growth:.2f}x "
-                  f"(target <= {GROWTH_TARGET}): {'pass' if growth <= GROWTH_TARGET else 'miss'}")
-            print(f"{method}: disk time / {other} time, {depths[-1]} layers: {ratio:.2f}x "
-                  f"(target <= {target}): {'pass' if ratio <= target else 'miss'}")
+            verdict(f"{method}: disk peak above floor, {depths[-1]}/{depths[0]} layers",
+                    large["disk"]["above"] / small["disk"]["above"], GROWTH_TARGET)
+            verdict(f"{method}: disk time / {other} time, {depths[-1]} layers",
+                    large["disk"]["seconds"] / large[other]["seconds"], TIME_TARGETS[other])
             identical = all(r["identical"] for r in rows.values())
             print(f"{method}: disk output byte-identical to {other}: {'yes' if identical else 'NO'}")
     return 0
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    code = main()
-    print(f"(benchmark took {time.perf_counter() - started:.0f} s)")
-    raise SystemExit(code)
+    timed_main(main)

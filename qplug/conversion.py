@@ -5,9 +5,11 @@ Every weight-only integer format qplug reads (GPTQ v1/v2, AWQ GEMM/GEMV, compres
 columns, in its own packing. :func:`convert` reads each quantized layer of SRC into that plain form
 (:class:`PlainLayer`, through the source backend's ``read_int_layer`` hook) and has the target backend
 pack it again (``write_int_layer``), so the converted checkpoint dequantizes to the same weights, bit
-for bit. A target that cannot hold a layer exactly refuses it with :class:`~qplug.ConversionError`,
-naming the layer and the reason (8-bit weights to AWQ, act-order to a format without it, scales that
-would change in float16, ...).
+for bit. Formats that store their codes in the same words (:class:`PackedCodes`: GPTQ, compressed-tensors
+``pack-quantized``, AWQ GEMV) pass those words through the plain form as they are; only scales and zero
+points are repacked. A target that cannot hold a layer exactly refuses it with
+:class:`~qplug.ConversionError`, naming the layer and the reason (8-bit weights to AWQ, act-order to a
+format without it, scales that would change in float16, ...).
 
 It streams: SRC's model is built on the meta device only to learn which tensors form each quantized
 layer (the source backend's ``replace_modules`` on a skeleton, as :func:`qplug.load_quantized` does);
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from qplug.errors import CheckpointError, ConversionError, IncompatibleModelError, PluginError, QuantConfigError
-from qplug.plain_layers import PlainLayer, WrittenLayer, exact_cast, refuse
+from qplug.plain_layers import PackedCodes, PlainLayer, WrittenLayer, exact_cast, refuse
 from qplug.write_plan import RELEASE_EVERY_BYTES, to_meta
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from qplug.checkpoint import CheckpointWeights
     from qplug.config import QuantConfig
 
-__all__ = ["PlainLayer", "WrittenLayer", "convert", "exact_cast", "refuse"]
+__all__ = ["PackedCodes", "PlainLayer", "WrittenLayer", "convert", "exact_cast", "refuse"]
 
 
 

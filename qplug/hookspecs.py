@@ -311,7 +311,9 @@ def read_int_layer(config: QuantConfig, name: str, module: torch.nn.Module) -> P
     :param module: the filled module.
     :return: a :class:`qplug.conversion.PlainLayer`: its :class:`qplug.int_kernels.IntWeight`
         (``q``, ``scale``, ``zero``, ``bits``, ``group_size``, the act-order ``perm``), its bias, and
-        whether the format declares one group per row.
+        whether the format declares one group per row; or, for a format whose codes are
+        :class:`qplug.conversion.PackedCodes`, :meth:`~qplug.conversion.PlainLayer.from_packed` with
+        those words, which a target storing the same words copies instead of repacking.
 
     .. versionadded:: 0.2
 
@@ -338,7 +340,10 @@ def write_int_layer(config: QuantConfig, name: str, layer: PlainLayer) -> Writte
     :param config: the target config built from the caller's options alone (``checkpoint_format``,
         ``version``, ...); the layer decides bits, group size and symmetry.
     :param name: the layer's dotted name, for messages.
-    :param layer: the plain layer (:class:`qplug.conversion.PlainLayer`).
+    :param layer: the plain layer (:class:`qplug.conversion.PlainLayer`): ``layer.bits``, ``scale``,
+        ``zero``, ``columns_per_group`` and ``group_index()`` read nothing unpacked;
+        ``layer.packed_codes()`` gives the codes packed (as they came, where the source stored them
+        so), ``layer.weight`` unpacked.
     :return: a :class:`qplug.conversion.WrittenLayer`: the tensors by their names inside the layer, in
         the order :func:`qplug.save_quantized` writes them, and the config fields this layer needs
         (every layer must need the same; the core writes them into the ``quantization_config``).

@@ -103,6 +103,12 @@ def test_loaded_layer_dequantizes_as_the_library_decompresses(layout):
         state["weight_zero_point"] = (zero - offset).to(torch.int8)
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     compressed = compressor.compress(state, library_scheme)
+    if (layout["format"] == "pack-quantized" and not scheme.symmetric and scheme.strategy != "tensor"
+            and layout["out"] * layout["bits"] == 32):
+        # compressed-tensors 0.20 cannot unpack its own zero points held in one word along `out` (the
+        # transposed [groups, 1] words keep a stride > 1 that .view(torch.uint8) refuses; see
+        # test_word_packing_is_the_librarys): nothing to compare with
+        return
     expected = compressor.decompress(dict(compressed), library_scheme)["weight"]
     layer = CompressedTensorsLinear(weight.shape[1], weight.shape[0], bits=scheme.num_bits, strategy=scheme.strategy,
                                     group_size=scheme.group_size, symmetric=scheme.symmetric, format=scheme.format,

@@ -99,3 +99,36 @@ def test_errors_name_the_problem():
 def test_default_g_idx():
     assert packing.default_g_idx(8, 4).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert packing.default_g_idx(4, -1).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_zeros_packed_from_bytes_are_the_bit_stream(bits, fmt):
+    gen = torch.Generator().manual_seed(bits)
+    zeros = torch.randint(0, 2**bits, (3, 64), generator=gen, dtype=torch.int16)
+    assert torch.equal(packing.pack_qzeros(zeros, bits, fmt),
+                       packing.pack(packing.zeros_to_stored(zeros, bits, fmt), bits, dim=1))
+    if fmt == "gptq_v2":
+        with pytest.raises(ValueError, match="must lie in"):
+            packing.pack_qzeros(zeros + 2**bits, bits, fmt)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_a_layer_from_packed_codes_is_the_layer_from_integers(bits):
+    """``qweight`` is the packed codes' words transposed: both constructors write the same tensors."""
+    from qplug_gptq.linear import GPTQLinear
+
+    from qplug.conversion import PackedCodes
+
+    gen = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2**bits, (32, 64), generator=gen, dtype=torch.uint8)  # [out, in]
+    zeros = torch.randint(0, 2**bits, (4, 32), generator=gen)
+    scales = torch.rand(4, 32, generator=gen, dtype=torch.float16)
+    g_idx = packing.default_g_idx(64, 16)
+    for fmt in ("gptq", "gptq_v2"):
+        common = {"group_size": 16, "checkpoint_format": fmt, "sym": False}
+        ours = GPTQLinear.from_packed(PackedCodes.pack(q, bits), zeros, scales, g_idx, **common).state_dict()
+        theirs = GPTQLinear.from_integers(q.t(), zeros, scales, g_idx, bits=bits, **common).state_dict()
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), key

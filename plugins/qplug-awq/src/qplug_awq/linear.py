@@ -20,17 +20,18 @@ from torch import nn
 from qplug import int_kernels
 from qplug.errors import IncompatibleModelError
 from qplug.kernels import KernelLayer
+from qplug.plain_layers import PackedCodes
 
 from .autoawq import AUTOAWQ
 from .packing import (
     AWQ_ORDER,
-    AWQ_REVERSE_ORDER,
     PackingError,
+    _check_range,
     _unpack_last,
     dequantize_unpacked,
     gemv_zeros_width,
-    pack_gemm,
-    pack_gemv,
+    pack_gemm_zeros,
+    pack_gemv_zeros,
     unpack_gemm,
     unpack_gemv,
 )
@@ -159,7 +160,7 @@ class AwqLinear(KernelLayer, nn.Module):
     @classmethod
     def from_unpacked(
         cls,
-        iweight: torch.Tensor,
+        iweight: torch.Tensor | PackedCodes,
         izeros: torch.Tensor,
         scales: torch.Tensor,
         bias: torch.Tensor | None,
@@ -168,15 +169,31 @@ class AwqLinear(KernelLayer, nn.Module):
         bits: int = 4,
         version: str = "gemm",
     ) -> AwqLinear:
-        """Build a layer from unpacked ``iweight [out, in]``, ``izeros``/``scales [out, groups]``."""
-        out_features, in_features = iweight.shape
+        """Build a layer from unpacked ``iweight [out, in]``, ``izeros``/``scales [out, groups]``.
+
+        ``iweight`` may be the codes packed along ``in`` (:class:`qplug.plain_layers.PackedCodes`):
+        GEMV stores those words as they are; GEMM, whose words run along ``out`` in AWQ's interleaved
+        order, repacks them from their bytes.
+        """
+        if isinstance(iweight, PackedCodes):
+            out_features, in_features = iweight.out_features, iweight.in_features
+        else:
+            out_features, in_features = iweight.shape
         layer = cls(
             in_features, out_features, bits=bits, group_size=group_size, version=version,
             bias=bias is not None, device="meta",
         )
-        pack = pack_gemm if layer.version == "gemm" else pack_gemv
-        qweight, qzeros, qscales = pack(iweight, izeros, scales, bits)
-        layer.qweight, layer.qzeros, layer.scales = qweight, qzeros, qscales
+        if layer.version == "gemm":
+            layer.qzeros, layer.scales = pack_gemm_zeros(izeros, scales, bits)
+        else:
+            layer.qzeros, layer.scales = pack_gemv_zeros(izeros, scales, in_features, bits)
+        if isinstance(iweight, PackedCodes) and layer.version == "gemv" and iweight.bits == bits:
+            layer.qweight = iweight.words.contiguous()
+        elif isinstance(iweight, PackedCodes):
+            layer.qweight = layer.checkpoint_from_codes(iweight.unpack())["qweight"]
+        else:
+            _check_range("iweight", iweight, bits)  # a code of 16 or more would overwrite its neighbours
+            layer.qweight = layer.checkpoint_from_codes(iweight.to(torch.uint8))["qweight"]
         if bias is not None:
             layer.bias = bias.detach().to(torch.float16).clone()
         return layer
@@ -230,16 +247,32 @@ class AwqLinear(KernelLayer, nn.Module):
     def int_weight(self) -> int_kernels.IntWeight:
         """The plain integer form the kernels build their layouts from (new tensors, same device)."""
         # the codes straight from qweight's bytes (little-endian words, low nibble first): no int32 unpacking
-        b = self.qweight.contiguous().view(torch.uint8)
-        groups = self.in_features // self.group_size
+        b = self.qweight.contiguous().reshape(-1).view(torch.uint8)  # through 1-D: any stride on a size-1 dim
         if self.version == "gemm":  # [in, out / 8] words; position k of a word holds column 8c + AWQ_ORDER[k]
-            nib = torch.stack((b & 15, b >> 4), dim=-1).view(self.in_features, -1, 8)
-            q = nib[..., list(AWQ_REVERSE_ORDER)].reshape(self.in_features, self.out_features).t()
-            izeros, scales = _unpack_last(self.qzeros, self.bits, AWQ_ORDER).t(), self.scales.t()
+            # bytes 0-3 of word (i, c) hold output rows (0, 2), (4, 6), (1, 3), (5, 7) of group c, low nibble
+            # first: one transpose to [out / 8, 4, in], then whole rows of nibbles in AWQ_REVERSE_ORDER
+            b = b.view(self.in_features, -1, 4).permute(1, 2, 0).contiguous()
+            b0, b1, b2, b3 = b.unbind(1)
+            q = torch.stack((b0 & 15, b2 & 15, b0 >> 4, b2 >> 4, b1 & 15, b3 & 15, b1 >> 4, b3 >> 4), dim=1)
+            q = q.view(self.out_features, self.in_features)
         else:  # [out, in / 8] words, in order
             q = torch.stack((b & 15, b >> 4), dim=-1).view(self.out_features, self.in_features)
+        scales, izeros = self.int_weight_parts()
+        return int_kernels.IntWeight(q.contiguous(), scales, izeros, self.bits, self.group_size)
+
+    def int_weight_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`int_weight`'s ``(scale, zero)``, ``[out, groups]`` each, without its codes."""
+        groups = self.in_features // self.group_size
+        if self.version == "gemm":
+            izeros, scales = _unpack_last(self.qzeros, self.bits, AWQ_ORDER).t(), self.scales.t()
+        else:
             izeros, scales = _unpack_last(self.qzeros, self.bits, None)[:, :groups], self.scales[:, :groups]
-        return int_kernels.IntWeight(q.contiguous(), scales, izeros.contiguous(), self.bits, self.group_size)
+        return scales, izeros.contiguous()
+
+    def packed_codes(self) -> PackedCodes | None:
+        """GEMV's ``qweight`` as :class:`qplug.plain_layers.PackedCodes` (the same words); ``None`` for GEMM, whose
+        words run along ``out`` in AWQ's interleaved order."""
+        return PackedCodes(self.qweight, self.bits) if self.version == "gemv" else None
 
     #: ``qweight`` holds nothing but the codes: a kernel that keeps them in its own packing drops it
     code_tensors = ("qweight",)
@@ -247,9 +280,13 @@ class AwqLinear(KernelLayer, nn.Module):
     def checkpoint_from_codes(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
         """``qweight`` from uint8 codes ``[out, in]``, bit for bit (the inverse of :meth:`int_weight`'s reading)."""
         if self.version == "gemm":  # [in, out / 8] words, position k holding column 8c + AWQ_ORDER[k]
-            nib = q.t().reshape(self.in_features, -1, 8)[..., list(AWQ_ORDER)]
-        else:  # [out, in / 8] words, in order
-            nib = q.reshape(self.out_features, -1, 8)
+            # whole rows of codes into the words' bytes (rows (0, 2), (4, 6), (1, 3), (5, 7) of each group of
+            # eight, low nibble first), then one transpose to [in, out / 8, 4]: no per-element gather
+            r = q.reshape(self.out_features // 8, 8, self.in_features).unbind(1)
+            b = torch.stack((r[0] | r[2] << 4, r[4] | r[6] << 4, r[1] | r[3] << 4, r[5] | r[7] << 4), dim=2)
+            b = b.permute(1, 0, 2).contiguous()  # [in, out / 8, 4]
+            return {"qweight": b.view(torch.int32).squeeze(-1)}
+        nib = q.reshape(self.out_features, -1, 8)  # [out, in / 8] words, in order
         b = nib[..., 0::2] | nib[..., 1::2] << 4  # low nibble first
         return {"qweight": b.contiguous().view(torch.int32).squeeze(-1)}
 

@@ -45,7 +45,9 @@ __all__ = [
     "dequantize_unpacked",
     "gemv_zeros_width",
     "pack_gemm",
+    "pack_gemm_zeros",
     "pack_gemv",
+    "pack_gemv_zeros",
     "unpack_gemm",
     "unpack_gemv",
 ]
@@ -128,10 +130,16 @@ def pack_gemm(
     if in_features % izeros.shape[1]:
         raise PackingError(f"in_features={in_features} is not a multiple of the {izeros.shape[1]} groups")
     _check_range("iweight", iweight, bits)
-    _check_range("izeros", izeros, bits)
     qweight = _pack_last(iweight.t(), bits, AWQ_ORDER)
+    return (qweight.contiguous(), *pack_gemm_zeros(izeros, scales, bits))
+
+
+def pack_gemm_zeros(izeros: torch.Tensor, scales: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``izeros``/``scales`` ``[out, groups]`` -> the GEMM layout's ``(qzeros, scales)``."""
+    _check_bits(bits)
+    _check_range("izeros", izeros, bits)
     qzeros = _pack_last(izeros.t(), bits, AWQ_ORDER)
-    return qweight.contiguous(), qzeros.contiguous(), scales.t().to(torch.float16).contiguous()
+    return qzeros.contiguous(), scales.t().to(torch.float16).contiguous()
 
 
 def unpack_gemm(
@@ -179,7 +187,7 @@ def pack_gemv(
     iweight: torch.Tensor, izeros: torch.Tensor, scales: torch.Tensor, bits: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pack unpacked tensors into the GEMV layout (``qweight [out, in / 8]``, padded zeros and scales)."""
-    per_word = _check_bits(bits)
+    _check_bits(bits)
     out_features, in_features = iweight.shape
     if izeros.shape != scales.shape or izeros.shape[0] != out_features:
         raise PackingError(
@@ -189,15 +197,22 @@ def pack_gemv(
     if in_features % groups:
         raise PackingError(f"in_features={in_features} is not a multiple of the {groups} groups")
     _check_range("iweight", iweight, bits)
+    qweight = _pack_last(iweight, bits, None)
+    return (qweight.contiguous(), *pack_gemv_zeros(izeros, scales, in_features, bits))
+
+
+def pack_gemv_zeros(izeros: torch.Tensor, scales: torch.Tensor, in_features: int,
+                    bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``izeros``/``scales`` ``[out, groups]`` -> the GEMV layout's padded ``(qzeros, scales)``."""
+    per_word = _check_bits(bits)
     _check_range("izeros", izeros, bits)
+    out_features, groups = izeros.shape
     width = gemv_zeros_width(in_features, in_features // groups, bits)
     padded_zeros = torch.zeros(out_features, width * per_word, dtype=torch.int64, device=izeros.device)
     padded_zeros[:, :groups] = izeros
     padded_scales = torch.zeros(out_features, width * per_word, dtype=torch.float16, device=scales.device)
     padded_scales[:, :groups] = scales.to(torch.float16)
-    qweight = _pack_last(iweight, bits, None)
-    qzeros = _pack_last(padded_zeros, bits, None)
-    return qweight.contiguous(), qzeros.contiguous(), padded_scales
+    return _pack_last(padded_zeros, bits, None).contiguous(), padded_scales
 
 
 def unpack_gemv(

@@ -137,7 +137,12 @@ def serialize(config: AwqConfig, model: Any) -> dict[str, Any]:
 def read_int_layer(config: AwqConfig, name: str, module: Any):
     from qplug.conversion import PlainLayer
 
-    return PlainLayer(module.int_weight(), module.bias, channelwise=config.group_size == -1)
+    channelwise = config.group_size == -1
+    codes = module.packed_codes()
+    if codes is None:
+        return PlainLayer(module.int_weight(), module.bias, channelwise=channelwise)
+    scale, zero = module.int_weight_parts()
+    return PlainLayer.from_packed(codes, scale, zero, module.group_size, bias=module.bias, channelwise=channelwise)
 
 
 @qplug.backend_hookimpl(AwqConfig)
@@ -148,14 +153,16 @@ def write_int_layer(config: AwqConfig, name: str, layer: Any):
     from qplug.conversion import WrittenLayer, exact_cast, refuse
     from qplug_awq.linear import AwqLinear
 
-    w = layer.weight
-    if w.bits != 4:
-        raise refuse(name, "awq", f"{w.bits}-bit weights (AWQ's layouts hold 4-bit ones)")
+    if layer.bits != 4:
+        raise refuse(name, "awq", f"{layer.bits}-bit weights (AWQ's layouts hold 4-bit ones)")
     if layer.act_order:
         raise refuse(name, "awq", "its act-order g_idx (AWQ has no activation order)")
     layer.check_zeros_fit(name, "awq")
-    scale = exact_cast(w.scale, torch.float16, name=name, to="awq", what="scales")
+    scale = exact_cast(layer.scale, torch.float16, name=name, to="awq", what="scales")
     bias = exact_cast(layer.bias, torch.float16, name=name, to="awq", what="bias values")
-    module = AwqLinear.from_unpacked(w.q, w.zero, scale, bias, group_size=w.group_size, bits=4,
-                                     version=_layout(config))
+    version = _layout(config)
+    # GEMV stores packed codes' words as they are; GEMM interleaves along `out`, so it repacks the codes
+    codes = layer.packed_codes() if version == "gemv" else None
+    module = AwqLinear.from_unpacked(layer.checkpoint_order()[0] if codes is None else codes, layer.zero, scale,
+                                     bias, group_size=layer.columns_per_group, bits=4, version=version)
     return WrittenLayer(module.state_dict(), {"bits": 4, "group_size": layer.group_size, "zero_point": True})

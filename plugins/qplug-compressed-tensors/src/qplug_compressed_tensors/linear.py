@@ -30,6 +30,7 @@ from torch import nn
 from qplug import int_kernels
 from qplug.errors import CheckpointError
 from qplug.kernels import KernelLayer
+from qplug.plain_layers import PackedCodes
 
 __all__ = ["FORMATS", "CompressedTensorsLinear"]
 
@@ -157,7 +158,7 @@ class CompressedTensorsLinear(KernelLayer, nn.Module):
     @classmethod
     def from_integers(
         cls,
-        q: torch.Tensor,
+        q: torch.Tensor | PackedCodes,
         scale: torch.Tensor,
         zero: torch.Tensor | None,
         *,
@@ -171,20 +172,29 @@ class CompressedTensorsLinear(KernelLayer, nn.Module):
         """A layer from unsigned codes.
 
         :param q: uint8 (or any integer) ``[out, in]``, ``0 <= q < 2**bits``: compressed-tensors' signed
-            codes plus ``2**(bits-1)``.
+            codes plus ``2**(bits-1)``; or those codes packed (:class:`qplug.plain_layers.PackedCodes` of
+            ``bits`` bits), which ``pack-quantized`` stores as they are.
         :param scale: ``[out, groups]`` (``[1]`` or ``[out, 1]`` for the tensor strategy), stored in its dtype.
         :param zero: unsigned zero points of ``scale``'s shape, ``None`` for symmetric weights (whose zero
             point is ``2**(bits-1)``).
         :param g_idx: int ``[in]``, each input column's group (activation order "group"), or ``None``.
         """
-        out_features, in_features = q.shape
+        if isinstance(q, PackedCodes):
+            if q.bits != bits:
+                raise ValueError(f"{q.bits}-bit packed codes for a {bits}-bit layer")
+            out_features, in_features, device = q.out_features, q.in_features, q.words.device
+        else:
+            out_features, in_features = q.shape
+            device = q.device
         layer = cls(in_features, out_features, bits=bits, strategy=strategy, group_size=group_size,
                     symmetric=zero is None, format=format, g_idx=g_idx is not None, bias=bias is not None,
                     scale_dtype=scale.dtype, device="meta")
-        device = q.device
-        q = q.to(torch.uint8)
-        for name, tensor in layer.checkpoint_from_codes(q).items():
-            setattr(layer, name, tensor)
+        if isinstance(q, PackedCodes) and format == "pack-quantized":  # the same words: no unpacking
+            layer.weight_packed = q.words.contiguous()
+        else:
+            q = q.unpack() if isinstance(q, PackedCodes) else q.to(torch.uint8)
+            for name, tensor in layer.checkpoint_from_codes(q).items():
+                setattr(layer, name, tensor)
         if strategy == "tensor":
             scale = scale.reshape(1)
         layer.weight_scale = scale.detach().clone().contiguous()
@@ -290,8 +300,13 @@ class CompressedTensorsLinear(KernelLayer, nn.Module):
         zp = self.weight_zero_point
         if self.strategy == "tensor":
             return (zp.to(torch.int16) + self.offset).reshape(1, 1).expand(self.out_features, 1)
-        if self.format == "pack-quantized":  # packed along `out`: unpack the transposed rows
-            return _unpack_bytes(zp.t(), self.bits, self.out_features).t().to(torch.int16)
+        if self.format == "pack-quantized":  # packed along `out`: byte j of word (r, g) holds rows 8r + 2j, 8r + 2j + 1
+            words, groups = zp.shape
+            b = zp.contiguous().reshape(-1).view(torch.uint8).view(words, groups, 4)  # any size-1 stride
+            if self.bits == 4:
+                b = torch.stack((b & 15, b >> 4), dim=-1).view(words, groups, 8)
+            rows = b.permute(0, 2, 1).reshape(-1, groups)
+            return rows[: self.out_features].to(torch.int16)
         return zp.to(torch.int16) + self.offset
 
     def group_index(self) -> torch.Tensor:
@@ -305,13 +320,23 @@ class CompressedTensorsLinear(KernelLayer, nn.Module):
     def int_weight(self) -> int_kernels.IntWeight:
         """The plain integer form the kernels build their layouts from (new tensors, same device)."""
         q = self.codes()
+        scale, zero, group, perm = self.int_weight_parts()
+        q = q.contiguous() if perm is None else q.index_select(1, perm).contiguous()
+        return int_kernels.IntWeight(q, scale, zero, self.bits, group, perm)
+
+    def int_weight_parts(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """:meth:`int_weight` but its codes: ``(scale [out, groups], zero [out, groups], columns per group, perm)``."""
         perm = None
         g = getattr(self, "weight_g_idx", None)
         if g is not None:
             perm = int_kernels.plain_from_g_idx(g, self.group_size)
-        q = q.contiguous() if perm is None else q.index_select(1, perm).contiguous()
         group = self.in_features if self.group_size == -1 else self.group_size
-        return int_kernels.IntWeight(q, self.scales().contiguous(), self.zeros().contiguous(), self.bits, group, perm)
+        return self.scales().contiguous(), self.zeros().contiguous(), group, perm
+
+    def packed_codes(self) -> PackedCodes | None:
+        """``weight_packed`` as :class:`qplug.plain_layers.PackedCodes` (the same words), ``None`` for the unpacked
+        formats."""
+        return PackedCodes(self.weight_packed, self.bits) if self.format == "pack-quantized" else None
 
     @property
     def code_tensors(self) -> tuple[str, ...]:

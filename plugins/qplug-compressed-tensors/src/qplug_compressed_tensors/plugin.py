@@ -184,7 +184,12 @@ def read_int_layer(config: CompressedTensorsConfig, name: str, module: Any):
     from qplug.conversion import PlainLayer
 
     # the tensor strategy's one scale reads as one group per row, which is what it is
-    return PlainLayer(module.int_weight(), module.bias, channelwise=module.strategy != "group")
+    channelwise = module.strategy != "group"
+    codes = module.packed_codes()
+    if codes is None:
+        return PlainLayer(module.int_weight(), module.bias, channelwise=channelwise)
+    scale, zero, group, perm = module.int_weight_parts()
+    return PlainLayer.from_packed(codes, scale, zero, group, perm=perm, bias=module.bias, channelwise=channelwise)
 
 
 @qplug.backend_hookimpl(CompressedTensorsConfig)
@@ -195,22 +200,22 @@ def write_int_layer(config: CompressedTensorsConfig, name: str, layer: Any):
     from qplug_compressed_tensors.linear import CompressedTensorsLinear
 
     to = "compressed-tensors"
-    w = layer.weight
     if config.format != "pack-quantized":
         raise refuse(name, to, f"format={config.format!r}: qplug converts to 'pack-quantized' only")
-    if w.bits not in (4, 8):
-        raise refuse(name, to, f"{w.bits}-bit weights (4 and 8 carry over)")
+    if layer.bits not in (4, 8):
+        raise refuse(name, to, f"{layer.bits}-bit weights (4 and 8 carry over)")
     if layer.act_order:
         raise refuse(name, to, "its act-order g_idx (compressed-tensors 0.20 removed activation order 'group', "
                                "so transformers and vLLM could not load it)")
     layer.check_zeros_fit(name, to)
     symmetric = layer.symmetric
     strategy = "channel" if layer.channelwise else "group"
-    group = w.group_size if strategy == "group" else None
-    bias = exact_cast(layer.bias, w.scale.dtype, name=name, to=to, what="bias values")
+    group = layer.columns_per_group if strategy == "group" else None
+    bias = exact_cast(layer.bias, layer.scale.dtype, name=name, to=to, what="bias values")
+    codes = layer.packed_codes()  # weight_packed is these words as they are
     module = CompressedTensorsLinear.from_integers(
-        w.q, w.scale.contiguous(), None if symmetric else w.zero, bits=w.bits, strategy=strategy,
-        group_size=group, bias=bias,
+        layer.checkpoint_order()[0] if codes is None else codes, layer.scale.contiguous(),
+        None if symmetric else layer.zero, bits=layer.bits, strategy=strategy, group_size=group, bias=bias,
     )
-    scheme = scheme_dict(w.bits, symmetric=symmetric, strategy=strategy, group_size=group)
+    scheme = scheme_dict(layer.bits, symmetric=symmetric, strategy=strategy, group_size=group)
     return WrittenLayer(module.state_dict(), {"config_groups": {"group_0": scheme}})

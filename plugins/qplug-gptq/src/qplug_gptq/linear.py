@@ -27,6 +27,7 @@ from torch import nn
 from qplug import int_kernels
 from qplug.errors import CheckpointError, IncompatibleModelError
 from qplug.kernels import KernelLayer
+from qplug.plain_layers import PackedCodes
 
 from . import packing
 
@@ -136,6 +137,36 @@ class GPTQLinear(KernelLayer, nn.Module):
     ) -> GPTQLinear:
         """Build from unpacked integers: ``intweight [in, out]``, ``zeros``/``scales`` ``[groups, out]``."""
         in_features, out_features = intweight.shape
+        return cls._from_qweight(_pack_codes(intweight, bits), in_features, out_features, zeros, scales, g_idx,
+                                 bits=bits, group_size=group_size, bias=bias, checkpoint_format=checkpoint_format,
+                                 sym=sym, dtype=dtype, weight_dtype=weight_dtype)
+
+    @classmethod
+    def from_packed(
+        cls,
+        codes: PackedCodes,
+        zeros: torch.Tensor,
+        scales: torch.Tensor,
+        g_idx: torch.Tensor,
+        *,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        checkpoint_format: str = "gptq",
+        sym: bool = True,
+        dtype: torch.dtype = torch.float16,
+        weight_dtype: torch.dtype | None = None,
+    ) -> GPTQLinear:
+        """Build from packed codes (:class:`qplug.plain_layers.PackedCodes`, checkpoint column order):
+        ``qweight`` is their words transposed, the same fields packed along ``in``, lowest bits first."""
+        return cls._from_qweight(codes.words.t().contiguous(), codes.in_features, codes.out_features, zeros, scales,
+                                 g_idx, bits=codes.bits, group_size=group_size, bias=bias,
+                                 checkpoint_format=checkpoint_format, sym=sym, dtype=dtype, weight_dtype=weight_dtype)
+
+    @classmethod
+    def _from_qweight(cls, qweight: torch.Tensor, in_features: int, out_features: int, zeros: torch.Tensor,
+                      scales: torch.Tensor, g_idx: torch.Tensor, *, bits: int, group_size: int,
+                      bias: torch.Tensor | None, checkpoint_format: str, sym: bool, dtype: torch.dtype,
+                      weight_dtype: torch.dtype | None) -> GPTQLinear:
         mod = cls(
             in_features,
             out_features,
@@ -146,11 +177,11 @@ class GPTQLinear(KernelLayer, nn.Module):
             sym=sym,
             dtype=dtype,
             weight_dtype=weight_dtype,
-            device=intweight.device,
+            device="meta",  # every buffer is assigned below: allocating and zeroing them first is wasted
         )
         if scales.shape != mod.scales.shape:
             raise ValueError(f"scales has shape {tuple(scales.shape)}, expected {tuple(mod.scales.shape)}")
-        mod.qweight = _pack_codes(intweight, bits)
+        mod.qweight = qweight
         mod.qzeros = packing.pack_qzeros(zeros, bits, checkpoint_format)
         mod.scales = scales.to(dtype).contiguous()
         mod.g_idx = g_idx.to(torch.int32).contiguous()
@@ -266,11 +297,21 @@ class GPTQLinear(KernelLayer, nn.Module):
     def int_weight(self) -> int_kernels.IntWeight:
         """The plain integer form the kernels build their layouts from (new tensors, same device)."""
         q = _codes_out_in(self.qweight, self.bits)  # [out, in] uint8
+        scale, zero, group, perm = self.int_weight_parts()
+        q = q.contiguous() if perm is None else q.index_select(1, perm).contiguous()
+        return int_kernels.IntWeight(q, scale, zero, self.bits, group, perm)
+
+    def int_weight_parts(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """:meth:`int_weight` but its codes: ``(scale [out, groups], zero [out, groups], columns per group, perm)``."""
         zero = packing.unpack_qzeros(self.qzeros, self.bits, self.checkpoint_format).t().to(torch.int16)
         perm = int_kernels.plain_from_g_idx(self.g_idx, self.group_size)
-        q = q.contiguous() if perm is None else q.index_select(1, perm).contiguous()
         group = self.in_features if self.group_size == -1 else self.group_size
-        return int_kernels.IntWeight(q, self.scales.t(), zero.contiguous(), self.bits, group, perm)
+        return self.scales.t(), zero.contiguous(), group, perm
+
+    def packed_codes(self) -> PackedCodes | None:
+        """The codes as :class:`qplug.plain_layers.PackedCodes` (``qweight`` transposed, no copy), or ``None`` at
+        3 bits, whose fields straddle words."""
+        return PackedCodes(self.qweight.t(), self.bits) if self.bits in PackedCodes.BITS else None
 
     #: ``qweight`` holds nothing but the codes: a kernel that keeps them in its own packing drops it
     code_tensors = ("qweight",)

@@ -361,32 +361,42 @@ def read_int_layer(config, name, module):
     if not isinstance(module, GPTQLinear):  # auto-gptq's modules (QPLUG_GPTQ_KERNEL=auto-gptq) hold no plain form
         raise qplug.ConversionError(f"cannot read {name}: it is a {type(module).__name__}, not qplug's GPTQLinear; "
                                     "unset QPLUG_GPTQ_KERNEL=auto-gptq to convert")
-    return PlainLayer(module.int_weight(), module.bias, channelwise=module.group_size == -1)
+    channelwise = module.group_size == -1
+    codes = module.packed_codes()
+    if codes is None:  # 3 bits: fields straddle words, so the codes are unpacked
+        return PlainLayer(module.int_weight(), module.bias, channelwise=channelwise)
+    scale, zero, group, perm = module.int_weight_parts()
+    return PlainLayer.from_packed(codes, scale, zero, group, perm=perm, bias=module.bias, channelwise=channelwise)
 
 
 @qplug.backend_hookimpl(GPTQConfig)
 def write_int_layer(config, name, layer):
-    """Any bits GPTQ packs (2, 3, 4, 8), symmetric or not, act-order kept as ``g_idx``; scales in their dtype."""
+    """Any bits GPTQ packs (2, 3, 4, 8), symmetric or not, act-order kept as ``g_idx``; scales in their dtype.
+    Packed codes (2, 4, 8 bits) become ``qweight`` as they are, transposed."""
     import torch
 
     from qplug.conversion import WrittenLayer, exact_cast, refuse
     from qplug_gptq import packing
     from qplug_gptq.linear import GPTQLinear
 
-    w = layer.weight
-    if w.bits not in packing.SUPPORTED_BITS:
-        raise refuse(name, "gptq", f"{w.bits}-bit weights (GPTQ packs {list(packing.SUPPORTED_BITS)})")
+    if layer.bits not in packing.SUPPORTED_BITS:
+        raise refuse(name, "gptq", f"{layer.bits}-bit weights (GPTQ packs {list(packing.SUPPORTED_BITS)})")
     layer.check_zeros_fit(name, "gptq")
-    q, g_idx = layer.checkpoint_order()
+    g_idx = layer.group_index()
     if g_idx is None:
-        g_idx = packing.default_g_idx(q.shape[1], layer.group_size, device=q.device)
+        g_idx = packing.default_g_idx(layer.in_features, layer.group_size, device=layer.scale.device)
     elif layer.channelwise:
         raise refuse(name, "gptq", "act-order with one group per row has no GPTQ g_idx")
-    bias = exact_cast(layer.bias, w.scale.dtype, name=name, to="gptq", what="bias values")
-    module = GPTQLinear.from_integers(
-        q.t(), w.zero.t(), w.scale.t(), g_idx, bits=w.bits, group_size=layer.group_size, bias=bias,
-        checkpoint_format=config.checkpoint_format, sym=layer.symmetric, dtype=w.scale.dtype,
-    )
-    settings = {"bits": w.bits, "group_size": layer.group_size, "sym": layer.symmetric, "desc_act": layer.act_order}
+    bias = exact_cast(layer.bias, layer.scale.dtype, name=name, to="gptq", what="bias values")
+    common = {"group_size": layer.group_size, "bias": bias, "checkpoint_format": config.checkpoint_format,
+              "sym": layer.symmetric, "dtype": layer.scale.dtype}
+    codes = layer.packed_codes()
+    if codes is not None:
+        module = GPTQLinear.from_packed(codes, layer.zero.t(), layer.scale.t(), g_idx, **common)
+    else:
+        module = GPTQLinear.from_integers(layer.checkpoint_order()[0].t(), layer.zero.t(), layer.scale.t(), g_idx,
+                                          bits=layer.bits, **common)
+    settings = {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.symmetric,
+                "desc_act": layer.act_order}
     with torch.no_grad():
         return WrittenLayer(module.state_dict(), settings)

@@ -1,0 +1,88 @@
+"""The plain form conversions go through: packed codes (``qplug.conversion.PackedCodes``) and a
+``PlainLayer`` that keeps them packed until a target asks for them unpacked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qplug.conversion import PackedCodes, PlainLayer
+from qplug.int_kernels import IntWeight
+
+
+def _codes(bits, out_f=6, in_f=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1 << bits, (out_f, in_f), generator=gen, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packed_words_are_the_little_endian_bit_stream_of_each_row(bits):
+    q = _codes(bits)
+    packed = PackedCodes.pack(q, bits)
+    assert packed.words.dtype == torch.int32 and tuple(packed.words.shape) == (6, 64 * bits // 32)
+    # value k of a row sits in bits bits*k .. bits*k + bits - 1 of the row's words, lowest first
+    words = packed.words.to(torch.int64) & 0xFFFFFFFF
+    per = 32 // bits
+    for k in range(64):
+        field = (words[:, k // per] >> (bits * (k % per))) & ((1 << bits) - 1)
+        assert torch.equal(field.to(torch.uint8), q[:, k]), k
+    assert torch.equal(packed.unpack(), q)
+    assert torch.equal(PackedCodes(packed.words.t().contiguous().t(), bits).unpack(), q)  # any strides
+
+
+def test_codes_that_do_not_fit_are_refused():
+    q = _codes(4)
+    q[2, 5] = 16  # would overwrite its neighbour
+    with pytest.raises(ValueError, match=r"\[0, 15\], got 16"):
+        PackedCodes.pack(q, 4)
+    with pytest.raises(ValueError, match="whole words"):
+        PackedCodes.pack(_codes(4, in_f=12), 4)
+    with pytest.raises(ValueError, match="3-bit"):
+        PackedCodes(torch.zeros(2, 3, dtype=torch.int32), 3)
+
+
+def _layer_parts(bits, out_f=6, in_f=64, group=16, seed=0):
+    gen = torch.Generator().manual_seed(seed + 1)
+    scale = torch.rand(out_f, in_f // group, generator=gen).to(torch.bfloat16)
+    zero = torch.randint(0, 1 << bits, (out_f, in_f // group), generator=gen, dtype=torch.int16)
+    return scale, zero
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_packed_layer_unpacks_to_the_same_weight_as_one_read_unpacked(act_order):
+    q = _codes(4)  # checkpoint column order
+    scale, zero = _layer_parts(4)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(3)) if act_order else None
+    run_time = q if perm is None else q[:, perm]  # run-time column j is checkpoint column perm[j]
+    unpacked = PlainLayer(IntWeight(run_time.contiguous(), scale, zero, 4, 16, perm), bias=None)
+    packed = PlainLayer.from_packed(PackedCodes.pack(q, 4), scale, zero, 16, perm=perm)
+    for layer in (unpacked, packed):
+        assert layer.in_features == 64 and layer.out_features == 6 and layer.act_order is act_order
+        codes, g_idx = layer.checkpoint_order()
+        assert torch.equal(codes, q)
+        if act_order:
+            assert torch.equal(g_idx[perm].long(), torch.arange(64) // 16)
+        else:
+            assert g_idx is None
+    assert torch.equal(packed.weight.q, unpacked.weight.q)
+    assert packed.weight.perm is perm and packed.weight.group_size == 16
+    assert torch.equal(unpacked.packed_codes().words, packed.packed_codes().words)
+
+
+def test_a_packed_layer_is_checked_like_an_int_weight():
+    q = _codes(4)
+    scale, zero = _layer_parts(4)
+    with pytest.raises(ValueError, match="zero has shape"):
+        PlainLayer.from_packed(PackedCodes.pack(q, 4), scale, zero[:, :2], 16)
+    with pytest.raises(ValueError, match="perm has shape"):
+        PlainLayer.from_packed(PackedCodes.pack(q, 4), scale, zero, 16, perm=torch.arange(8))
+
+
+def test_symmetric_zero_points_and_layouts_without_packed_words():
+    q = _codes(4)
+    scale, _ = _layer_parts(4)
+    layer = PlainLayer.from_packed(PackedCodes.pack(q, 4), scale, torch.full((6, 4), 8, dtype=torch.int16), 16,
+                                   channelwise=False)
+    assert layer.symmetric and layer.group_size == 16
+    three_bit = PlainLayer(IntWeight(_codes(3), scale, torch.full((6, 4), 4, dtype=torch.int16), 3, 16))
+    assert three_bit.packed_codes() is None and three_bit.symmetric
