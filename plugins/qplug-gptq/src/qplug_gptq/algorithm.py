@@ -159,39 +159,55 @@ class LayerGPTQ:
         losses = torch.zeros_like(W)
         scales: list[torch.Tensor] = []
         zeros: list[torch.Tensor] = []
-        scale, zero = (None, None)
+        params: tuple[torch.Tensor, torch.Tensor] | None = None
         if group_size == -1:
-            scale, zero = find_params(W, bits, sym)
-            scales.append(scale)
-            zeros.append(zero)
+            params = find_params(W, bits, sym)
+            scales.append(params[0])
+            zeros.append(params[1])
 
         for i1 in range(0, self.columns, blocksize):
             i2 = min(i1 + blocksize, self.columns)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
+            count = i2 - i1
+            # The block transposed: each column one contiguous row, so the per-column steps below
+            # run on contiguous memory and write their results in place, with no temporaries.
+            W1 = W[:, i1:i2].t().contiguous()
+            Q1 = torch.empty_like(W1)
+            Qint1 = torch.empty_like(W1)
+            Diff1 = torch.empty_like(W1)
+            Err1 = torch.empty_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                w = W1[:, i]
-                d = Hinv1[i, i]
-                if group_size != -1:
-                    if static:
-                        orig = int(perm[col]) if perm is not None else col
-                        scale, zero = static[orig // gs]
-                    elif col % gs == 0:
-                        # From W (earlier blocks' updates applied), as the reference does.
-                        scale, zero = find_params(W[:, col : col + gs], bits, sym)
-                        scales.append(scale)
-                        zeros.append(zero)
-                qi = quantize_column(w, scale, zero, maxq)
-                q = scale * (qi - zero)
-                Qint[:, col] = qi
-                Q[:, col] = q
-                losses[:, col] = (w - q) ** 2 / d**2
-                err = (w - q) / d
-                W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-                Err1[:, i] = err
-            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+            diag = torch.diagonal(Hinv1)
+            # Each column's grid. A group's parameters come from ``W`` as the earlier blocks left it
+            # (the reference reads ``W``, not the block being updated), so all of this block's are
+            # known before its first column is quantized.
+            grid: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for col in range(i1, i2):
+                if static:
+                    orig = int(perm[col]) if perm is not None else col
+                    params = static[orig // gs]
+                elif group_size != -1 and col % gs == 0:
+                    params = find_params(W[:, col : col + gs], bits, sym)
+                    scales.append(params[0])
+                    zeros.append(params[1])
+                grid.append(params)
+            for i in range(count):
+                scale, zero = grid[i]
+                w, qi, q, diff, err = W1[i], Qint1[i], Q1[i], Diff1[i], Err1[i]
+                # quantize_column, step by step into qi: clamp(round(w / scale) + zero, 0, maxq)
+                torch.div(w, scale, out=qi)
+                qi.round_().add_(zero).clamp_(0, maxq)
+                torch.sub(qi, zero, out=q)
+                q.mul_(scale)  # scale * (qi - zero): the same product, operands swapped
+                torch.sub(w, q, out=diff)
+                torch.div(diff, diag[i], out=err)
+                if i + 1 < count:
+                    # the error onto the block's later columns; the column itself is done with
+                    W1[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * err)
+            # the losses (w - q)**2 / d**2 at once; the same per-element steps as one column at a time
+            losses[:, i1:i2] = (Diff1**2 / (diag**2)[:, None]).t()
+            Q[:, i1:i2] = Q1.t()
+            Qint[:, i1:i2] = Qint1.t()
+            W[:, i2:] -= Err1.t().contiguous().matmul(Hinv[i1:i2, i2:])
 
         if static:
             scales = [s for s, _ in static]
