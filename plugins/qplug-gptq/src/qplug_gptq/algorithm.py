@@ -234,18 +234,24 @@ class LayerGPTQ:
 # --------------------------------------------------------------------------- a model
 
 
-def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> list[list[str]]:
+def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> tuple[list[list[str]], bool]:
     """Split ``names`` (modules of one block) into the groups true-sequential GPTQ
     quantizes one after another: modules in first-call order, those fed the very same
-    input tensor (q/k/v, gate/up) in one group."""
+    input tensor (q/k/v, gate/up) in one group.
+
+    Also says whether each of them was called exactly once on the first sample (a dense block):
+    then a pass that only collects a group's inputs may stop once the group's last layer has its
+    input (:class:`_GroupFed`), as nothing after it can reach the group."""
     # (name, its input) in call order; holding the inputs keeps their memory from being
     # reused, so equal data pointers really mean the same tensor
     order: list[tuple[str, torch.Tensor]] = []
+    calls = dict.fromkeys(names, 0)
     hooks = []
     for n in names:
         mod = block.get_submodule(n[len(prefix) + 1 :])
 
         def hook(_m, args, _n=n):
+            calls[_n] += 1
             if not any(o[0] == _n for o in order):
                 order.append((_n, args[0]))
 
@@ -268,21 +274,43 @@ def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> 
     missing = [n for n in names if n not in seen]
     if missing:
         groups.append(missing)  # never called on the first sample; quantized last (and fail loudly if never fed)
-    return groups
+    return groups, all(count == 1 for count in calls.values())
+
+
+class _GroupFed(Exception):
+    """Raised by a layer's pre-hook once every layer of the group being calibrated has its input for
+    this call: the rest of the block's forward pass cannot change what the group sees."""
 
 
 def _quantize_group(
-    owner: nn.Module, prefix: str, names: list[str], run, kw: dict[str, Any], settings: dict[str, dict[str, Any]] | None
+    owner: nn.Module,
+    prefix: str,
+    names: list[str],
+    run,
+    kw: dict[str, Any],
+    settings: dict[str, dict[str, Any]] | None,
+    *,
+    stop_early: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ on ``names`` (full dotted names; ``owner`` is the module at ``prefix``, "" for the model):
-    accumulate their Hessians over ``run()``, quantize, and give each layer its dequantized weight."""
+    accumulate their Hessians over ``run()``, quantize, and give each layer its dequantized weight.
+
+    With ``stop_early`` (each layer is called once per forward pass of ``owner``), every call stops
+    with :class:`_GroupFed` as soon as the group's last layer has its input, and ``run`` catches it:
+    the layers after the group are not computed for nothing."""
     cut = len(prefix) + 1 if prefix else 0
     layers = {n: owner.get_submodule(n[cut:]) for n in names}
     states = {n: LayerGPTQ(layers[n].weight.data, n) for n in names}
-    hooks = [
-        layers[n].register_forward_hook(lambda m, args, out, _s=states[n]: _s.add_batch(args[0].data))
-        for n in names
-    ]
+    fed: set[str] = set()
+
+    def feed(_m, args, _n):
+        states[_n].add_batch(args[0].data)
+        fed.add(_n)
+        if stop_early and len(fed) == len(names):
+            raise _GroupFed
+
+    hooks = [layers[n].register_forward_pre_hook(lambda m, args, _n=n: feed(m, args, _n)) for n in names]
+    hooks.append(owner.register_forward_pre_hook(lambda *_: fed.clear()))  # a new call: no layer fed yet
     try:
         run()
     finally:
@@ -329,19 +357,26 @@ def quantize_block(
     wanted = set(names)
 
     def run_block(limit: int | None = None) -> list:
-        return [call.run(block) for call in calls[:limit]]
+        outs = []
+        for call in calls[:limit]:
+            try:
+                outs.append(call.run(block))
+            except _GroupFed:  # a group's inputs were all that this call was for
+                pass
+        return outs
 
     results: dict[str, QuantizedWeight] = {}
     if names:
+        dense = False
         if modules_in_block:
             groups = [[f"{prefix}.{n}" for n in g if f"{prefix}.{n}" in wanted] for g in modules_in_block]
             groups = [g for g in groups if g]
         elif true_sequential:
-            groups = _sequential_groups(block, names, prefix, run_block)
+            groups, dense = _sequential_groups(block, names, prefix, run_block)
         else:
             groups = [names]
         for g in groups:
-            results.update(_quantize_group(block, prefix, g, run_block, kw, settings))
+            results.update(_quantize_group(block, prefix, g, run_block, kw, settings, stop_early=dense))
     outs = run_block()
     return results, [call.with_hidden(out) for call, out in zip(calls, outs, strict=True)]
 
