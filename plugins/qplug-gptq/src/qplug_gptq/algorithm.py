@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -67,6 +68,32 @@ def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Integer codes of ``w`` on the grid (as float tensor holding integers)."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+@attrs.frozen
+class GPTQSettings:
+    """How :func:`quantize_model` and :func:`quantize_block` run GPTQ (the defaults are auto-gptq's).
+
+    ``bits``, ``group_size``, ``sym``, ``desc_act`` and ``static_groups`` are each layer's grid and
+    column order (:meth:`LayerGPTQ.quantize`), which ``per_module`` overrides may change for single
+    modules; ``true_sequential`` and ``modules_in_block`` (groups of names relative to a block)
+    choose which layers of a block are calibrated together.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    damp_percent: float = 0.1
+    desc_act: bool = False
+    static_groups: bool = False
+    sym: bool = True
+    true_sequential: bool = True
+    modules_in_block: Sequence[Sequence[str]] | None = None
+
+    def for_layer(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The keyword arguments of :meth:`LayerGPTQ.quantize` for one layer, with its ``overrides``."""
+        kw = dict(bits=self.bits, group_size=self.group_size, damp_percent=self.damp_percent,
+                  desc_act=self.desc_act, static_groups=self.static_groups, sym=self.sym)
+        return {**kw, **{k: v for k, v in (overrides or {}).items() if k in kw}}
 
 
 @dataclass
@@ -287,8 +314,8 @@ def _quantize_group(
     prefix: str,
     names: list[str],
     run,
-    kw: dict[str, Any],
-    settings: dict[str, dict[str, Any]] | None,
+    settings: GPTQSettings,
+    per_module: dict[str, dict[str, Any]] | None,
     *,
     stop_early: bool = False,
 ) -> dict[str, QuantizedWeight]:
@@ -318,8 +345,7 @@ def _quantize_group(
             h.remove()
     results = {}
     for n in names:
-        own = {k: v for k, v in (settings or {}).get(n, {}).items() if k in kw}
-        res = states[n].quantize(**{**kw, **own})
+        res = states[n].quantize(**settings.for_layer((per_module or {}).get(n)))
         lin = layers[n]
         lin.weight.data = res.weight.to(lin.weight.dtype)
         results[n] = res
@@ -332,27 +358,19 @@ def quantize_block(
     prefix: str,
     module_names: Sequence[str],
     calls: list[BlockCall],
+    settings: GPTQSettings,
     *,
-    bits: int,
-    group_size: int,
-    damp_percent: float,
-    desc_act: bool,
-    static_groups: bool,
-    sym: bool,
-    true_sequential: bool = True,
-    modules_in_block: Sequence[Sequence[str]] | None = None,
-    settings: dict[str, dict[str, Any]] | None = None,
+    per_module: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[BlockCall]]:
     """Run GPTQ on the modules ``module_names`` (full dotted names) of the decoder block ``block``
-    (the model's module ``prefix``), given its inputs ``calls``.
+    (the model's module ``prefix``), given its inputs ``calls``; ``per_module`` overrides
+    ``settings``' grid for single modules (see :class:`GPTQSettings`).
 
     The layers' weights are replaced by their dequantized values, and the block's outputs are
     computed with them: the next block calibrates on the quantized model's activations.
 
     :return: the per-module results, and ``calls`` with this block's outputs as hidden states.
     """
-    kw = dict(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
-              static_groups=static_groups, sym=sym)
     names = list(module_names)
     wanted = set(names)
 
@@ -368,15 +386,15 @@ def quantize_block(
     results: dict[str, QuantizedWeight] = {}
     if names:
         dense = False
-        if modules_in_block:
-            groups = [[f"{prefix}.{n}" for n in g if f"{prefix}.{n}" in wanted] for g in modules_in_block]
+        if settings.modules_in_block:
+            groups = [[f"{prefix}.{n}" for n in g if f"{prefix}.{n}" in wanted] for g in settings.modules_in_block]
             groups = [g for g in groups if g]
-        elif true_sequential:
+        elif settings.true_sequential:
             groups, dense = _sequential_groups(block, names, prefix, run_block)
         else:
             groups = [names]
         for g in groups:
-            results.update(_quantize_group(block, prefix, g, run_block, kw, settings, stop_early=dense))
+            results.update(_quantize_group(block, prefix, g, run_block, settings, per_module, stop_early=dense))
     outs = run_block()
     return results, [call.with_hidden(out) for call, out in zip(calls, outs, strict=True)]
 
@@ -386,37 +404,22 @@ def quantize_model(
     model: nn.Module,
     module_names: Sequence[str],
     calibration: list[dict[str, torch.Tensor]],
+    settings: GPTQSettings,
     *,
-    bits: int,
-    group_size: int,
-    damp_percent: float,
-    desc_act: bool,
-    static_groups: bool,
-    sym: bool,
-    true_sequential: bool = True,
     block_name: str | None = None,
-    modules_in_block: Sequence[Sequence[str]] | None = None,
-    settings: dict[str, dict[str, Any]] | None = None,
+    per_module: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Run GPTQ on ``module_names`` of ``model`` (weights are replaced by their
     dequantized values as it goes, so later layers see quantized inputs).  Returns
     the per-module results; the caller packs them into modules.  ``calibration`` is a list
-    of model-input batches (:func:`qplug.calibration.padded_batches`).  ``settings`` may
-    override ``bits``/``group_size``/``sym``/``desc_act`` per module.
+    of model-input batches (:func:`qplug.calibration.padded_batches`).  ``per_module`` may
+    override ``settings``' ``bits``/``group_size``/``sym``/``desc_act``/``static_groups`` per module.
 
     Each block goes through :func:`quantize_block`, the step the block-by-block path from disk
     (:func:`qplug.quantize_checkpoint`) runs too."""
     module_names = list(module_names)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     results: dict[str, QuantizedWeight] = {}
-    kw = dict(
-        bits=bits,
-        group_size=group_size,
-        damp_percent=damp_percent,
-        desc_act=desc_act,
-        static_groups=static_groups,
-        sym=sym,
-    )
 
     def run_model(limit: int | None = None) -> None:
         for s in calibration[:limit]:
@@ -431,8 +434,7 @@ def quantize_model(
         for b, block in track(enumerate(blocks), "gptq", total=len(blocks), unit="blocks"):
             bprefix = f"{prefix}.{b}"
             names = [n for n in module_names if n.startswith(bprefix + ".")]
-            done, captured = quantize_block(block, bprefix, names, captured, **kw, true_sequential=true_sequential,
-                                            modules_in_block=modules_in_block, settings=settings)
+            done, captured = quantize_block(block, bprefix, names, captured, settings, per_module=per_module)
             results.update(done)
         rest = [n for n in module_names if not n.startswith(prefix + ".")]
     else:
@@ -443,7 +445,7 @@ def quantize_model(
                 f"GPTQ: quantizing {len(rest)} module(s) outside {found[0]} with a full forward pass: {rest[:5]}",
                 stacklevel=2,
             )
-        results.update(_quantize_group(model, "", rest, run_model, kw, settings))
+        results.update(_quantize_group(model, "", rest, run_model, settings, per_module))
     missing = [n for n in module_names if n not in results]
     if missing:
         raise RuntimeError(f"GPTQ: these modules were selected but not quantized: {missing}")
