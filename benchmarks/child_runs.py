@@ -4,11 +4,11 @@ Shared by the benchmarks that compare a streaming path with another on peak memo
 /proc/self/status, the process's high-water mark, so every measurement needs a process of its own)
 and on time (imports excluded: the child starts its clock after them)::
 
-    child = CHILD_HEAD + "...imports, then mode = sys.argv[1] ...\\nstart = time.perf_counter()\\n..." + CHILD_REPORT
+    child = CHILD_HEAD + "<imports; mode = sys.argv[1]; start, cpu_start = clocks; the work>" + CHILD_REPORT
     floor = measure(child, "floor", ...)["peak"]
     rows = alternate(["disk", "whole"], runs, lambda mode: measure(child, mode, ...), floor)
 
-The child defines ``mode`` and ``start``; :data:`CHILD_REPORT` prints the one JSON line
+The child defines ``mode``, ``start`` and ``cpu_start``; :data:`CHILD_REPORT` prints the one JSON line
 :func:`measure` reads. :func:`verdict` prints a figure against its target with pass/miss, and
 :func:`timed_main` runs a script's ``main`` and says how long the whole benchmark took.
 """
@@ -26,17 +26,18 @@ GIB = 2**30
 #: the child's first lines (what every child needs to report)
 CHILD_HEAD = "import json, sys, time\n"
 
-#: the child's last lines: the seconds since ``start`` and the peak RSS, as one JSON line
+#: the child's last lines: the seconds since ``start``, the CPU seconds since ``cpu_start`` (unlike wall time, not
+#: stretched while other jobs hold the cores) and the peak RSS, as one JSON line
 CHILD_REPORT = """
-seconds = time.perf_counter() - start
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
 peak = int(status["VmHWM"].split()[0]) * 1024
-print(json.dumps({"mode": mode, "seconds": seconds, "peak": peak}))
+print(json.dumps({"mode": mode, "seconds": seconds, "cpu": cpu, "peak": peak}))
 """
 
 
 def measure(child: str, *args: str) -> dict:
-    """Run ``child`` (Python source) in a fresh interpreter with ``args``; its ``{"mode", "seconds", "peak"}``.
+    """Run ``child`` (Python source) in a fresh interpreter with ``args``; its ``{"mode", "seconds", "cpu", "peak"}``.
 
     A failing child stops the benchmark with the end of its stderr.
     """
@@ -48,14 +49,14 @@ def measure(child: str, *args: str) -> dict:
 
 def alternate(modes: Iterable[str], runs: int, run_one: Callable[[str], dict], floor: int) -> dict[str, dict]:
     """Each mode ``runs`` times, alternating (so a busy spell hits them alike): per mode the fastest run's
-    seconds, the slowest's, and the highest peak above ``floor``."""
+    seconds, the slowest's, the fewest CPU seconds and the highest peak above ``floor``."""
     modes = list(modes)
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(runs):
         for mode in modes:
             results[mode].append(run_one(mode))
     return {mode: {"above": max(r["peak"] for r in rs) - floor, "seconds": min(r["seconds"] for r in rs),
-                   "slowest": max(r["seconds"] for r in rs)}
+                   "slowest": max(r["seconds"] for r in rs), "cpu": min(r["cpu"] for r in rs)}
             for mode, rs in results.items()}
 
 

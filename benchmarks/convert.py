@@ -55,7 +55,7 @@ for name in ("gptq", "awq", "compressed-tensors"):
     qplug.get_plugin_manager().get_backend(name).ensure_available()
 # the libraries a conversion uses, imported before the clock starts (as torch and transformers are)
 import compressed_tensors, qplug_awq.linear, qplug_compressed_tensors.linear, qplug_gptq.linear
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 if mode == "convert":
     qplug.convert(src, dst, to=to)
 elif mode == "read+write":

@@ -11,6 +11,10 @@ A directory is replaced so that there is no instant at which its path lacks a co
   renames leaves no target, but :func:`recover_directory` (which loading and saving call) finishes
   the swap: the ``.ready`` directory, else the ``.old`` one, is renamed back to the target.
 
+A writer holds an exclusive ``flock`` on its staging directory while it writes. A writer killed
+outright (``SIGKILL``) cannot remove its ``.partial`` directory; the next write to the same target
+does (:func:`remove_abandoned_staging`), once no process holds it.
+
 Each rename is followed by an fsync of the parent directory. New files and directories get the
 modes the umask gives (or, when replacing, the mode of what they replace), never ``0600``/``0700``.
 """
@@ -26,10 +30,16 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_write_text", "recover_directory"]
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, abandoned staging directories stay
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["atomic_directory", "atomic_write_text", "recover_directory", "remove_abandoned_staging"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -69,16 +79,80 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     recover_directory(target)
     if os.path.lexists(target) and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
+    remove_abandoned_staging(target)
     staging = _new_sibling(target, "partial")
+    with contextlib.ExitStack() as held:
+        held.enter_context(_writer_lock(staging))
+        try:
+            if target.is_dir():
+                os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
+            yield staging
+            _fsync_tree(staging)
+            _swap_in(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+#: A staging directory untouched for this long, and locked by no process, was abandoned. The age
+#: covers the instant between a writer's ``mkdir`` and its lock.
+ABANDONED_AFTER_SECONDS = 60.0
+
+
+def remove_abandoned_staging(target: str | os.PathLike[str]) -> list[Path]:
+    """Delete the ``.NAME.<token>.partial`` directories beside ``target`` that a killed writer left.
+
+    A writer holds an exclusive ``flock`` on its staging directory until it is done; the kernel drops
+    it when the process dies, however it dies (``SIGKILL``, power loss). So a staging directory
+    nobody holds, and unchanged for :data:`ABANDONED_AFTER_SECONDS`, can go: a concurrent write
+    into the same target keeps its own. Where ``flock`` does not exist (Windows), nothing is removed.
+
+    :return: the directories removed.
+    """
+    target = Path(target).absolute()
+    if fcntl is None:
+        return []
+    pattern = re.compile(re.escape(f".{target.name}.") + r"[0-9a-f]{8}\.partial")
     try:
-        if target.is_dir():
-            os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
-        yield staging
-        _fsync_tree(staging)
-        _swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    removed = []
+    now = time.time()
+    for name in names:
+        path = target.parent / name
+        if not pattern.fullmatch(name):
+            continue
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or now - info.st_mtime < ABANDONED_AFTER_SECONDS:
+            continue
+        try:
+            with _writer_lock(path, wait=False):
+                shutil.rmtree(path)
+        except (BlockingIOError, OSError):
+            continue  # a live writer holds it, or it vanished meanwhile
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def _writer_lock(directory: Path, *, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` (no-op without ``fcntl``).
+
+    :raises BlockingIOError: ``wait`` is false and another process holds it.
+    """
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield
+    finally:
+        os.close(fd)
 
 
 def recover_directory(target: str | os.PathLike[str]) -> Path:

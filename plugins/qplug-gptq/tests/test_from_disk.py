@@ -1,5 +1,11 @@
 """GPTQ from disk, block by block (issue 15, item 3): the same checkpoint as the whole-model path, byte for byte."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -60,3 +66,55 @@ def test_blocks_calibrate_on_the_gpu(src, tmp_path):
     tokens = example_tokens(cpu)
     with torch.no_grad():
         assert relative_error(gpu(tokens).logits.float(), cpu(tokens).logits.float()) < 0.05
+
+
+# A run that stops itself (SIGSTOP) once the first block is on disk, holding its staging directory.
+PAUSED_RUN = """
+import json, os, signal, sys
+import qplug
+from qplug.testing.block_path import calibration_ids
+src, dst, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+def pause(progress):
+    if progress.module.startswith("model.layers.1."):
+        os.kill(os.getpid(), signal.SIGSTOP)
+qplug.quantize_checkpoint(src, dst, config, calibration=calibration_ids(), on_module=pause)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the child's state from /proc; flock")
+def test_a_killed_run_leaves_dst_whole_and_the_next_run_removes_its_staging(src, tmp_path):
+    import json
+
+    from qplug._io import ABANDONED_AFTER_SECONDS
+
+    dst = tmp_path / "out"
+    config = CONFIGS["g32"]
+    qplug.quantize_checkpoint(src, dst, config, calibration=calibration_ids())
+    before = checkpoint_files(dst)
+    child = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(src), str(dst), json.dumps(config)])
+    try:
+        deadline = time.monotonic() + 120
+        while not _stopped(child.pid):
+            assert child.poll() is None and time.monotonic() < deadline, "the run never reached block 1"
+            time.sleep(0.1)
+        (staging,) = tmp_path.glob(".out.*.partial")
+        old = time.time() - 2 * ABANDONED_AFTER_SECONDS
+        os.utime(staging, (old, old))
+        # the paused writer still holds its staging directory: a second run leaves it alone
+        qplug.quantize_checkpoint(src, dst, config, calibration=calibration_ids())
+        assert staging.is_dir()
+        assert checkpoint_files(dst) == before
+    finally:
+        child.kill()  # SIGKILL: no cleanup runs in the child
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert staging.is_dir() and checkpoint_files(dst) == before  # killed mid-run: DST whole, the staging left behind
+    qplug.quantize_checkpoint(src, dst, config, calibration=calibration_ids())  # restarts from the first block
+    assert not staging.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert checkpoint_files(dst) == before
+
+
+def _stopped(pid):
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "T"

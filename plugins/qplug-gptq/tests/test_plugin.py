@@ -48,11 +48,41 @@ def test_true_sequential_groups_follow_the_block():
     h.remove()
     block = model.model.layers[0]
     names = [f"model.layers.0.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    groups = _sequential_groups(
+    groups, dense = _sequential_groups(
         block, names, "model.layers.0", lambda limit=None: [block(*a, **k) for a, k in captured[:limit]]
     )
     short = [sorted(n.rsplit(".", 1)[-1] for n in g) for g in groups]
     assert short == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert dense  # each Linear called once: a group's passes may stop at its last layer
+
+    down = block.mlp.down_proj
+    block.mlp.register_forward_hook(
+        lambda m, args, out: (down(out.new_zeros(*out.shape[:-1], down.in_features)), out)[1]
+    )
+    _, dense = _sequential_groups(
+        block, names, "model.layers.0", lambda limit=None: [block(*a, **k) for a, k in captured[:limit]]
+    )
+    assert not dense  # down_proj called twice: a pass stopped at its first call would miss the second input
+
+
+def test_passes_stopped_at_a_groups_last_layer_change_nothing():
+    """True-sequential groups found in the block stop each Hessian pass at the group's last layer; the
+    same groups given as modules_in_block_to_quantize run every pass to the end. Same tensors."""
+    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    states = []
+    for given in (None, groups):
+        model = tiny_llama(seed=0)
+        calls: list[int] = []
+        hook = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda *_, _c=calls: _c.append(1))
+        qplug.quantize(model, GPTQConfig(bits=4, group_size=32, desc_act=True, modules_in_block_to_quantize=given),
+                       calibration=_cal(model))
+        hook.remove()
+        states.append((model.state_dict(), len(calls)))
+    (stopped, stopped_calls), (full, full_calls) = states
+    assert stopped_calls < full_calls  # the first really stopped early
+    assert stopped.keys() == full.keys()
+    assert all(torch.equal(stopped[k], full[k]) for k in full)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])

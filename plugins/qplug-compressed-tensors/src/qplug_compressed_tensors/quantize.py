@@ -98,10 +98,11 @@ def _gptq_settings(assigned: Mapping[str, Scheme]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _defaults(settings: dict[str, dict[str, Any]], damp_percent: float) -> dict[str, Any]:
+def _defaults(algorithm, settings: dict[str, dict[str, Any]], damp_percent: float):
+    """qplug-gptq's ``GPTQSettings``: the first module's grid (``settings`` gives each module its own)."""
     first = next(iter(settings.values()))
-    return dict(bits=first["bits"], group_size=first["group_size"], damp_percent=damp_percent,
-                desc_act=first["desc_act"], static_groups=first["static_groups"], sym=first["sym"])
+    return algorithm.GPTQSettings(bits=first["bits"], group_size=first["group_size"], damp_percent=damp_percent,
+                                  desc_act=first["desc_act"], static_groups=first["static_groups"], sym=first["sym"])
 
 
 def _batches(calibration: Any) -> list[dict[str, torch.Tensor]]:
@@ -137,8 +138,8 @@ def gptq_layers(
     settings = _gptq_settings(assigned)
     names: Sequence[str] = list(assigned)
     dtypes = {name: model.get_submodule(name).weight.dtype for name in names}
-    results = algorithm.quantize_model(model, names, _batches(calibration), **_defaults(settings, damp_percent),
-                                       settings=settings)
+    defaults = _defaults(algorithm, settings, damp_percent)
+    results = algorithm.quantize_model(model, names, _batches(calibration), defaults, per_module=settings)
     return {name: _layer(results[name], model.get_submodule(name), dtypes[name], scheme, formats[name])
             for name, scheme in assigned.items()}
 
@@ -168,12 +169,12 @@ def gptq_block_calibration(
             "layers to quantize, so GPTQ cannot run block by block; load it and call qplug.quantize"
         )
     batches = _batches(calibration)
-    defaults = _defaults(settings, damp_percent)
+    defaults = _defaults(algorithm, settings, damp_percent)
 
     def quantize_block(name: str, block: nn.Module, calls: list) -> list:
         mine = [n for n in names if n.startswith(name + ".")]
         dtypes = {n: model.get_submodule(n).weight.dtype for n in mine}
-        results, calls = algorithm.quantize_block(block, name, mine, calls, **defaults, settings=settings)
+        results, calls = algorithm.quantize_block(block, name, mine, calls, defaults, per_module=settings)
         for n in mine:
             set_submodule(model, n, _layer(results[n], model.get_submodule(n), dtypes[n], assigned[n], formats[n]))
         return calls

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -67,6 +68,32 @@ def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Integer codes of ``w`` on the grid (as float tensor holding integers)."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+@attrs.frozen
+class GPTQSettings:
+    """How :func:`quantize_model` and :func:`quantize_block` run GPTQ (the defaults are auto-gptq's).
+
+    ``bits``, ``group_size``, ``sym``, ``desc_act`` and ``static_groups`` are each layer's grid and
+    column order (:meth:`LayerGPTQ.quantize`), which ``per_module`` overrides may change for single
+    modules; ``true_sequential`` and ``modules_in_block`` (groups of names relative to a block)
+    choose which layers of a block are calibrated together.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    damp_percent: float = 0.1
+    desc_act: bool = False
+    static_groups: bool = False
+    sym: bool = True
+    true_sequential: bool = True
+    modules_in_block: Sequence[Sequence[str]] | None = None
+
+    def for_layer(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The keyword arguments of :meth:`LayerGPTQ.quantize` for one layer, with its ``overrides``."""
+        kw = dict(bits=self.bits, group_size=self.group_size, damp_percent=self.damp_percent,
+                  desc_act=self.desc_act, static_groups=self.static_groups, sym=self.sym)
+        return {**kw, **{k: v for k, v in (overrides or {}).items() if k in kw}}
 
 
 @dataclass
@@ -159,39 +186,55 @@ class LayerGPTQ:
         losses = torch.zeros_like(W)
         scales: list[torch.Tensor] = []
         zeros: list[torch.Tensor] = []
-        scale, zero = (None, None)
+        params: tuple[torch.Tensor, torch.Tensor] | None = None
         if group_size == -1:
-            scale, zero = find_params(W, bits, sym)
-            scales.append(scale)
-            zeros.append(zero)
+            params = find_params(W, bits, sym)
+            scales.append(params[0])
+            zeros.append(params[1])
 
         for i1 in range(0, self.columns, blocksize):
             i2 = min(i1 + blocksize, self.columns)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
+            count = i2 - i1
+            # The block transposed: each column one contiguous row, so the per-column steps below
+            # run on contiguous memory and write their results in place, with no temporaries.
+            W1 = W[:, i1:i2].t().contiguous()
+            Q1 = torch.empty_like(W1)
+            Qint1 = torch.empty_like(W1)
+            Diff1 = torch.empty_like(W1)
+            Err1 = torch.empty_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                w = W1[:, i]
-                d = Hinv1[i, i]
-                if group_size != -1:
-                    if static:
-                        orig = int(perm[col]) if perm is not None else col
-                        scale, zero = static[orig // gs]
-                    elif col % gs == 0:
-                        # From W (earlier blocks' updates applied), as the reference does.
-                        scale, zero = find_params(W[:, col : col + gs], bits, sym)
-                        scales.append(scale)
-                        zeros.append(zero)
-                qi = quantize_column(w, scale, zero, maxq)
-                q = scale * (qi - zero)
-                Qint[:, col] = qi
-                Q[:, col] = q
-                losses[:, col] = (w - q) ** 2 / d**2
-                err = (w - q) / d
-                W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-                Err1[:, i] = err
-            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+            diag = torch.diagonal(Hinv1)
+            # Each column's grid. A group's parameters come from ``W`` as the earlier blocks left it
+            # (the reference reads ``W``, not the block being updated), so all of this block's are
+            # known before its first column is quantized.
+            grid: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for col in range(i1, i2):
+                if static:
+                    orig = int(perm[col]) if perm is not None else col
+                    params = static[orig // gs]
+                elif group_size != -1 and col % gs == 0:
+                    params = find_params(W[:, col : col + gs], bits, sym)
+                    scales.append(params[0])
+                    zeros.append(params[1])
+                grid.append(params)
+            for i in range(count):
+                scale, zero = grid[i]
+                w, qi, q, diff, err = W1[i], Qint1[i], Q1[i], Diff1[i], Err1[i]
+                # quantize_column, step by step into qi: clamp(round(w / scale) + zero, 0, maxq)
+                torch.div(w, scale, out=qi)
+                qi.round_().add_(zero).clamp_(0, maxq)
+                torch.sub(qi, zero, out=q)
+                q.mul_(scale)  # scale * (qi - zero): the same product, operands swapped
+                torch.sub(w, q, out=diff)
+                torch.div(diff, diag[i], out=err)
+                if i + 1 < count:
+                    # the error onto the block's later columns; the column itself is done with
+                    W1[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * err)
+            # the losses (w - q)**2 / d**2 at once; the same per-element steps as one column at a time
+            losses[:, i1:i2] = (Diff1**2 / (diag**2)[:, None]).t()
+            Q[:, i1:i2] = Q1.t()
+            Qint[:, i1:i2] = Qint1.t()
+            W[:, i2:] -= Err1.t().contiguous().matmul(Hinv[i1:i2, i2:])
 
         if static:
             scales = [s for s, _ in static]
@@ -218,18 +261,24 @@ class LayerGPTQ:
 # --------------------------------------------------------------------------- a model
 
 
-def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> list[list[str]]:
+def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> tuple[list[list[str]], bool]:
     """Split ``names`` (modules of one block) into the groups true-sequential GPTQ
     quantizes one after another: modules in first-call order, those fed the very same
-    input tensor (q/k/v, gate/up) in one group."""
+    input tensor (q/k/v, gate/up) in one group.
+
+    Also says whether each of them was called exactly once on the first sample (a dense block):
+    then a pass that only collects a group's inputs may stop once the group's last layer has its
+    input (:class:`_GroupFed`), as nothing after it can reach the group."""
     # (name, its input) in call order; holding the inputs keeps their memory from being
     # reused, so equal data pointers really mean the same tensor
     order: list[tuple[str, torch.Tensor]] = []
+    calls = dict.fromkeys(names, 0)
     hooks = []
     for n in names:
         mod = block.get_submodule(n[len(prefix) + 1 :])
 
         def hook(_m, args, _n=n):
+            calls[_n] += 1
             if not any(o[0] == _n for o in order):
                 order.append((_n, args[0]))
 
@@ -252,21 +301,43 @@ def _sequential_groups(block: nn.Module, names: list[str], prefix: str, run) -> 
     missing = [n for n in names if n not in seen]
     if missing:
         groups.append(missing)  # never called on the first sample; quantized last (and fail loudly if never fed)
-    return groups
+    return groups, all(count == 1 for count in calls.values())
+
+
+class _GroupFed(Exception):
+    """Raised by a layer's pre-hook once every layer of the group being calibrated has its input for
+    this call: the rest of the block's forward pass cannot change what the group sees."""
 
 
 def _quantize_group(
-    owner: nn.Module, prefix: str, names: list[str], run, kw: dict[str, Any], settings: dict[str, dict[str, Any]] | None
+    owner: nn.Module,
+    prefix: str,
+    names: list[str],
+    run,
+    settings: GPTQSettings,
+    per_module: dict[str, dict[str, Any]] | None,
+    *,
+    stop_early: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ on ``names`` (full dotted names; ``owner`` is the module at ``prefix``, "" for the model):
-    accumulate their Hessians over ``run()``, quantize, and give each layer its dequantized weight."""
+    accumulate their Hessians over ``run()``, quantize, and give each layer its dequantized weight.
+
+    With ``stop_early`` (each layer is called once per forward pass of ``owner``), every call stops
+    with :class:`_GroupFed` as soon as the group's last layer has its input, and ``run`` catches it:
+    the layers after the group are not computed for nothing."""
     cut = len(prefix) + 1 if prefix else 0
     layers = {n: owner.get_submodule(n[cut:]) for n in names}
     states = {n: LayerGPTQ(layers[n].weight.data, n) for n in names}
-    hooks = [
-        layers[n].register_forward_hook(lambda m, args, out, _s=states[n]: _s.add_batch(args[0].data))
-        for n in names
-    ]
+    fed: set[str] = set()
+
+    def feed(_m, args, _n):
+        states[_n].add_batch(args[0].data)
+        fed.add(_n)
+        if stop_early and len(fed) == len(names):
+            raise _GroupFed
+
+    hooks = [layers[n].register_forward_pre_hook(lambda m, args, _n=n: feed(m, args, _n)) for n in names]
+    hooks.append(owner.register_forward_pre_hook(lambda *_: fed.clear()))  # a new call: no layer fed yet
     try:
         run()
     finally:
@@ -274,8 +345,7 @@ def _quantize_group(
             h.remove()
     results = {}
     for n in names:
-        own = {k: v for k, v in (settings or {}).get(n, {}).items() if k in kw}
-        res = states[n].quantize(**{**kw, **own})
+        res = states[n].quantize(**settings.for_layer((per_module or {}).get(n)))
         lin = layers[n]
         lin.weight.data = res.weight.to(lin.weight.dtype)
         results[n] = res
@@ -288,44 +358,43 @@ def quantize_block(
     prefix: str,
     module_names: Sequence[str],
     calls: list[BlockCall],
+    settings: GPTQSettings,
     *,
-    bits: int,
-    group_size: int,
-    damp_percent: float,
-    desc_act: bool,
-    static_groups: bool,
-    sym: bool,
-    true_sequential: bool = True,
-    modules_in_block: Sequence[Sequence[str]] | None = None,
-    settings: dict[str, dict[str, Any]] | None = None,
+    per_module: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[BlockCall]]:
     """Run GPTQ on the modules ``module_names`` (full dotted names) of the decoder block ``block``
-    (the model's module ``prefix``), given its inputs ``calls``.
+    (the model's module ``prefix``), given its inputs ``calls``; ``per_module`` overrides
+    ``settings``' grid for single modules (see :class:`GPTQSettings`).
 
     The layers' weights are replaced by their dequantized values, and the block's outputs are
     computed with them: the next block calibrates on the quantized model's activations.
 
     :return: the per-module results, and ``calls`` with this block's outputs as hidden states.
     """
-    kw = dict(bits=bits, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
-              static_groups=static_groups, sym=sym)
     names = list(module_names)
     wanted = set(names)
 
     def run_block(limit: int | None = None) -> list:
-        return [call.run(block) for call in calls[:limit]]
+        outs = []
+        for call in calls[:limit]:
+            try:
+                outs.append(call.run(block))
+            except _GroupFed:  # a group's inputs were all that this call was for
+                pass
+        return outs
 
     results: dict[str, QuantizedWeight] = {}
     if names:
-        if modules_in_block:
-            groups = [[f"{prefix}.{n}" for n in g if f"{prefix}.{n}" in wanted] for g in modules_in_block]
+        dense = False
+        if settings.modules_in_block:
+            groups = [[f"{prefix}.{n}" for n in g if f"{prefix}.{n}" in wanted] for g in settings.modules_in_block]
             groups = [g for g in groups if g]
-        elif true_sequential:
-            groups = _sequential_groups(block, names, prefix, run_block)
+        elif settings.true_sequential:
+            groups, dense = _sequential_groups(block, names, prefix, run_block)
         else:
             groups = [names]
         for g in groups:
-            results.update(_quantize_group(block, prefix, g, run_block, kw, settings))
+            results.update(_quantize_group(block, prefix, g, run_block, settings, per_module, stop_early=dense))
     outs = run_block()
     return results, [call.with_hidden(out) for call, out in zip(calls, outs, strict=True)]
 
@@ -335,37 +404,22 @@ def quantize_model(
     model: nn.Module,
     module_names: Sequence[str],
     calibration: list[dict[str, torch.Tensor]],
+    settings: GPTQSettings,
     *,
-    bits: int,
-    group_size: int,
-    damp_percent: float,
-    desc_act: bool,
-    static_groups: bool,
-    sym: bool,
-    true_sequential: bool = True,
     block_name: str | None = None,
-    modules_in_block: Sequence[Sequence[str]] | None = None,
-    settings: dict[str, dict[str, Any]] | None = None,
+    per_module: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Run GPTQ on ``module_names`` of ``model`` (weights are replaced by their
     dequantized values as it goes, so later layers see quantized inputs).  Returns
     the per-module results; the caller packs them into modules.  ``calibration`` is a list
-    of model-input batches (:func:`qplug.calibration.padded_batches`).  ``settings`` may
-    override ``bits``/``group_size``/``sym``/``desc_act`` per module.
+    of model-input batches (:func:`qplug.calibration.padded_batches`).  ``per_module`` may
+    override ``settings``' ``bits``/``group_size``/``sym``/``desc_act``/``static_groups`` per module.
 
     Each block goes through :func:`quantize_block`, the step the block-by-block path from disk
     (:func:`qplug.quantize_checkpoint`) runs too."""
     module_names = list(module_names)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     results: dict[str, QuantizedWeight] = {}
-    kw = dict(
-        bits=bits,
-        group_size=group_size,
-        damp_percent=damp_percent,
-        desc_act=desc_act,
-        static_groups=static_groups,
-        sym=sym,
-    )
 
     def run_model(limit: int | None = None) -> None:
         for s in calibration[:limit]:
@@ -380,8 +434,7 @@ def quantize_model(
         for b, block in track(enumerate(blocks), "gptq", total=len(blocks), unit="blocks"):
             bprefix = f"{prefix}.{b}"
             names = [n for n in module_names if n.startswith(bprefix + ".")]
-            done, captured = quantize_block(block, bprefix, names, captured, **kw, true_sequential=true_sequential,
-                                            modules_in_block=modules_in_block, settings=settings)
+            done, captured = quantize_block(block, bprefix, names, captured, settings, per_module=per_module)
             results.update(done)
         rest = [n for n in module_names if not n.startswith(prefix + ".")]
     else:
@@ -392,7 +445,7 @@ def quantize_model(
                 f"GPTQ: quantizing {len(rest)} module(s) outside {found[0]} with a full forward pass: {rest[:5]}",
                 stacklevel=2,
             )
-        results.update(_quantize_group(model, "", rest, run_model, kw, settings))
+        results.update(_quantize_group(model, "", rest, run_model, settings, per_module))
     missing = [n for n in module_names if n not in results]
     if missing:
         raise RuntimeError(f"GPTQ: these modules were selected but not quantized: {missing}")

@@ -198,9 +198,11 @@ def validate(config, model, module_names):
         _check_shape(n, lin, settings[n]["bits"])
 
 
-def _algorithm_settings(config: GPTQConfig) -> dict[str, Any]:
-    """The keyword arguments of :func:`qplug_gptq.algorithm.quantize_model` the config sets."""
-    return dict(
+def _algorithm_settings(config: GPTQConfig):
+    """The :class:`qplug_gptq.algorithm.GPTQSettings` the config sets."""
+    from qplug_gptq.algorithm import GPTQSettings
+
+    return GPTQSettings(
         bits=config.bits,
         group_size=config.group_size,
         damp_percent=config.damp_percent,
@@ -223,8 +225,8 @@ def replace_modules(config, model, module_names, calibration, prequantized, chec
         from qplug_gptq.algorithm import quantize_model
 
         batches = calibration_batches(config, model, calibration)
-        results = quantize_model(model, names, batches, **_algorithm_settings(config), block_name=block_name(config),
-                                 settings=settings)
+        results = quantize_model(model, names, batches, _algorithm_settings(config), block_name=block_name(config),
+                                 per_module=settings)
     _swap_modules(config, model, names, settings, results, checkpoint_tensors)
     return names
 
@@ -246,7 +248,7 @@ def calibrate_blocks(config, model, module_names, calibration):
 
     def quantize_one_block(name, block, calls):
         mine = [n for n in names if n.startswith(name + ".")]
-        results, calls = quantize_block(block, name, mine, calls, **algorithm, settings=settings)
+        results, calls = quantize_block(block, name, mine, calls, algorithm, per_module=settings)
         _swap_modules(config, model, mine, settings, results, None)
         return calls
 
