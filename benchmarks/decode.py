@@ -33,7 +33,9 @@ Paths:
   checkpoints loaded by ``GPTQModel.load(..., backend=BACKEND.GPTQ_TORCH_ATEN)`` (its TorchAtenLinear).
 
 Decode ms/token is the decode loop's time over its steps (what the targets use); the median step
-is shown beside it, as a check on a busy machine. The checkpoints are built once and cached under
+is shown beside it, as a check on a busy machine, and so is the process's CPU time per token (all
+threads, OpenMP workers' spinning included), which a virtual machine's stolen time does not stretch
+the way it stretches wall time. The checkpoints are built once and cached under
 benchmarks/.cache. Ratios are medians of per-repeat ratios of two paths of the same repeat.
 ``--isa avx2`` runs the children with ``ATEN_CPU_CAPABILITY=avx2`` (torch's dispatch),
 ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN's matmuls, so bfloat16 loses its native dot products) and
@@ -168,7 +170,8 @@ def summarize(runs: list[dict]) -> dict:
         bad = next((s for s in runs if "na" in s or "error" in s), {})
         return {"na": bad.get("na") or bad.get("error", "no run")}
     out: dict = {}
-    keys = ("decode_ms", "decode_step_ms_median", "prefill_s", "rss", "max_rss", "quantized", "non_quantized", "load_s")
+    keys = ("decode_ms", "decode_step_ms_median", "decode_cpu_ms", "prefill_s", "rss", "max_rss", "quantized",
+            "non_quantized", "load_s")
     for key in keys:
         values = [s[key] for s in good if key in s]
         if values:
@@ -252,32 +255,34 @@ def main() -> None:
     shapes = "small model" if args.small else "TinyLlama-1.1B shapes"
     lines = [f"# Decode benchmark ({shapes}, batch 1, {args.prompt}-token prompt, {args.tokens} decode steps, "
              f"{args.repeats} runs each)", "", header + f"; children ran at CPU capability {', '.join(child_caps)}",
-             "", "| path | decode ms/token | median step ms | prefill s | RSS after decode GiB | peak RSS GiB | "
-             "quantized GiB | non-quantized GiB | kernels |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| path | decode ms/token | median step ms | decode CPU ms/token | prefill s | RSS after decode GiB | "
+             "peak RSS GiB | quantized GiB | non-quantized GiB | kernels |", "|---" * 10 + "|"]
     for path in paths:
         st = stats[path]
         if path == "floor":
-            lines.append(f"| floor | — | — | — | {fmt(st.get('rss'), GIB, 2)} | {fmt(st.get('max_rss'), GIB, 2)} "
+            lines.append(f"| floor | — | — | — | — | {fmt(st.get('rss'), GIB, 2)} | {fmt(st.get('max_rss'), GIB, 2)} "
                          "| — | — | — |")
         elif "na" in st:
             why = (st["na"].splitlines() or ["?"])[-1][:200].replace("|", "/")
-            lines.append(f"| {path} | n/a | n/a | n/a | n/a | n/a | n/a | n/a | {why} |")
+            lines.append(f"| {path} | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | {why} |")
         else:
             lines.append(f"| {path} | {fmt(st['decode_ms'])} | {fmt(st.get('decode_step_ms_median'))} | "
+                         f"{fmt(st.get('decode_cpu_ms'))} | "
                          f"{fmt(st['prefill_s'], digits=2)} | "
                          f"{fmt(st['rss'], GIB, 2)} | {fmt(st['max_rss'], GIB, 2)} | "
                          f"{st['quantized']['median'] / GIB:.3f} | {st['non_quantized']['median'] / GIB:.3f} | "
                          f"{kernels_text(st['kernels'])} |")
 
     lines += ["", "Ratios (median of per-repeat ratios; faster float = the faster of bf16 and fp32 in that repeat):",
-              "", "| path | decode vs bf16 | decode vs faster float | prefill vs bf16 | prefill vs faster float |",
-              "|---|---|---|---|---|"]
+              "", "| path | decode vs bf16 | decode vs faster float | prefill vs bf16 | prefill vs faster float | "
+              "decode CPU time vs bf16 |", "|---|---|---|---|---|---|"]
     ratios: dict[str, dict[str, float | None]] = {}
     for path in paths:
         if path == "floor" or "na" in stats[path]:
             continue
         row = {f"{metric} vs {ref}": paired_ratio(samples, path, ref, metric, args.repeats)
                for metric in ("decode_ms", "prefill_s") for ref in ("bf16", FASTER_FLOAT)}
+        row["decode_cpu_ms vs bf16"] = paired_ratio(samples, path, "bf16", "decode_cpu_ms", args.repeats)
         ratios[path] = row
         lines.append(f"| {path} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in row.values()) + " |")
 

@@ -365,10 +365,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def generate(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float, list[float], list[int]]:
+def generate(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float, list[float], list[int], float]:
     """Greedy: one prefill of ``prompt``, then ``tokens`` decode steps with the KV cache.
 
-    Returns (prefill seconds, seconds of each decode step, the generated token ids).
+    Returns (prefill seconds, seconds of each decode step, the generated token ids, the process's CPU seconds
+    over the decode steps).
     """
     import inspect
 
@@ -386,13 +387,15 @@ def generate(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         prefill = time.perf_counter() - start
         steps, ids = [], [int(token)]
+        cpu_start = time.process_time()
         for _ in range(tokens):
             start = time.perf_counter()
             out = model(input_ids=token, **kwargs)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             steps.append(time.perf_counter() - start)
             ids.append(int(token))
-    return prefill, steps, ids
+        cpu = time.process_time() - cpu_start
+    return prefill, steps, ids, cpu
 
 
 def run(path: str, model_dir: Path, prompt_len: int, tokens: int) -> dict:
@@ -414,7 +417,7 @@ def run(path: str, model_dir: Path, prompt_len: int, tokens: int) -> dict:
     start = time.perf_counter()
     generate(model, prompt, min(tokens, 4))  # warm-up: kernel choice, run-time layouts, oneDNN primitives
     warmup_s = time.perf_counter() - start
-    prefill, steps, ids = generate(model, prompt, tokens)
+    prefill, steps, ids, cpu = generate(model, prompt, tokens)
     kernels, reasons = kernels_used(model)
     return {
         **info,
@@ -423,6 +426,8 @@ def run(path: str, model_dir: Path, prompt_len: int, tokens: int) -> dict:
         "prefill_s": prefill,
         "decode_ms": 1000 * sum(steps) / len(steps),
         "decode_step_ms_median": 1000 * sorted(steps)[len(steps) // 2],
+        # all threads' CPU time: what the host's steal does not stretch (OpenMP workers' spinning included)
+        "decode_cpu_ms": 1000 * cpu / len(steps),
         "rss": current_rss(),
         "max_rss": peak_rss(), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         **sizes,

@@ -265,8 +265,54 @@ int qplug_dequant_4bit(int isa, const uint8_t *packed, int64_t first, int64_t co
  * reordered to its 16 even elements then its 16 odd ones, so that one 16-byte load of packed
  * codes gives the even elements' weights (high nibbles) and the odd ones' (low nibbles) with no
  * shuffle back to element order. */
-int qplug_gemv_4bit_input(const void *x, int dtype, int64_t M, int64_t K, const int64_t *perm, float *xr) {
+#if QPLUG_X86
+/* The same for float32 and bfloat16 without a permutation, 32 elements at a time (the scalar loop took
+ * 5-15 us a call, per layer and token). */
+QPLUG_AVX2 static void gemv_input_avx2(const void *x, int dtype, int64_t count, float *xr) {
+    for (int64_t c = 0; c < count; c += 32) {
+        __m256 even[2], odd[2];
+        if (dtype == QPLUG_BFLOAT16) { /* 32-bit lane i holds elements 2i (low half) and 2i + 1 (high half) */
+            const __m256i mask = _mm256_set1_epi32((int)0xffff0000u);
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + c + 16 * h));
+                even[h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                odd[h] = _mm256_castsi256_ps(_mm256_and_si256(v, mask));
+            }
+        } else {
+            for (int h = 0; h < 2; h++) {
+                const float *f = (const float *)x + c + 16 * h;
+                const __m256 a = _mm256_loadu_ps(f), b = _mm256_loadu_ps(f + 8);
+                /* per 128-bit lane: a's even (odd) elements then b's; the 64-bit permute puts a's first */
+                even[h] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8));
+                odd[h] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd)), 0xd8));
+            }
+        }
+        _mm256_storeu_ps(xr + c, even[0]);
+        _mm256_storeu_ps(xr + c + 8, even[1]);
+        _mm256_storeu_ps(xr + c + 16, odd[0]);
+        _mm256_storeu_ps(xr + c + 24, odd[1]);
+    }
+}
+#endif
+
+#if QPLUG_X86
+/* bfloat16 to float32 in element order, count a multiple of 8 taken. */
+QPLUG_AVX2 static void plain_bf16_avx2(const void *x, int64_t count, float *xf) {
+    for (int64_t i = 0; i + 8 <= count; i += 8) {
+        const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)));
+        _mm256_storeu_ps(xf + i, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+    }
+}
+#endif
+
+static int gemv_input(int isa, const void *x, int dtype, int64_t M, int64_t K, const int64_t *perm, float *xr) {
     if (K % 32 != 0) return -1;
+#if QPLUG_X86
+    if (perm == NULL && dtype != QPLUG_FLOAT16 && isa >= QPLUG_ISA_AVX2) {
+        gemv_input_avx2(x, dtype, M * K, xr);
+        return 0;
+    }
+#endif
     for (int64_t m = 0; m < M; m++)
         for (int64_t c = 0; c < K; c += 32)
             for (int j = 0; j < 16; j++) {
@@ -275,6 +321,10 @@ int qplug_gemv_4bit_input(const void *x, int dtype, int64_t M, int64_t K, const 
                 xr[m * K + c + 16 + j] = load_float(x, dtype, m * K + (perm == NULL ? odd : perm[odd]));
             }
     return 0;
+}
+
+int qplug_gemv_4bit_input(const void *x, int dtype, int64_t M, int64_t K, const int64_t *perm, float *xr) {
+    return gemv_input(qplug_cpu_isa(), x, dtype, M, K, perm, xr);
 }
 
 /* ---- 4-bit GEMV: out[m, n] = sum_k x[m, k] * code[q(n, k)] * scale(n, k), rows [first, first + count),
@@ -1227,6 +1277,134 @@ int qplug_gemv_4bit_parallel(int isa, int threads, const float *xr, int64_t M, i
             status |= qplug_gemv_4bit(isa, first, count, xr, M, K, packed, blocksize, code, absmax, zeros, qabsmax,
                                       code2, absmax2, nested_blocksize, offset, out, N);
     }
+    return status;
+}
+
+/* ---- One decode call of a 4-bit layer: y = x[:, perm] @ W^T (+ bias), rounded to out_dtype.
+ * A decode step runs a GEMV per layer per token, each a few hundred microseconds, and the Python around
+ * the pieces (two buffers, three ctypes calls, a cast, a bias add) cost 50-80 us a layer: a tenth of a
+ * token. Here the input conversion and gather, the GEMV on `threads` OpenMP threads, the bias (float32,
+ * added before the single rounding) and the rounding to out_dtype (as torch's .to() rounds) happen in
+ * one call. `weight` holds the layer's constant arguments (QPLUG_W4_* slots, built once per layer). */
+enum {
+    QPLUG_W4_PACKED, QPLUG_W4_N, QPLUG_W4_K, QPLUG_W4_BLOCKSIZE, QPLUG_W4_CODE, QPLUG_W4_ABSMAX, QPLUG_W4_ZEROS,
+    QPLUG_W4_QABSMAX, QPLUG_W4_CODE2, QPLUG_W4_ABSMAX2, QPLUG_W4_NESTED_BLOCKSIZE, QPLUG_W4_OFFSET_BITS,
+    QPLUG_W4_SLOTS
+};
+
+int qplug_w4_slots(void) { return QPLUG_W4_SLOTS; }
+
+static void round_rows(const float *y, const float *bias, int64_t M, int64_t N, int64_t first, int64_t count,
+                       int dtype, void *out) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = first; n < first + count; n++)
+            store_scalar(bias == NULL ? y[m * N + n] : y[m * N + n] + bias[n], dtype, out, m * N + n);
+}
+
+int qplug_linear_4bit(int isa, int threads, const int64_t *weight, const void *x, int dtype, int64_t M,
+                      const int64_t *perm, const float *bias, void *out, int out_dtype) {
+#define QPLUG_W4_PTR(type, slot) ((const type *)(intptr_t)weight[slot])
+    const int64_t N = weight[QPLUG_W4_N], K = weight[QPLUG_W4_K];
+    float offset;
+    const int32_t offset_bits = (int32_t)weight[QPLUG_W4_OFFSET_BITS];
+    memcpy(&offset, &offset_bits, sizeof(offset));
+    if (out_dtype != QPLUG_FLOAT32 && out_dtype != QPLUG_BFLOAT16 && out_dtype != QPLUG_FLOAT16) return -2;
+    if (isa > qplug_cpu_isa()) return -3;
+    float *xr = (float *)malloc(sizeof(float) * (size_t)(M * K));
+    /* float32 output with no bias: the GEMV writes it directly */
+    float *y = out_dtype == QPLUG_FLOAT32 && bias == NULL ? (float *)out : (float *)malloc(sizeof(float) * (size_t)(M * N));
+    int status = xr == NULL || y == NULL ? -2 : gemv_input(isa, x, dtype, M, K, perm, xr);
+    if (status == 0) {
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+        for (int t = 0; t < threads; t++) {
+            QPLUG_RANGE(t, threads, N, first, count)
+            if (count > 0) {
+                status |= qplug_gemv_4bit(isa, first, count, xr, M, K, QPLUG_W4_PTR(uint8_t, QPLUG_W4_PACKED),
+                                          weight[QPLUG_W4_BLOCKSIZE], QPLUG_W4_PTR(float, QPLUG_W4_CODE),
+                                          QPLUG_W4_PTR(float, QPLUG_W4_ABSMAX), QPLUG_W4_PTR(float, QPLUG_W4_ZEROS),
+                                          QPLUG_W4_PTR(uint8_t, QPLUG_W4_QABSMAX), QPLUG_W4_PTR(float, QPLUG_W4_CODE2),
+                                          QPLUG_W4_PTR(float, QPLUG_W4_ABSMAX2), weight[QPLUG_W4_NESTED_BLOCKSIZE],
+                                          offset, y, N);
+                if (y != out) round_rows(y, bias, M, N, first, count, out_dtype, out);
+            }
+        }
+    }
+#undef QPLUG_W4_PTR
+    free(xr);
+    if (y != out) free(y);
+    return status;
+}
+
+/* The int8 GEMVs' input: x [M, K] (gathered by perm when given) as float32 in element order. */
+static void plain_input(int isa, const void *x, int dtype, int64_t M, int64_t K, const int64_t *perm, float *xf) {
+    int64_t i = 0;
+#if QPLUG_X86
+    if (perm == NULL && dtype == QPLUG_BFLOAT16 && isa >= QPLUG_ISA_AVX2) {
+        plain_bf16_avx2(x, M * K, xf);
+        i = M * K / 8 * 8;
+    }
+#endif
+    for (; i < M * K; i++) xf[i] = load_float(x, dtype, perm == NULL ? i : (i / K) * K + perm[i % K]);
+}
+
+/* One decode call of an LLM.int8 layer (bitsandbytes' CB and SCB / 127): y = x @ (CB * scale)^T rounded to
+ * out_dtype, the GEMV on `threads` OpenMP threads (see qplug_linear_4bit). */
+int qplug_linear_int8(int isa, int threads, const int8_t *cb, const float *scale, int64_t N, int64_t K, const void *x,
+                      int dtype, int64_t M, void *out, int out_dtype) {
+    if (out_dtype != QPLUG_FLOAT32 && out_dtype != QPLUG_BFLOAT16 && out_dtype != QPLUG_FLOAT16) return -2;
+    if (isa > qplug_cpu_isa()) return -3;
+    float *xf = (float *)malloc(sizeof(float) * (size_t)(M * K));
+    float *y = out_dtype == QPLUG_FLOAT32 ? (float *)out : (float *)malloc(sizeof(float) * (size_t)(M * N));
+    int status = xf == NULL || y == NULL ? -2 : 0;
+    if (status == 0) {
+        plain_input(isa, x, dtype, M, K, NULL, xf);
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+        for (int t = 0; t < threads; t++) {
+            QPLUG_RANGE(t, threads, N, first, count)
+            if (count > 0) {
+                status |= qplug_gemv_int8(isa, first, count, xf, M, K, cb, scale, y, N);
+                if (y != out) round_rows(y, NULL, M, N, first, count, out_dtype, out);
+            }
+        }
+    }
+    free(xf);
+    if (y != out) free(y);
+    return status;
+}
+
+/* One decode call of a grouped int8 layer (GPTQ's 8-bit codes - 128): y = x[:, perm] @ W^T + bias, rounded once to
+ * out_dtype; the input gather and conversion, the group sums of x (for the zero points), the GEMV on `threads`
+ * threads, the float32 bias and the rounding in one call (see qplug_linear_4bit). */
+int qplug_linear_int8_grouped(int isa, int threads, const int8_t *q, const float *scale, const float *zero,
+                              int64_t group, int64_t N, int64_t K, const void *x, int dtype, int64_t M,
+                              const int64_t *perm, const float *bias, void *out, int out_dtype) {
+    if (group <= 0 || K % group != 0) return -1;
+    if (out_dtype != QPLUG_FLOAT32 && out_dtype != QPLUG_BFLOAT16 && out_dtype != QPLUG_FLOAT16) return -2;
+    if (isa > qplug_cpu_isa()) return -3;
+    const int64_t G = K / group;
+    float *xf = (float *)malloc(sizeof(float) * (size_t)(M * K + M * G));
+    float *y = out_dtype == QPLUG_FLOAT32 && bias == NULL ? (float *)out : (float *)malloc(sizeof(float) * (size_t)(M * N));
+    int status = xf == NULL || y == NULL ? -2 : 0;
+    if (status == 0) {
+        float *xsum = xf + M * K;
+        plain_input(isa, x, dtype, M, K, perm, xf);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t g = 0; g < G; g++) {
+                float a = 0.0f;
+                for (int64_t k = g * group; k < (g + 1) * group; k++) a += xf[m * K + k];
+                xsum[m * G + g] = a;
+            }
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+        for (int t = 0; t < threads; t++) {
+            QPLUG_RANGE(t, threads, N, first, count)
+            if (count > 0) {
+                status |= qplug_gemv_int8_grouped(isa, first, count, xf, M, K, q, group, scale, zero, xsum, y, N);
+                if (y != out) round_rows(y, bias, M, N, first, count, out_dtype, out);
+            }
+        }
+    }
+    free(xf);
+    if (y != out) free(y);
     return status;
 }
 

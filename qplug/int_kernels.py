@@ -429,7 +429,10 @@ def _lut4_prepare(layer, device, dtype):
 
 def _lut4_forward(layer, layout, x):
     weight, perm, bias = layout
-    y = lut4.matmul(weight, x.contiguous(), perm=perm)
+    x = x.contiguous()
+    if lut4.takes_linear(weight, x.shape[0]):  # decode: one C call
+        return lut4.linear(weight, x, perm, bias)
+    y = lut4.matmul(weight, x, perm=perm)
     if bias is not None:  # in float32, so that the result is rounded to x's dtype once
         y = y.float().add_(bias)
     return y.to(x.dtype)
@@ -536,10 +539,21 @@ def _q8_forward(layer, layout, x):
     codes, scale, zero, gs, perm, bias = layout
     n, k = codes.shape
     groups = k // gs
-    xp = _permuted(x, perm)
-    m = xp.shape[0]
+    m = x.shape[0]
     name, _ = native.isa()
-    if m <= lut4.GEMV_MAX_ROWS[name]:  # decode: qplug's grouped int8 GEMV, float32 throughout
+    if m <= lut4.GEMV_MAX_ROWS[name] and native.openmp():  # decode: one C call (see lut4.linear)
+        x = x.contiguous()
+        out = torch.empty(m, n, dtype=x.dtype)
+        status = native.CPU_KERNELS.get().qplug_linear_int8_grouped(
+            native.ISAS[name], native.threads_for(n, max(1, _Q8_ROWS_PER_THREAD_WEIGHTS // k)), codes.data_ptr(),
+            scale.data_ptr(), zero.data_ptr(), gs, n, k, x.data_ptr(), native.DTYPE_CODES[x.dtype], m,
+            None if perm is None else perm.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+            native.DTYPE_CODES[x.dtype])
+        if status:
+            raise RuntimeError(f"qplug_linear_int8_grouped returned {status}")
+        return out
+    xp = _permuted(x, perm)
+    if m <= lut4.GEMV_MAX_ROWS[name]:  # decode without OpenMP: the GEMV on qplug's threads, float32 throughout
         xf = xp.to(torch.float32).contiguous()
         xsum = xf.view(m, groups, gs).sum(-1).contiguous()
         out = torch.empty(m, n, dtype=torch.float32)

@@ -27,7 +27,7 @@ from qplug import blocked, native
 from qplug.blocked import matmul_dtype
 
 __all__ = ["GEMV_MAX_ROWS", "INT8_ACTIVATION_BLOCK", "Lut4Weight", "dequantize", "gemv_int8_activations",
-           "int8_activations_refuse", "matmul", "matmul_dtype", "refuses"]
+           "int8_activations_refuse", "linear", "matmul", "matmul_dtype", "refuses", "takes_linear"]
 
 #: Inputs of at most this many rows take the GEMV, per path; more rows the blocked dequantize + matmul one.
 #: (Measured on a Zen 4 core: the AVX-512 GEMV costs ~0.25 ms per extra row of a 5632x2048 layer, about
@@ -48,8 +48,8 @@ class Lut4Weight:
     :param zeros: float32 zero point per block, or ``None``.
     """
 
-    __slots__ = ("_weight_args", "absmax", "absmax2", "blocksize", "code", "code2", "k", "n", "nested_blocksize",
-                 "offset", "packed", "qabsmax", "zeros")
+    __slots__ = ("_slots", "_weight_args", "absmax", "absmax2", "blocksize", "code", "code2", "k", "n",
+                 "nested_blocksize", "offset", "packed", "qabsmax", "zeros")
 
     def __init__(self, packed: torch.Tensor, n: int, k: int, blocksize: int, code: torch.Tensor, *,
                  absmax: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
@@ -80,6 +80,19 @@ class Lut4Weight:
             self._weight_args = (self.packed.data_ptr(), self.blocksize, self.code.data_ptr(), *self.scale_args())
             return self._weight_args
 
+    def slots(self) -> torch.Tensor:
+        """The same arguments as the int64 slots ``qplug_linear_4bit`` reads (``QPLUG_W4_*`` in the C source;
+        the offset as its float32 bits), worked out once."""
+        try:
+            return self._slots
+        except AttributeError:
+            packed, blocksize, code, absmax, zeros, qabsmax, code2, absmax2, nested, offset = self.weight_args()
+            offset_bits = int(torch.tensor(offset, dtype=torch.float32).view(torch.int32))
+            self._slots = torch.tensor([packed, self.n, self.k, blocksize, code, absmax or 0, zeros or 0,
+                                        qabsmax or 0, code2 or 0, absmax2 or 0, nested, offset_bits],
+                                       dtype=torch.int64)
+            return self._slots
+
 
 def refuses(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the kernels cannot take inputs of ``dtype`` on ``device`` here, or ``None``."""
@@ -98,7 +111,7 @@ def dequantize(weight: Lut4Weight, first: int, count: int, dtype: torch.dtype,
     args = (weight.blocksize, weight.code.data_ptr(), *weight.scale_args(), native.DTYPE_CODES[dtype],
             out.data_ptr(), first)
     packed, isa_code = weight.packed.data_ptr(), native.ISAS[native.isa()[0]]
-    if lib.qplug_openmp():  # on torch's own threads (see qplug.native.run_parallel)
+    if native.openmp():  # on torch's own threads (see qplug.native.run_parallel)
         threads = native.threads_for(count, _DEQUANT_ELEMENTS_PER_THREAD)
         status = [lib.qplug_dequant_4bit_parallel(isa_code, threads, packed, first, count, *args)]
     else:
@@ -107,6 +120,32 @@ def dequantize(weight: Lut4Weight, first: int, count: int, dtype: torch.dtype,
                                       _DEQUANT_ELEMENTS_PER_THREAD)
     if any(status):
         raise RuntimeError(f"qplug_dequant_4bit returned {status}")
+    return out
+
+
+def takes_linear(weight: Lut4Weight, rows: int) -> bool:
+    """Whether :func:`linear` runs ``rows`` input rows of ``weight`` (decode shapes, qplug's OpenMP build)."""
+    name, _ = native.isa()
+    return (name is not None and rows <= GEMV_MAX_ROWS[name] and weight.k % 32 == 0 and weight.blocksize % 32 == 0
+            and native.openmp())
+
+
+def linear(weight: Lut4Weight, x: torch.Tensor, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x[:, perm] @ W.T + bias`` rounded once to ``out_dtype`` (default ``x``'s) for a contiguous 2-D ``x`` that
+    :func:`takes_linear`: the GEMV of :func:`matmul` (same float32 sums), with the input conversion, the
+    gather, the float32 ``bias`` and the rounding in the same C call (per-token Python overhead: one
+    buffer and one call instead of four buffers, three calls, a cast and an add)."""
+    name, _ = native.isa()
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty(x.shape[0], weight.n, dtype=out_dtype)
+    threads = native.threads_for(weight.n, max(1, _GEMV_WEIGHTS_PER_THREAD // weight.k))
+    status = native.CPU_KERNELS.get().qplug_linear_4bit(
+        native.ISAS[name], threads, weight.slots().data_ptr(), x.data_ptr(), native.DTYPE_CODES[x.dtype],
+        x.shape[0], None if perm is None else perm.data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), native.DTYPE_CODES[out_dtype])
+    if status:
+        raise RuntimeError(f"qplug_linear_4bit returned {status}")
     return out
 
 

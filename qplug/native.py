@@ -149,6 +149,18 @@ def _declare_cpu_kernels(lib: ctypes.CDLL) -> None:
     lib.qplug_gemv_llm_int8.argtypes = [c_int, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64]
     lib.qplug_openmp.restype = c_int
     lib.qplug_openmp.argtypes = []
+    lib.qplug_w4_slots.restype = c_int
+    lib.qplug_w4_slots.argtypes = []
+    # (isa, threads, weight slots, x, x dtype, M, perm, bias, out, out dtype)
+    lib.qplug_linear_4bit.restype = c_int
+    lib.qplug_linear_4bit.argtypes = [c_int, c_int, ptr, ptr, c_int, i64, ptr, ptr, ptr, c_int]
+    # (isa, threads, CB, scale, N, K, x, x dtype, M, out, out dtype)
+    lib.qplug_linear_int8.restype = c_int
+    lib.qplug_linear_int8.argtypes = [c_int, c_int, ptr, ptr, i64, i64, ptr, c_int, i64, ptr, c_int]
+    # (isa, threads, q, scale, zero, group, N, K, x, x dtype, M, perm, bias, out, out dtype)
+    lib.qplug_linear_int8_grouped.restype = c_int
+    lib.qplug_linear_int8_grouped.argtypes = [c_int, c_int, ptr, ptr, ptr, i64, i64, i64, ptr, c_int, i64, ptr, ptr,
+                                              ptr, c_int]
     # the same kernels over `threads` ranges on the OpenMP pool: (isa, threads, <the rest>)
     for name in ("qplug_gemv_4bit", "qplug_gemv_int8", "qplug_gemv_int8_grouped", "qplug_gemv_w4a8",
                  "qplug_gemv_llm_int8"):
@@ -215,6 +227,18 @@ def _cpu_has_bf16_dot_products() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def openmp() -> bool:
+    """Whether :data:`CPU_KERNELS` was built with OpenMP: its ``_parallel`` entry points then run on the
+    thread pool torch uses."""
+    lib = CPU_KERNELS.get()
+    return lib is not None and _openmp_of(lib)
+
+
+@functools.lru_cache(maxsize=4)
+def _openmp_of(lib: ctypes.CDLL) -> bool:  # asked per call of every kernel: one ctypes call per library
+    return bool(lib.qplug_openmp())
+
+
 def threads_for(total: int, min_per_thread: int) -> int:
     """How many of ``torch.get_num_threads()`` threads to split ``total`` items over, each at least
     ``min_per_thread`` (a hand-off costs more than a few microseconds of work)."""
@@ -226,7 +250,7 @@ def run_parallel(lib: ctypes.CDLL, name: str, total: int, min_per_thread: int, *
     """``lib.<name>`` over ``total`` rows: its ``_parallel`` entry point on the OpenMP pool torch uses,
     where the library was built with OpenMP (``name_parallel(isa, threads, *args[1:])``), else
     :func:`run_in_ranges` with ``name(isa, first, count, *args[1:])``. ``args[0]`` is the ISA code."""
-    if lib.qplug_openmp():
+    if _openmp_of(lib):
         return [getattr(lib, f"{name}_parallel")(args[0], threads_for(total, min_per_thread), *args[1:])]
     kernel = getattr(lib, name)
     return run_in_ranges(lambda first, count: kernel(args[0], first, count, *args[1:]), total, min_per_thread,
@@ -236,7 +260,7 @@ def run_parallel(lib: ctypes.CDLL, name: str, total: int, min_per_thread: int, *
 def run_rows(lib: ctypes.CDLL, name: str, first: int, count: int, min_per_thread: int, isa_code: int, *args) -> None:
     """``lib.<name>(isa, first, count, *args)`` over rows ``[first, first + count)`` split across threads (its
     ``_parallel`` entry point on torch's OpenMP pool where the build has OpenMP); raises on a non-zero status."""
-    if lib.qplug_openmp():
+    if _openmp_of(lib):
         status = [getattr(lib, f"{name}_parallel")(isa_code, threads_for(count, min_per_thread), first, count, *args)]
     else:
         kernel = getattr(lib, name)

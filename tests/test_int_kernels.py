@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import qplug
-from qplug import int_kernels, native
+from qplug import int_kernels, lut4, native
 from qplug.int_kernels import IntWeight
 from qplug.kernels import KernelLayer
 
@@ -524,6 +524,43 @@ def test_a_forced_isa_the_cpu_lacks_is_a_refusal_that_names_it(monkeypatch):
     monkeypatch.setenv(native.ISA_ENV_VAR, "sse9")
     layer = make_layer(32, 256, 4, 64)
     assert "QPLUG_ISA='sse9' is not one of" in layer.choose_kernel(torch.device("cpu"), torch.float32)[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.sampled_from([8, 40, 96]),
+    blocks=st.integers(1, 4),
+    blocksize=st.sampled_from([32, 64, 128]),
+    rows=st.integers(1, 4),
+    gather=st.booleans(),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    out_dtype=st.sampled_from([None, torch.float32]),
+    seed=st.integers(0, 2**16),
+    isa=st.sampled_from(["portable", "avx2", "avx512"]),
+)
+def test_the_one_call_decode_path_is_the_stepwise_one_bit_for_bit(n, blocks, blocksize, rows, gather, bias, dtype,
+                                                                  out_dtype, seed, isa):
+    """lut4.linear (input conversion and gather, GEMV, float32 bias, one rounding, in one C call) against the
+    same steps taken one by one: the GEMV's float32 output, the bias added in float32, torch's cast."""
+    assume(isa in available_isas())
+    g = torch.Generator().manual_seed(seed)
+    k = blocks * blocksize
+    weight = lut4.Lut4Weight(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g), n, k, blocksize,
+                             torch.arange(16.0), absmax=torch.rand(n * k // blocksize, generator=g),
+                             zeros=torch.randint(0, 16, (n * k // blocksize,), generator=g).float())
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    perm = torch.randperm(k, generator=g) if gather else None
+    b = torch.randn(n, generator=g) if bias else None
+    with forced_isa(isa):
+        assert lut4.takes_linear(weight, rows)
+        stepwise = lut4.matmul(weight, x, perm=perm)
+        if b is not None:
+            stepwise = stepwise + b
+        stepwise = stepwise.to(out_dtype or dtype)
+        fused = lut4.linear(weight, x, perm, b, out_dtype)
+    assert fused.dtype == (out_dtype or dtype)
+    assert torch.equal(fused, stepwise)
 
 
 @pytest.mark.skipif(native._compiler() is None, reason="no C compiler")

@@ -146,7 +146,10 @@ def dequantize_4bit(weight: lut4.Lut4Weight, first: int, count: int, dtype: torc
 
 def forward_4bit(layer, weight: lut4.Lut4Weight, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
-    y = lut4.matmul(weight, x, getattr(layer, "compute_dtype", None)).to(x.dtype)
+    if lut4.takes_linear(weight, x.shape[0]):  # decode: one C call
+        y = lut4.linear(weight, x)
+    else:
+        y = lut4.matmul(weight, x, getattr(layer, "compute_dtype", None)).to(x.dtype)
     if layer.bias is not None:
         y += layer.bias.to(x.dtype)
     return y
@@ -187,7 +190,15 @@ def forward_int8(layer, layout: LayoutInt8, x: torch.Tensor) -> torch.Tensor:
     n, k = layout.cb.shape
     m = x.shape[0]
     name, _ = isa()
-    if m <= lut4.GEMV_MAX_ROWS[name]:
+    if m <= lut4.GEMV_MAX_ROWS[name] and native.openmp():  # decode: one C call (see qplug.lut4.linear)
+        y = torch.empty(m, n, dtype=x.dtype)
+        status = native.CPU_KERNELS.get().qplug_linear_int8(
+            ISAS[name], native.threads_for(n, max(1, _GEMV_WEIGHTS_PER_THREAD // k)), layout.cb.data_ptr(),
+            layout.scale.data_ptr(), n, k, x.data_ptr(), native.DTYPE_CODES[x.dtype], m, y.data_ptr(),
+            native.DTYPE_CODES[x.dtype])
+        if status:
+            raise KernelUnavailableError(f"qplug_linear_int8 returned {status}")
+    elif m <= lut4.GEMV_MAX_ROWS[name]:
         lib = native.CPU_KERNELS.get()
         xf = x.to(torch.float32).contiguous()
         out = torch.empty(m, n, dtype=torch.float32)
