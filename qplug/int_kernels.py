@@ -430,8 +430,9 @@ def _lut4_prepare(layer, device, dtype):
 def _lut4_forward(layer, layout, x):
     weight, perm, bias = layout
     x = x.contiguous()
-    if lut4.takes_linear(weight, x.shape[0]):  # decode: one C call
-        return lut4.linear(weight, x, perm, bias)
+    y = lut4.decode(weight, x, perm, bias)  # decode shapes: one C call
+    if y is not None:
+        return y
     y = lut4.matmul(weight, x, perm=perm)
     if bias is not None:  # in float32, so that the result is rounded to x's dtype once
         y = y.float().add_(bias)
@@ -541,7 +542,7 @@ def _q8_forward(layer, layout, x):
     groups = k // gs
     m = x.shape[0]
     name, _ = native.isa()
-    if m <= lut4.GEMV_MAX_ROWS[name] and native.openmp():  # decode: one C call (see lut4.linear)
+    if m <= lut4.GEMV_MAX_ROWS[name] and native.openmp():  # decode: one C call (see lut4.decode)
         x = x.contiguous()
         out = torch.empty(m, n, dtype=x.dtype)
         status = native.CPU_KERNELS.get().qplug_linear_int8_grouped(

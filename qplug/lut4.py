@@ -26,8 +26,8 @@ import torch
 from qplug import blocked, native
 from qplug.blocked import matmul_dtype
 
-__all__ = ["GEMV_MAX_ROWS", "INT8_ACTIVATION_BLOCK", "Lut4Weight", "dequantize", "gemv_int8_activations",
-           "int8_activations_refuse", "linear", "matmul", "matmul_dtype", "refuses", "takes_linear"]
+__all__ = ["GEMV_MAX_ROWS", "INT8_ACTIVATION_BLOCK", "Lut4Weight", "decode", "dequantize", "gemv_int8_activations",
+           "int8_activations_refuse", "matmul", "matmul_dtype", "refuses"]
 
 #: Inputs of at most this many rows take the GEMV, per path; more rows the blocked dequantize + matmul one.
 #: (Measured on a Zen 4 core: the AVX-512 GEMV costs ~0.25 ms per extra row of a 5632x2048 layer, about
@@ -123,27 +123,25 @@ def dequantize(weight: Lut4Weight, first: int, count: int, dtype: torch.dtype,
     return out
 
 
-def takes_linear(weight: Lut4Weight, rows: int) -> bool:
-    """Whether :func:`linear` runs ``rows`` input rows of ``weight`` (decode shapes, qplug's OpenMP build)."""
+def decode(weight: Lut4Weight, x: torch.Tensor, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """``x[:, perm] @ W.T + bias`` rounded once to ``out_dtype`` (default ``x``'s) for a contiguous 2-D ``x``, or
+    ``None`` where this path does not take it (more than :data:`GEMV_MAX_ROWS` rows, rows not of whole
+    32-element chunks, a build without OpenMP): the GEMV of :func:`matmul` (same float32 sums) with the
+    input conversion, the gather, the float32 ``bias`` and the rounding in the same C call. Per token and
+    layer that is one buffer and one call instead of four buffers, three calls, a cast and an add."""
     name, _ = native.isa()
-    return (name is not None and rows <= GEMV_MAX_ROWS[name] and weight.k % 32 == 0 and weight.blocksize % 32 == 0
-            and native.openmp())
-
-
-def linear(weight: Lut4Weight, x: torch.Tensor, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x[:, perm] @ W.T + bias`` rounded once to ``out_dtype`` (default ``x``'s) for a contiguous 2-D ``x`` that
-    :func:`takes_linear`: the GEMV of :func:`matmul` (same float32 sums), with the input conversion, the
-    gather, the float32 ``bias`` and the rounding in the same C call (per-token Python overhead: one
-    buffer and one call instead of four buffers, three calls, a cast and an add)."""
-    name, _ = native.isa()
+    rows = x.shape[0]
+    if (name is None or rows > GEMV_MAX_ROWS[name] or weight.k % 32 or weight.blocksize % 32
+            or not native.openmp()):
+        return None
     out_dtype = out_dtype or x.dtype
-    out = torch.empty(x.shape[0], weight.n, dtype=out_dtype)
+    out = torch.empty(rows, weight.n, dtype=out_dtype)
     threads = native.threads_for(weight.n, max(1, _GEMV_WEIGHTS_PER_THREAD // weight.k))
     status = native.CPU_KERNELS.get().qplug_linear_4bit(
-        native.ISAS[name], threads, weight.slots().data_ptr(), x.data_ptr(), native.DTYPE_CODES[x.dtype],
-        x.shape[0], None if perm is None else perm.data_ptr(), None if bias is None else bias.data_ptr(),
-        out.data_ptr(), native.DTYPE_CODES[out_dtype])
+        native.ISAS[name], threads, weight.slots().data_ptr(), x.data_ptr(), native.DTYPE_CODES[x.dtype], rows,
+        None if perm is None else perm.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+        native.DTYPE_CODES[out_dtype])
     if status:
         raise RuntimeError(f"qplug_linear_4bit returned {status}")
     return out

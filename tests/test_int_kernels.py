@@ -541,7 +541,7 @@ def test_a_forced_isa_the_cpu_lacks_is_a_refusal_that_names_it(monkeypatch):
 )
 def test_the_one_call_decode_path_is_the_stepwise_one_bit_for_bit(n, blocks, blocksize, rows, gather, bias, dtype,
                                                                   out_dtype, seed, isa):
-    """lut4.linear (input conversion and gather, GEMV, float32 bias, one rounding, in one C call) against the
+    """lut4.decode (input conversion and gather, GEMV, float32 bias, one rounding, in one C call) against the
     same steps taken one by one: the GEMV's float32 output, the bias added in float32, torch's cast."""
     assume(isa in available_isas())
     g = torch.Generator().manual_seed(seed)
@@ -553,13 +553,12 @@ def test_the_one_call_decode_path_is_the_stepwise_one_bit_for_bit(n, blocks, blo
     perm = torch.randperm(k, generator=g) if gather else None
     b = torch.randn(n, generator=g) if bias else None
     with forced_isa(isa):
-        assert lut4.takes_linear(weight, rows)
         stepwise = lut4.matmul(weight, x, perm=perm)
         if b is not None:
             stepwise = stepwise + b
         stepwise = stepwise.to(out_dtype or dtype)
-        fused = lut4.linear(weight, x, perm, b, out_dtype)
-    assert fused.dtype == (out_dtype or dtype)
+        fused = lut4.decode(weight, x, perm, b, out_dtype)
+    assert fused is not None and fused.dtype == (out_dtype or dtype)
     assert torch.equal(fused, stepwise)
 
 

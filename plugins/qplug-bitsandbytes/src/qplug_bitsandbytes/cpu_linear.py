@@ -146,9 +146,8 @@ def dequantize_4bit(weight: lut4.Lut4Weight, first: int, count: int, dtype: torc
 
 def forward_4bit(layer, weight: lut4.Lut4Weight, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
-    if lut4.takes_linear(weight, x.shape[0]):  # decode: one C call
-        y = lut4.linear(weight, x)
-    else:
+    y = lut4.decode(weight, x)  # decode shapes: one C call
+    if y is None:
         y = lut4.matmul(weight, x, getattr(layer, "compute_dtype", None)).to(x.dtype)
     if layer.bias is not None:
         y += layer.bias.to(x.dtype)
@@ -190,7 +189,7 @@ def forward_int8(layer, layout: LayoutInt8, x: torch.Tensor) -> torch.Tensor:
     n, k = layout.cb.shape
     m = x.shape[0]
     name, _ = isa()
-    if m <= lut4.GEMV_MAX_ROWS[name] and native.openmp():  # decode: one C call (see qplug.lut4.linear)
+    if m <= lut4.GEMV_MAX_ROWS[name] and native.openmp():  # decode: one C call (see qplug.lut4.decode)
         y = torch.empty(m, n, dtype=x.dtype)
         status = native.CPU_KERNELS.get().qplug_linear_int8(
             ISAS[name], native.threads_for(n, max(1, _GEMV_WEIGHTS_PER_THREAD // k)), layout.cb.data_ptr(),
