@@ -10,7 +10,8 @@ may be double-quantized the way bitsandbytes stores them (8-bit codes of a neste
 
 * up to :data:`GEMV_MAX_ROWS` input rows (decode): a C GEMV that looks each nibble up in the block's
   16-entry table (``(code - zero) * scale``, formed once per block) and accumulates in float32, over
-  ranges of output rows on ``torch.get_num_threads()`` threads;
+  ranges of output rows on ``torch.get_num_threads()`` threads (:func:`decode` runs it, with the input
+  conversion, the bias and the output rounding, in one C call: the per-token path of the kernels);
 * more rows (prefill): tiles of rows dequantized by a C kernel and multiplied by torch's matmul
   (:func:`qplug.blocked.matmul`), in bfloat16 where the input (or the layer's compute dtype) is
   bfloat16 and the CPU has bfloat16 dot products, float32 otherwise. The full float weight never
