@@ -78,7 +78,8 @@ def quantize_checkpoint(
         blocks a resumed run skips too).
     :param restart: with ``calibration``: discard what an interrupted run into ``dst`` left and start
         from the first block. By default a run continues after the last block such a run finished,
-        when the config, SRC, calibration and device are the same (:mod:`qplug.block_resume`), and
+        when the config, SRC, calibration and device (with its thread count) are the same
+        (:mod:`qplug.block_resume`), and
         writes the same bytes as an uninterrupted run. Data-free runs always start over (a layer
         costs about what reading it does).
     :param resume_dir: with ``calibration``: where the finished blocks and the last one's outputs are

@@ -300,9 +300,9 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
                         "default the CPU")
     p.add_argument("--restart", action="store_true",
                    help="with --calibration: discard the blocks an interrupted run into DST finished and start "
-                        "from the first. By default a rerun with the same method, SRC and calibration continues "
-                        "after them (kept in .DST.resume beside DST until DST is complete) and writes the same "
-                        "bytes; data-free runs always start over")
+                        "from the first. By default a rerun with the same method, SRC, calibration and torch "
+                        "thread count continues after them (kept in .DST.resume beside DST until DST is complete) "
+                        "and writes the same bytes; data-free runs always start over")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the dtype SRC is loaded in (default: as stored)")
     p.add_argument("--max-shard-size", default="50GB", metavar="SIZE",
