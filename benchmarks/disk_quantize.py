@@ -25,6 +25,12 @@ hold the cores or pause the process; both ratios are printed.
 Targets (issue 15): disk peak above the floor grows <= 1.3x from the smallest to the largest depth;
 disk time <= 1.1x load+save (data-free) and <= 1.15x whole (calibrating). Both paths' outputs are
 also compared byte for byte.
+
+``--tinyllama`` measures the disk path alone on a random model of TinyLlama 1.1B's shapes (hidden
+2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, vocabulary 32000, 2.2 GB of bf16) against
+issue 15's target for it: peak <= floor + 0.35 x the float model's size. ``--tinyllama --depths N``
+builds N layers instead (the peak is flat in depth, so a shallow model estimates it in minutes, and
+the target is then taken against the 22-layer model's size).
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ METHODS = {
 }
 CALIBRATES = {"gptq-4bit", "awq-4bit"}
 GROWTH_TARGET = 1.3
+TINYLLAMA = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+             "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+             "tie_word_embeddings": False}
+TINYLLAMA_TARGET = 0.35  # peak above the floor, as a fraction of the float model's bytes
 TIME_TARGETS = {"load+save": 1.1, "whole": 1.15}
 
 # The child: one measurement, one JSON line.
@@ -102,7 +112,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="nf4", help="comma-separated: " + ", ".join(METHODS))
     parser.add_argument("--hidden", type=int, default=1024, help="model width (default 1024)")
-    parser.add_argument("--depths", default="8,48", help="comma-separated layer counts (default 8,48)")
+    parser.add_argument("--depths", default=None,
+                        help="comma-separated layer counts (default 8,48; with --tinyllama: one, default 22)")
     parser.add_argument("--samples", type=int, default=8, help="calibration sequences (default 8)")
     parser.add_argument("--seqlen", type=int, default=128, help="tokens per calibration sequence (default 128)")
     parser.add_argument("--runs", type=int, default=None,
@@ -112,6 +123,8 @@ def main() -> int:
                         help="torch threads in each measured process (default 0: torch's choice); 1 keeps "
                              "OpenMP from stalling on a machine others are using")
     parser.add_argument("--keep", type=Path, help="build the models here and keep them (default: a temporary dir)")
+    parser.add_argument("--tinyllama", action="store_true",
+                        help="the disk path alone on TinyLlama 1.1B's shapes (--hidden unused)")
     args = parser.parse_args()
     import torch
 
@@ -119,10 +132,12 @@ def main() -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    depths = [int(d) for d in args.depths.split(",")]
+    depths = [int(d) for d in (args.depths or ("22" if args.tinyllama else "8,48")).split(",")]
     print(f"cpu capability: {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
           f"hidden {args.hidden}, depths {depths}, calibration {args.samples} x {args.seqlen} tokens, "
           f"threads {args.threads or torch.get_num_threads()}")
+    if args.tinyllama:
+        return tinyllama(methods, depths[0], args)
     with tempfile.TemporaryDirectory(prefix="qplug-disk-bench-") as tmp:
         root = args.keep or Path(tmp)
         for method in methods:
@@ -164,6 +179,30 @@ def main() -> int:
                   "while other jobs hold the cores or stop the process)")
             identical = all(r["identical"] for r in rows.values())
             print(f"{method}: disk output byte-identical to {other}: {'yes' if identical else 'NO'}")
+    return 0
+
+
+def tinyllama(methods: list[str], layers: int, args: argparse.Namespace) -> int:
+    """The disk path's peak on TinyLlama 1.1B's shapes against floor + 0.35 x the (22-layer) float model."""
+    with tempfile.TemporaryDirectory(prefix="qplug-disk-bench-") as tmp:
+        root = args.keep or Path(tmp)
+        shapes = {**TINYLLAMA, "num_hidden_layers": layers}
+        src = build_float_checkpoint(root / f"tinyllama-shaped-{layers}-bf16", shapes)
+        # the full model's bf16 bytes, from the shapes (a shallow model stands in for it)
+        h, i, v, kv = 2048, 5632, 32000, 2048 * 4 // 32  # hidden, intermediate, vocabulary, K/V width
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # q, o; k, v; the MLP; two norms
+        float_bytes = 2 * (2 * v * h + h + TINYLLAMA["num_hidden_layers"] * per_layer)
+        print(f"TinyLlama-shaped float model: {layers} layers built, the 22-layer model {float_bytes / GIB:.2f} GiB "
+              "of bf16")
+        for method in methods:
+            config = METHODS[method]
+            floor = run("floor", src, root / "unused", config, args)["peak"]
+            disk = run("disk", src, root / f"out-{method}-tinyllama", config, args)
+            above = disk["peak"] - floor
+            print(f"{method}: floor {floor / GIB:.2f} GiB, disk peak above floor {above / GIB:.3f} GiB, "
+                  f"{disk['seconds']:.0f} s ({disk['cpu']:.0f} CPU s)")
+            verdict(f"{method}: disk peak above floor / float model's size (target as a fraction)",
+                    above / float_bytes, TINYLLAMA_TARGET)
     return 0
 
 

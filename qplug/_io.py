@@ -39,7 +39,8 @@ try:
 except ImportError:  # Windows: no advisory locks, abandoned staging directories stay
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["atomic_directory", "atomic_write_text", "recover_directory", "remove_abandoned_staging"]
+__all__ = ["atomic_directory", "atomic_write_text", "directory_lock", "durable_replace", "recover_directory",
+           "remove_abandoned_staging"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -67,6 +68,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_directory(path.parent)
 
 
+def durable_replace(source: Path, target: Path) -> None:
+    """Rename the file ``source`` over ``target`` once its bytes are on disk; a crash leaves one or the other."""
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(source, target)
+    _fsync_directory(Path(target).parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a fresh directory beside ``target``; on success it replaces ``target`` (see the module docstring).
@@ -82,7 +94,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     remove_abandoned_staging(target)
     staging = _new_sibling(target, "partial")
     with contextlib.ExitStack() as held:
-        held.enter_context(_writer_lock(staging))
+        held.enter_context(directory_lock(staging))
         try:
             if target.is_dir():
                 os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
@@ -130,7 +142,7 @@ def remove_abandoned_staging(target: str | os.PathLike[str]) -> list[Path]:
         if not stat.S_ISDIR(info.st_mode) or now - info.st_mtime < ABANDONED_AFTER_SECONDS:
             continue
         try:
-            with _writer_lock(path, wait=False):
+            with directory_lock(path, wait=False):
                 shutil.rmtree(path)
         except (BlockingIOError, OSError):
             continue  # a live writer holds it, or it vanished meanwhile
@@ -139,8 +151,11 @@ def remove_abandoned_staging(target: str | os.PathLike[str]) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _writer_lock(directory: Path, *, wait: bool = True) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``directory`` (no-op without ``fcntl``).
+def directory_lock(directory: Path, *, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` (no-op without ``fcntl``): a writer's claim on it.
+
+    The kernel drops the lock when the process dies, however it dies, so a directory nobody holds
+    was left by a writer that is gone.
 
     :raises BlockingIOError: ``wait`` is false and another process holds it.
     """

@@ -19,6 +19,10 @@ metadata :func:`qplug.save_quantized` gives the model the whole-model path quant
 (``qplug.quantize`` on the loaded float model), so the two checkpoints are byte-identical. DST is
 replaced atomically, as every checkpoint write is: a failure leaves an existing DST whole.
 
+A run killed part way keeps its finished blocks and the last one's outputs beside DST; run again
+with the same arguments, it continues after them and writes the same bytes
+(:mod:`qplug.block_resume`).
+
 With ``device=`` (a GPU), the modules run before the first block, every block and the activations
 live on that device; only the written tensors come back to the host.
 """
@@ -26,6 +30,7 @@ live on that device; only the written tensors come back to the host.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -39,6 +44,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from qplug.block_resume import BlockResume
     from qplug.blocks import BlockCalibration, BlockCall
     from qplug.checkpoint import CheckpointWeights
 
@@ -56,18 +62,25 @@ def quantize_blocks(
     skip: Iterable[str] = (),
     on_module: Callable[[Progress], None] | None = None,
     device: str | torch.device | None = None,
+    restart: bool = False,
+    resume_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Quantize the float checkpoint ``src`` into ``dst`` block by block (see the module docstring).
 
     The caller (:func:`qplug.quantize_checkpoint`) has read ``model_config``, checked the config
     and that the backend implements ``calibrate_blocks``.
 
+    A run continues after the last block an earlier, interrupted run with the same config, SRC,
+    calibration and device finished (:mod:`qplug.block_resume`), unless ``restart``; what it needs
+    is kept in ``resume_dir`` (default ``.NAME.resume`` beside ``dst``) until ``dst`` is complete.
+
     :raises PlacementError: ``device`` is not a device, or does not exist here.
     :raises IncompatibleModelError: a module to quantize lies outside the blocks, or the model reads
         a tensor before its first block other than by calling the module that holds it.
     """
     from qplug import memory
-    from qplug.api import _checkpoint_config, _prepare, _require_linear, checkpoint_metadata
+    from qplug.api import _checkpoint_config, _prepare, _replace_modules, _require_linear, checkpoint_metadata
+    from qplug.block_resume import BlockResume, fingerprint, resume_directory
     from qplug.checkpoint import CheckpointWeights, build_skeleton, write_checkpoint
     from qplug.manager import get_plugin_manager
 
@@ -89,15 +102,47 @@ def quantize_blocks(
         source = CheckpointWeights(src, stack)
         block_names = [f"{calibrating.blocks}.{index}" for index in range(len(blocks))]
         plan = WritePlan(model, block_names, source, blocks=True)
+        identity = fingerprint(src=Path(src), config=config.to_dict(), batches=calibrating.batches, blocks=block_names,
+                               device=_device_identity(target), versions=_versions(config))
+        resume = stack.enter_context(BlockResume.open(
+            Path(resume_dir) if resume_dir is not None else resume_directory(dst), identity, restart=restart))
         calls = _capture(model, blocks, calibrating, source, plan, target)
+        if resume is not None and resume.done:
+            calls = [call.with_hidden(hidden.to(target)) for call, hidden in zip(calls, resume.hidden(), strict=True)]
+        replace = functools.partial(_replace_modules, config, model)
         tensors = stack.enter_context(contextlib.closing(
-            _produce(model, plan, source, calibrating, calls, target, on_module)))
+            _produce(model, plan, source, calibrating, calls, target, on_module, resume, replace)))
         write_checkpoint(dst, tensors, lambda: _checkpoint_config(config, model), tied=plan.tied,
                          metadata=checkpoint_metadata(), max_shard_size=max_shard_size,
                          add_files=lambda staging: hook.add_checkpoint_files(config=config, model=model,
                                                                              directory=staging))
+        if resume is not None:
+            resume.remove()
     memory.release_freed_memory()
     return Path(dst)
+
+
+def _device_identity(device: torch.device) -> str:
+    """The device as far as it decides the bytes: on the CPU the thread count changes the matmuls'
+    sums (GPTQ writes other bytes with 1 thread than with 2), on a GPU the model of card."""
+    import torch
+
+    if device.type == "cpu":
+        return f"cpu, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        return f"{device}, {torch.cuda.get_device_name(device)}"
+    return str(device)
+
+
+def _versions(config: QuantConfig) -> dict[str, str | None]:
+    """The code that computes the blocks: another version may give other bytes."""
+    import torch
+
+    from qplug import __version__
+    from qplug.manager import get_plugin_manager
+
+    plugin = get_plugin_manager().get_entry(config.quant_method).plugin
+    return {"qplug": __version__, "torch": torch.__version__, plugin.name: plugin.version}
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -218,15 +263,23 @@ def _produce(
     calls: list[BlockCall],
     device: torch.device,
     on_module: Callable[[Progress], None] | None,
+    resume: BlockResume | None,
+    replace_modules: Callable[..., list[str]],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` in state-dict order, calibrating and quantizing each block as its turn comes."""
+    """Yield ``(name, tensor)`` in state-dict order, calibrating and quantizing each block as its turn comes.
+
+    The blocks ``resume`` holds as finished are not calibrated again: their tensors come from it, and
+    their modules become the backend's empty quantized ones (as loading builds them), so the config
+    and files written at the end see every block quantized.
+    """
     import torch
 
     from qplug import memory, progress
 
     total = len(calibrating.module_names)
     blocks = sum(1 for owner, _ in plan.units if owner is not None)
-    done = written = 0
+    done = written = index = 0
+    captured = list(calls)
     with progress.task("calibrating to disk", total=blocks, unit="blocks") as shown:
         for owner, keys in plan.units:
             if owner is None:
@@ -239,17 +292,29 @@ def _produce(
                 memory.note_freed(nbytes, every=RELEASE_EVERY_BYTES)
                 continue
             block = model.get_submodule(owner)
-            cut = len(owner) + 1
-            block.load_state_dict({key[cut:]: source.get(key) for key in keys}, strict=True, assign=True)
-            if device.type != "cpu":
-                block.to(device)
-            with torch.no_grad(), progress.enabled(False):  # this task counts the blocks
-                calls = calibrating.quantize_block(owner, block, calls)
-            out = block.state_dict(prefix=owner + ".")
-            refuse_shared(owner, out)
+            mine = [name for name in calibrating.module_names if name.startswith(owner + ".")]
+            if resume is not None and index < resume.resumed:
+                out = resume.tensors(index)
+                replace_modules(mine, None, prequantized=True, checkpoint_tensors=resume.infos(index))
+            else:
+                cut = len(owner) + 1
+                block.load_state_dict({key[cut:]: source.get(key) for key in keys}, strict=True, assign=True)
+                if device.type != "cpu":
+                    block.to(device)
+                with torch.no_grad(), progress.enabled(False):  # this task counts the blocks
+                    calls = calibrating.quantize_block(owner, block, calls)
+                state = block.state_dict(prefix=owner + ".")
+                refuse_shared(owner, state)
+                if resume is not None:
+                    if _only_hidden_changed(captured, calls):
+                        resume.save(index, list(state.items()), [call.hidden for call in calls])
+                    else:
+                        progress.note(f"{owner}: the backend passed on more than new hidden states to the next "
+                                      "block, which a rerun could not restore: this run keeps no resume state")
+                        resume = None
+                out = ((name, state.pop(name)) for name in list(state))
             dropped = 0
-            for name in list(out):
-                tensor = out.pop(name)
+            for name, tensor in out:
                 nbytes = tensor.numel() * tensor.element_size()
                 written += nbytes
                 dropped += nbytes
@@ -258,8 +323,15 @@ def _produce(
             to_meta(block)
             memory.note_freed(dropped, every=RELEASE_EVERY_BYTES)
             shown.advance()
-            for name in calibrating.module_names:
-                if name.startswith(owner + "."):
-                    done += 1
-                    if on_module is not None:
-                        on_module(Progress(name, done, total, written))
+            index += 1
+            for name in mine:
+                done += 1
+                if on_module is not None:
+                    on_module(Progress(name, done, total, written))
+
+
+def _only_hidden_changed(captured: list[BlockCall], calls: list[BlockCall]) -> bool:
+    """Whether ``calls`` are the captured first-block calls with new hidden states, all a rerun restores."""
+    return len(calls) == len(captured) and all(
+        new.args is old.args and new.kwargs is old.kwargs and new.keyword == old.keyword
+        for new, old in zip(calls, captured, strict=True))

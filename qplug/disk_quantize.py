@@ -16,7 +16,8 @@ or an interruption leaves an existing DST whole, and a new run starts again from
 
 That is the path of data-free methods (bitsandbytes, int8 weight-only). Given calibration data,
 :func:`quantize_checkpoint` hands methods that calibrate on activations (GPTQ, AWQ) to
-:mod:`qplug.block_quantize`, which goes one decoder block at a time instead of one layer.
+:mod:`qplug.block_quantize`, which goes one decoder block at a time instead of one layer; an
+interrupted calibrating run continues after the last block it finished (:mod:`qplug.block_resume`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def quantize_checkpoint(
     max_shard_size: int | str | None = "50GB",
     skip: Iterable[str] = (),
     on_module: Callable[[Progress], None] | None = None,
+    restart: bool = False,
+    resume_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Quantize the floating-point checkpoint ``src`` into the checkpoint directory ``dst``, layer by layer.
 
@@ -71,7 +74,17 @@ def quantize_checkpoint(
         (``"cuda"``, ``"cuda:1"``); default the CPU.
     :param max_shard_size: as for :func:`qplug.save_quantized`: shards with an index beyond it.
     :param skip: more modules to leave in floating point (recorded in the config).
-    :param on_module: called with a :class:`Progress` once each quantized module is written.
+    :param on_module: called with a :class:`Progress` once each quantized module is written (for the
+        blocks a resumed run skips too).
+    :param restart: with ``calibration``: discard what an interrupted run into ``dst`` left and start
+        from the first block. By default a run continues after the last block such a run finished,
+        when the config, SRC, calibration and device (with its thread count) are the same
+        (:mod:`qplug.block_resume`), and
+        writes the same bytes as an uninterrupted run. Data-free runs always start over (a layer
+        costs about what reading it does).
+    :param resume_dir: with ``calibration``: where the finished blocks and the last one's outputs are
+        kept until ``dst`` is complete; default ``.NAME.resume`` beside ``dst``. For a caller that
+        writes into a staging directory of its own (the CLI), the one beside its real destination.
     :return: ``dst``.
     :raises QPlugError: ``src`` is already quantized; the method needs calibration data and got none;
         or the backend cannot work from disk this way (data-free without ``quantize_module``,
@@ -110,7 +123,8 @@ def quantize_checkpoint(
         from qplug.block_quantize import quantize_blocks
 
         return quantize_blocks(src, dst, config, model_config, calibration, max_shard_size=max_shard_size,
-                               skip=skip, on_module=on_module, device=device)
+                               skip=skip, on_module=on_module, device=device, restart=restart,
+                               resume_dir=resume_dir)
     if device is not None:
         raise QPlugError("device= places calibration (with calibration=); data-free methods quantize on the CPU")
     if not backend.streams:

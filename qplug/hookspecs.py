@@ -193,7 +193,10 @@ def calibrate_blocks(config: QuantConfig, model: torch.nn.Module, module_names: 
     Implementing this hook is what lets a calibrating backend quantize from disk (the manager's
     :attr:`~qplug.manager.BackendEntry.calibrates_blocks`). Build ``quantize_block`` from the same
     per-block code the backend's ``replace_modules`` runs over a loaded model, so both paths write
-    the same checkpoint.
+    the same checkpoint. Pass the next block the calls ``quantize_block`` was given with new hidden
+    states only (``call.with_hidden``): a run resumed after an interruption restores exactly that
+    (:mod:`qplug.block_resume`), and builds the finished blocks' modules with ``replace_modules``
+    (``prequantized=True``), as loading does.
 
     :param config: the backend's config (already checked by :func:`validate`).
     :param model: the model skeleton, every parameter on the meta device; read names, shapes and

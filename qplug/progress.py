@@ -9,7 +9,8 @@ configured to show them (the CLI does).
 
 One switch silences it all: ``QPLUG_PROGRESS=0`` in the environment, or ``progress=False`` to
 :func:`qplug.quantize`, :func:`qplug.load_quantized` and :func:`qplug.save_quantized` (which
-wrap their work in :func:`enabled`). Backends report with :func:`track` or :func:`task`.
+wrap their work in :func:`enabled`). Backends report with :func:`track` or :func:`task`; a
+one-off line (a run resuming) goes through :func:`note`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 
 from qplug.environment import env_flag
 
-__all__ = ["ENV_VAR", "LOG_INTERVAL", "Task", "enabled", "is_enabled", "task", "track"]
+__all__ = ["ENV_VAR", "LOG_INTERVAL", "Task", "enabled", "is_enabled", "note", "task", "track"]
 
 #: ``QPLUG_PROGRESS=0`` (or false/no/off) silences every progress display.
 ENV_VAR = "QPLUG_PROGRESS"
@@ -175,6 +176,12 @@ def task(description: str, total: int | None = None, unit: str = "") -> Iterator
     finally:
         if not failed:
             logger.info(current._line(done=True))
+
+
+def note(message: str) -> None:
+    """A one-off line about a long operation (a run resumed, saved work discarded), logged to
+    ``qplug.progress`` at INFO whether or not progress is shown: it says what a run chose to do."""
+    logger.info(message)
 
 
 def track(iterable: Iterable[T], description: str, total: int | None = None, unit: str = "") -> Iterator[T]:

@@ -23,6 +23,7 @@ from qplug.config import QuantConfig
 from qplug.disk_quantize import Progress
 from qplug.modules import set_submodule
 from qplug.testing import example_tokens, load_float_model, tiny_llama
+from qplug.testing.block_path import Interrupted, assert_interrupted_run_resumes, progress_lines
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -66,6 +67,10 @@ class ActPlugin:
 
     blocks_name: str | None = None  # what calibrate_blocks names as the blocks (None: the real list)
     extra_modules: tuple[str, ...] = ()
+    copy_kwargs = False  # pass the next block copies of the keyword arguments (a rerun could not restore them)
+
+    def __init__(self):
+        self.calibrated: list[str] = []  # the blocks calibrate_blocks' step ran on, in order
 
     @qplug.hookimpl
     def register_backends(self):
@@ -88,8 +93,13 @@ class ActPlugin:
     def calibrate_blocks(self, config, model, module_names, calibration):
         prefix, _ = find_blocks(model, module_names)
         names = [*module_names, *self.extra_modules]
-        return BlockCalibration(self.blocks_name or prefix, self.batches(calibration), names,
-                                lambda name, block, calls: quantize_block(model, names, name, block, calls))
+
+        def step(name, block, calls):
+            self.calibrated.append(name)
+            calls = quantize_block(model, names, name, block, calls)
+            return [attrs.evolve(c, kwargs=dict(c.kwargs)) for c in calls] if self.copy_kwargs else calls
+
+        return BlockCalibration(self.blocks_name or prefix, self.batches(calibration), names, step)
 
     @qplug.backend_hookimpl(ActConfig)
     def serialize(self, config, model):
@@ -167,7 +177,40 @@ def test_a_failure_midway_leaves_the_destination_whole(act_plugin, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         qplug.quantize_checkpoint(src, target, CONFIG, calibration=calibration(), on_module=stop)
     assert files(target) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["float", "q"]  # no staging left behind
+    # no staging left behind; the finished blocks are kept for a rerun, which removes them
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".q.resume", "float", "q"]
+    qplug.quantize_checkpoint(src, target, CONFIG, calibration=calibration())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float", "q"]
+    assert files(target) == before
+
+
+def test_an_interrupted_run_resumes_without_calibrating_its_finished_blocks_again(act_plugin, tmp_path):
+    src = save_float(tmp_path / "float")
+    assert_interrupted_run_resumes(src, tmp_path, CONFIG, calibration=calibration(), after_blocks=2)
+    blocks = [f"model.layers.{i}" for i in range(3)]
+    # the uninterrupted run, the run stopped after two blocks, the rerun: the last block only
+    assert act_plugin.calibrated == [*blocks, *blocks[:2], blocks[2]]
+
+
+def test_a_backend_passing_on_more_than_hidden_states_is_not_resumed(act_plugin, tmp_path):
+    from qplug.block_resume import resume_directory
+
+    act_plugin.copy_kwargs = True
+    src = save_float(tmp_path / "float")
+
+    def stop(progress):
+        if progress.module.startswith("model.layers.1."):
+            raise Interrupted
+
+    with pytest.raises(Interrupted), progress_lines() as lines:
+        qplug.quantize_checkpoint(src, tmp_path / "q", CONFIG, calibration=calibration(), on_module=stop)
+    assert any("model.layers.0: the backend passed on more than new hidden states" in line for line in lines), lines
+    assert not any(resume_directory(tmp_path / "q").iterdir())
+    with progress_lines() as lines:
+        qplug.quantize_checkpoint(src, tmp_path / "q", CONFIG, calibration=calibration(), max_shard_size="100KB")
+    assert not any(line.startswith("resuming") for line in lines)
+    whole_model_path(src, tmp_path / "whole")
+    assert files(tmp_path / "q") == files(tmp_path / "whole")
 
 
 def test_refusals_name_the_problem(act_plugin, int8_plugin, tmp_path):

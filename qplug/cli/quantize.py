@@ -214,9 +214,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         # Weights, config and tokenizer are assembled beside DST and renamed over it in one step.
         if from_disk:  # disk to disk, layer or block by block: memory flat in the model's depth
             names: list[str] = []
+            from qplug.block_resume import resume_directory
+
+            # a calibrating run keeps its finished blocks beside DST itself, not in this run's staging
+            # directory: a rerun after an interruption continues after them
             qplug.quantize_checkpoint(src, staging, config, calibration=calibration, device=args.device,
                                       max_shard_size=args.max_shard_size,
-                                      on_module=lambda done: names.append(done.module))
+                                      on_module=lambda done: names.append(done.module),
+                                      restart=args.restart, resume_dir=resume_directory(dst))
             quantized = saved = time.perf_counter()
             size_after = checkpoint_bytes(staging)
             params = sum(snapshot.params[n] for n in names)
@@ -293,6 +298,11 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("--device", metavar="DEVICE",
                    help="with --calibration: run each block and the activations on this device (cuda, cuda:1); "
                         "default the CPU")
+    p.add_argument("--restart", action="store_true",
+                   help="with --calibration: discard the blocks an interrupted run into DST finished and start "
+                        "from the first. By default a rerun with the same method, SRC, calibration and torch "
+                        "thread count continues after them (kept in .DST.resume beside DST until DST is complete) "
+                        "and writes the same bytes; data-free runs always start over")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the dtype SRC is loaded in (default: as stored)")
     p.add_argument("--max-shard-size", default="50GB", metavar="SIZE",

@@ -5,7 +5,12 @@ import torch
 
 import qplug
 from qplug.testing import example_tokens, relative_error
-from qplug.testing.block_path import assert_block_path_matches_whole_model, calibration_ids, float_checkpoint
+from qplug.testing.block_path import (
+    assert_block_path_matches_whole_model,
+    assert_interrupted_run_resumes,
+    calibration_ids,
+    float_checkpoint,
+)
 
 CONFIGS = {
     "gemm-g64": {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"},
@@ -33,3 +38,7 @@ def test_blocks_calibrate_on_the_gpu(src, tmp_path):
     tokens = example_tokens(cpu)
     with torch.no_grad():
         assert relative_error(gpu(tokens).logits.float(), cpu(tokens).logits.float()) < 0.05
+
+
+def test_an_interrupted_run_resumes_after_its_last_finished_block(src, tmp_path):
+    assert_interrupted_run_resumes(src, tmp_path, CONFIGS["gemm-g64"])

@@ -5,6 +5,7 @@ import pytest
 import qplug
 from qplug.testing.block_path import (
     assert_block_path_matches_whole_model,
+    assert_interrupted_run_resumes,
     calibration_ids,
     checkpoint_files,
     float_checkpoint,
@@ -42,3 +43,7 @@ def test_calibration_is_what_picks_gptq_over_round_to_nearest(src, tmp_path):
     rtn = checkpoint_files(tmp_path / "rtn")
     assert rtn == checkpoint_files(tmp_path / "rtn-on-load")  # layer by layer, round-to-nearest
     assert checkpoint_files(tmp_path / "gptq")["model.safetensors"] != rtn["model.safetensors"]
+
+
+def test_an_interrupted_run_resumes_after_its_last_finished_block(src, tmp_path):
+    assert_interrupted_run_resumes(src, tmp_path, CONFIGS["w4a16-asym-actorder"])
