@@ -62,6 +62,19 @@ class PackedCodes:
     def out_features(self) -> int:
         return self.words.shape[0]
 
+    def contiguous_words(self) -> torch.Tensor:
+        """:attr:`words` as a contiguous tensor (compressed-tensors' ``weight_packed``, AWQ GEMV's ``qweight``);
+        words held transposed (GPTQ's) are copied by :func:`qplug.native.transposed`, by tiles."""
+        from qplug.native import transposed
+
+        return self.words if self.words.is_contiguous() else transposed(self.words.t())
+
+    def transposed_words(self) -> torch.Tensor:
+        """The words transposed, ``[in * bits / 32, out]`` contiguous: GPTQ's ``qweight``."""
+        from qplug.native import transposed
+
+        return transposed(self.words)
+
     @classmethod
     def pack(cls, q: torch.Tensor, bits: int) -> PackedCodes:
         """Pack uint8 codes ``[out, in]`` (``in`` a multiple of ``32 / bits``), refusing a code of ``2**bits`` or
@@ -89,7 +102,7 @@ class PackedCodes:
 
         # [out, in * bits / 8], little-endian bytes (through one dimension: a contiguous tensor may have any
         # stride along a dimension of size 1)
-        data = self.words.contiguous().reshape(-1).view(torch.uint8).view(self.out_features, -1)
+        data = self.contiguous_words().reshape(-1).view(torch.uint8).view(self.out_features, -1)
         if self.bits == 8:
             return data
         mask = (1 << self.bits) - 1

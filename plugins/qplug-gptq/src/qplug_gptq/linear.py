@@ -158,7 +158,7 @@ class GPTQLinear(KernelLayer, nn.Module):
     ) -> GPTQLinear:
         """Build from packed codes (:class:`qplug.plain_layers.PackedCodes`, checkpoint column order):
         ``qweight`` is their words transposed, the same fields packed along ``in``, lowest bits first."""
-        return cls._from_qweight(codes.words.t().contiguous(), codes.in_features, codes.out_features, zeros, scales,
+        return cls._from_qweight(codes.transposed_words(), codes.in_features, codes.out_features, zeros, scales,
                                  g_idx, bits=codes.bits, group_size=group_size, bias=bias,
                                  checkpoint_format=checkpoint_format, sym=sym, dtype=dtype, weight_dtype=weight_dtype)
 
