@@ -72,6 +72,8 @@ def convert(
     :raises QuantConfigError: an option that is not a field of the target's config, or a bad value.
     :raises CheckpointError: SRC is not a quantized checkpoint qplug can read.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from qplug import memory, progress
     from qplug._io import atomic_directory, recover_directory
     from qplug.api import _prepare, _replace_modules, _validate, checkpoint_metadata, config_from_dict
@@ -101,6 +103,7 @@ def convert(
     skeleton = build_skeleton(model_config)
     hook = manager.hook
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_one_torch_thread())
         weights = CheckpointWeights(src, stack)
         source, selected = _prepare(source, skeleton)
         layers = _replace_modules(source, skeleton, selected, calibration=None, prequantized=True,
@@ -133,21 +136,24 @@ def convert(
             to_meta(module)
             return written.tensors
 
-        def produce() -> Iterator[tuple[str, torch.Tensor]]:
-            from concurrent.futures import ThreadPoolExecutor
+        def prepare(unit: tuple[str | None, list[str]]) -> tuple[int, dict[str, torch.Tensor]]:
+            """On the reader thread: the unit's tensors read, a quantized layer's converted; the bytes read."""
+            owner, keys = unit
+            tensors = {key: weights.get(key) for key in keys}
+            read = sum(t.numel() * t.element_size() for t in tensors.values())
+            if owner is not None:
+                local = {key[len(owner) + 1:]: tensors.pop(key) for key in keys}
+                tensors = {f"{owner}.{key}": t for key, t in convert_one(owner, local).items()}
+            return read, tensors
 
+        def produce() -> Iterator[tuple[str, torch.Tensor]]:
             from qplug.streaming import _prefetched
 
-            def read(unit: tuple[str | None, list[str]]) -> dict[str, torch.Tensor]:
-                return {key: weights.get(key) for key in unit[1]}
-
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-read") as reader:
-                for (owner, _), tensors in _prefetched(reader, read, units):
-                    dropped = sum(t.numel() * t.element_size() for t in tensors.values())
-                    if owner is not None:
-                        local = {key[len(owner) + 1:]: tensors.pop(key) for key in list(tensors)}
-                        tensors = {f"{owner}.{key}": t for key, t in convert_one(owner, local).items()}
-                        del local
+            # One thread reads and converts the next unit while this one writes the last: converting then costs
+            # no time of its own where the writes take longer (they release the GIL, as torch's operations and
+            # the C transpose do). Units are converted in order, one at a time, so `agreed` sees them in order.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-convert") as reader:
+                for (owner, _), (dropped, tensors) in _prefetched(reader, prepare, units):
                     for key in list(tensors):
                         tensor = tensors.pop(key)
                         written_infos[key] = (tensor.dtype, tuple(tensor.shape))
@@ -171,17 +177,49 @@ def convert(
         with progress.task(f"converting to {to}", total=len(layers), unit="layers") as shown, \
                 atomic_directory(Path(dst)) as staging:
             _copy_companions(Path(src), staging)
-            with ShardWriter(staging, max_shard_size=max_shard_size, metadata=metadata) as writer:
+            with ShardWriter(staging, max_shard_size=max_shard_size, metadata=metadata) as writer, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-check") as checker:
                 for key, tensor in produce():
                     writer.add(key, tensor)
+
+                def final_config() -> QuantConfig:
+                    final = _final_config(template, agreed, source, selected, layers)
+                    _check_loads(final, model_config, layers, written_infos)
+                    return final
+
+                # checked while the shards are assembled (a copy in the kernel that releases the GIL): both
+                # come before anything names DST, so a refusal still leaves it as it was
+                checked = checker.submit(final_config)
                 writer.finish()
-            final = _final_config(template, agreed, source, selected, layers)
-            _check_loads(final, model_config, layers, written_infos)
+                final = checked.result()
             serialized = hook.serialize(config=final, model=None)
             write_model_config(staging, {**model_config, "quantization_config": serialized})
             hook.add_checkpoint_files(config=final, model=None, directory=staging)
     memory.release_freed_memory()
     return Path(dst)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch's intra-op threads set to one for the conversion, the caller's count restored afterwards.
+
+    A conversion's torch operations are small (scales, zero points, checks) next to its reads and writes,
+    and with more threads each becomes an OpenMP region that waits for cores the writes, or other
+    processes, hold: the 1.1B model took 1.7x longer with torch's two threads than with one on a loaded
+    2-core machine (docs/performance.md). The setting is torch's, process-wide: other threads running
+    torch meanwhile get one thread too.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_hook(manager: Any, hook_name: str, config_class: type, what: str) -> None:
