@@ -14,8 +14,9 @@ format without it, scales that would change in float16, ...).
 It streams: SRC's model is built on the meta device only to learn which tensors form each quantized
 layer (the source backend's ``replace_modules`` on a skeleton, as :func:`qplug.load_quantized` does);
 then one layer's tensors at a time are read, converted and appended to DST's shards
-(:class:`qplug.shards.ShardWriter`), while a reader thread fetches the next ones. Every other tensor
-(embeddings, norms, the head) is copied as it is. Peak memory is the runtime floor plus about one
+(:class:`qplug.shards.ShardWriter`), a reader thread reading and converting the next layer while the
+calling thread writes the last, with torch on one thread (the caller's count is restored at the end).
+Every other tensor (embeddings, norms, the head) is copied as it is. Peak memory is the runtime floor plus about one
 layer, whatever the depth. DST is assembled in a staging directory and swapped in at the end
 (:func:`qplug._io.atomic_directory`): a refusal or a crash leaves an existing DST whole.
 """
@@ -60,7 +61,8 @@ def convert(
     See :mod:`qplug.conversion`. The layers' settings (bits, group size, symmetry, act-order) come from
     the checkpoint; ``options`` set the target config's other fields, e.g. ``checkpoint_format="gptq_v2"``
     (GPTQ) or ``version="gemv"`` (AWQ). ``config.json`` gets the new ``quantization_config``; SRC's
-    tokenizer and generation files are copied (:data:`qplug.checkpoint.COMPANION_FILES`).
+    tokenizer and generation files are copied (:data:`qplug.checkpoint.COMPANION_FILES`). While it runs,
+    ``torch.get_num_threads()`` is 1, process-wide; the caller's setting is restored when it returns or raises.
 
     :param to: the target backend's name or alias (``"gptq"``, ``"awq"``, ``"compressed-tensors"``/``"ct"``).
     :param max_shard_size: as for :func:`qplug.save_quantized`: shards with an index beyond it.
