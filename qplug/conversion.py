@@ -128,6 +128,7 @@ def convert(
             if plain is None:
                 raise PluginError(f"backend {source.quant_method!r} did not answer read_int_layer for {name!r} "
                                   f"({type(module).__name__})")
+            plain.reusable = True  # its tensors were read for this write and go to the meta device after it
             try:
                 written = hook.write_int_layer(config=template, name=name, layer=plain)
             except (IncompatibleModelError, QuantConfigError) as exc:  # the target's own checks, named here

@@ -101,6 +101,15 @@ def test_the_tiled_transpose_is_torchs_transposed_copy_bit_for_bit(isa, shape, m
     for source in (words, words[:, 1:]):  # contiguous rows, and rows further apart than their length
         got = native.transposed(source)
         assert got.is_contiguous() and torch.equal(got, source.t().contiguous())
+        # in place: the result takes the source's own memory where the source is contiguous
+        owned = source.clone()
+        got = native.transposed(owned, in_place=True)
+        assert got.is_contiguous() and torch.equal(got, source.t().contiguous())
+        assert got.data_ptr() == owned.data_ptr()
+        if not source.is_contiguous():  # fresh memory, the source untouched
+            want = source.t().contiguous()
+            got = native.transposed(source, in_place=True)
+            assert torch.equal(got, want) and torch.equal(source.t(), want) and got.data_ptr() != source.data_ptr()
     # any 4-byte dtype moves the same bits (NaN payloads included)
     floats = words.view(torch.float32)
     assert torch.equal(native.transposed(floats).view(torch.int32), words.t().contiguous())
