@@ -8,8 +8,9 @@ Builds random Llamas as bf16 safetensors, by default 1024 wide (TinyLlama's prop
 own shapes (benchmarks/model.py: 2048 wide, intermediate 5632, 32 heads, 4 KV heads) with 4 and 22
 layers, the 22 being the 1.1B model. Each is quantized to compressed-tensors W4A16 (asymmetric,
 groups of 128, bfloat16 scales; ``qplug.quantize_checkpoint``), then measured, each in a fresh process
-that reports its peak RSS (``VmHWM``) and the seconds the work took (imports excluded;
-benchmarks/child_runs.py):
+that reports its peak RSS (``VmHWM``), the seconds the work took and its CPU seconds (imports excluded;
+benchmarks/child_runs.py; the fewest CPU seconds of the runs are shown, which other jobs on the machine
+do not stretch as they stretch wall time):
 
 * ``floor``: the same imports (torch, transformers, the three backends' modules and compressed-tensors)
   and the backends' checks, nothing read (the runtime floor);
@@ -121,14 +122,17 @@ def main() -> int:
             rows[layers] = {"bytes": nbytes, "floor": floor, **measured}
         print()
         print("| layers | SRC safetensors | floor | convert: peak above floor | read+write: peak above floor "
-              "| convert time (fastest-slowest) | read+write time | ratio |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| convert time (fastest-slowest) | read+write time | ratio | convert CPU | read+write CPU "
+              "| CPU ratio |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for layers, r in rows.items():
             c, rw = r["convert"], r["read+write"]
             print(f"| {layers} | {r['bytes'] / GIB:.3f} GiB | {r['floor'] / GIB:.2f} GiB "
                   f"| {c['above'] / GIB:.3f} GiB | {rw['above'] / GIB:.3f} GiB "
                   f"| {c['seconds']:.2f}-{c['slowest']:.2f} s | {rw['seconds']:.2f}-{rw['slowest']:.2f} s "
-                  f"| {c['seconds'] / rw['seconds']:.2f}x |")
+                  f"| {c['seconds'] / rw['seconds']:.2f}x | {c['cpu']:.2f} s | {rw['cpu']:.2f} s "
+                  f"| {c['cpu'] / rw['cpu']:.2f}x |")
+        print()
         small, large = rows[depths[0]], rows[depths[-1]]
         print()
         verdict(f"convert peak above floor, {depths[-1]}/{depths[0]} layers",

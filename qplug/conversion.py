@@ -14,8 +14,9 @@ format without it, scales that would change in float16, ...).
 It streams: SRC's model is built on the meta device only to learn which tensors form each quantized
 layer (the source backend's ``replace_modules`` on a skeleton, as :func:`qplug.load_quantized` does);
 then one layer's tensors at a time are read, converted and appended to DST's shards
-(:class:`qplug.shards.ShardWriter`), while a reader thread fetches the next ones. Every other tensor
-(embeddings, norms, the head) is copied as it is. Peak memory is the runtime floor plus about one
+(:class:`qplug.shards.ShardWriter`), a reader thread reading and converting the next layer while the
+calling thread writes the last, with torch on one thread (the caller's count is restored at the end).
+Every other tensor (embeddings, norms, the head) is copied as it is. Peak memory is the runtime floor plus about one
 layer, whatever the depth. DST is assembled in a staging directory and swapped in at the end
 (:func:`qplug._io.atomic_directory`): a refusal or a crash leaves an existing DST whole.
 """
@@ -60,7 +61,8 @@ def convert(
     See :mod:`qplug.conversion`. The layers' settings (bits, group size, symmetry, act-order) come from
     the checkpoint; ``options`` set the target config's other fields, e.g. ``checkpoint_format="gptq_v2"``
     (GPTQ) or ``version="gemv"`` (AWQ). ``config.json`` gets the new ``quantization_config``; SRC's
-    tokenizer and generation files are copied (:data:`qplug.checkpoint.COMPANION_FILES`).
+    tokenizer and generation files are copied (:data:`qplug.checkpoint.COMPANION_FILES`). While it runs,
+    ``torch.get_num_threads()`` is 1, process-wide; the caller's setting is restored when it returns or raises.
 
     :param to: the target backend's name or alias (``"gptq"``, ``"awq"``, ``"compressed-tensors"``/``"ct"``).
     :param max_shard_size: as for :func:`qplug.save_quantized`: shards with an index beyond it.
@@ -72,6 +74,8 @@ def convert(
     :raises QuantConfigError: an option that is not a field of the target's config, or a bad value.
     :raises CheckpointError: SRC is not a quantized checkpoint qplug can read.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from qplug import memory, progress
     from qplug._io import atomic_directory, recover_directory
     from qplug.api import _prepare, _replace_modules, _validate, checkpoint_metadata, config_from_dict
@@ -101,6 +105,7 @@ def convert(
     skeleton = build_skeleton(model_config)
     hook = manager.hook
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_one_torch_thread())
         weights = CheckpointWeights(src, stack)
         source, selected = _prepare(source, skeleton)
         layers = _replace_modules(source, skeleton, selected, calibration=None, prequantized=True,
@@ -123,6 +128,7 @@ def convert(
             if plain is None:
                 raise PluginError(f"backend {source.quant_method!r} did not answer read_int_layer for {name!r} "
                                   f"({type(module).__name__})")
+            plain.reusable = True  # its tensors were read for this write and go to the meta device after it
             try:
                 written = hook.write_int_layer(config=template, name=name, layer=plain)
             except (IncompatibleModelError, QuantConfigError) as exc:  # the target's own checks, named here
@@ -133,21 +139,24 @@ def convert(
             to_meta(module)
             return written.tensors
 
-        def produce() -> Iterator[tuple[str, torch.Tensor]]:
-            from concurrent.futures import ThreadPoolExecutor
+        def prepare(unit: tuple[str | None, list[str]]) -> tuple[int, dict[str, torch.Tensor]]:
+            """On the reader thread: the unit's tensors read, a quantized layer's converted; the bytes read."""
+            owner, keys = unit
+            tensors = {key: weights.get(key) for key in keys}
+            read = sum(t.numel() * t.element_size() for t in tensors.values())
+            if owner is not None:
+                local = {key[len(owner) + 1:]: tensors.pop(key) for key in keys}
+                tensors = {f"{owner}.{key}": t for key, t in convert_one(owner, local).items()}
+            return read, tensors
 
+        def produce() -> Iterator[tuple[str, torch.Tensor]]:
             from qplug.streaming import _prefetched
 
-            def read(unit: tuple[str | None, list[str]]) -> dict[str, torch.Tensor]:
-                return {key: weights.get(key) for key in unit[1]}
-
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-read") as reader:
-                for (owner, _), tensors in _prefetched(reader, read, units):
-                    dropped = sum(t.numel() * t.element_size() for t in tensors.values())
-                    if owner is not None:
-                        local = {key[len(owner) + 1:]: tensors.pop(key) for key in list(tensors)}
-                        tensors = {f"{owner}.{key}": t for key, t in convert_one(owner, local).items()}
-                        del local
+            # One thread reads and converts the next unit while this one writes the last: converting then costs
+            # no time of its own where the writes take longer (they release the GIL, as torch's operations and
+            # the C transpose do). Units are converted in order, one at a time, so `agreed` sees them in order.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-convert") as reader:
+                for (owner, _), (dropped, tensors) in _prefetched(reader, prepare, units):
                     for key in list(tensors):
                         tensor = tensors.pop(key)
                         written_infos[key] = (tensor.dtype, tuple(tensor.shape))
@@ -171,17 +180,49 @@ def convert(
         with progress.task(f"converting to {to}", total=len(layers), unit="layers") as shown, \
                 atomic_directory(Path(dst)) as staging:
             _copy_companions(Path(src), staging)
-            with ShardWriter(staging, max_shard_size=max_shard_size, metadata=metadata) as writer:
+            with ShardWriter(staging, max_shard_size=max_shard_size, metadata=metadata) as writer, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-check") as checker:
                 for key, tensor in produce():
                     writer.add(key, tensor)
+
+                def final_config() -> QuantConfig:
+                    final = _final_config(template, agreed, source, selected, layers)
+                    _check_loads(final, model_config, layers, written_infos)
+                    return final
+
+                # checked while the shards are assembled (a copy in the kernel that releases the GIL): both
+                # come before anything names DST, so a refusal still leaves it as it was
+                checked = checker.submit(final_config)
                 writer.finish()
-            final = _final_config(template, agreed, source, selected, layers)
-            _check_loads(final, model_config, layers, written_infos)
+                final = checked.result()
             serialized = hook.serialize(config=final, model=None)
             write_model_config(staging, {**model_config, "quantization_config": serialized})
             hook.add_checkpoint_files(config=final, model=None, directory=staging)
     memory.release_freed_memory()
     return Path(dst)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch's intra-op threads set to one for the conversion, the caller's count restored afterwards.
+
+    A conversion's torch operations are small (scales, zero points, checks) next to its reads and writes,
+    and with more threads each becomes an OpenMP region that waits for cores the writes, or other
+    processes, hold: the 1.1B model took 1.7x longer with torch's two threads than with one on a loaded
+    2-core machine (docs/performance.md). The setting is torch's, process-wide: other threads running
+    torch meanwhile get one thread too.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_hook(manager: Any, hook_name: str, config_class: type, what: str) -> None:

@@ -62,6 +62,24 @@ class PackedCodes:
     def out_features(self) -> int:
         return self.words.shape[0]
 
+    def contiguous_words(self) -> torch.Tensor:
+        """:attr:`words` as a contiguous tensor (compressed-tensors' ``weight_packed``, AWQ GEMV's ``qweight``);
+        words held transposed (GPTQ's) are copied by :func:`qplug.native.transposed`, by tiles."""
+        from qplug.native import transposed
+
+        return self.words if self.words.is_contiguous() else transposed(self.words.t())
+
+    def transposed_words(self, *, in_place: bool = False) -> torch.Tensor:
+        """The words transposed, ``[in * bits / 32, out]`` contiguous: GPTQ's ``qweight``.
+
+        :param in_place: in the words' own memory where they are contiguous (:func:`qplug.native.transposed`):
+            afterwards :attr:`words` no longer holds these codes. Only for words the caller owns and drops
+            (see :attr:`PlainLayer.reusable`).
+        """
+        from qplug.native import transposed
+
+        return transposed(self.words, in_place=in_place)
+
     @classmethod
     def pack(cls, q: torch.Tensor, bits: int) -> PackedCodes:
         """Pack uint8 codes ``[out, in]`` (``in`` a multiple of ``32 / bits``), refusing a code of ``2**bits`` or
@@ -89,7 +107,7 @@ class PackedCodes:
 
         # [out, in * bits / 8], little-endian bytes (through one dimension: a contiguous tensor may have any
         # stride along a dimension of size 1)
-        data = self.words.contiguous().reshape(-1).view(torch.uint8).view(self.out_features, -1)
+        data = self.contiguous_words().reshape(-1).view(torch.uint8).view(self.out_features, -1)
         if self.bits == 8:
             return data
         mask = (1 << self.bits) - 1
@@ -111,6 +129,11 @@ class PlainLayer:
     :param channelwise: the source format declares one group per row (GPTQ ``group_size=-1``,
         compressed-tensors' ``channel`` strategy), which the target's settings repeat.
     """
+
+    #: ``True`` when this layer's tensors were read for one write alone and are dropped after it (:func:`qplug.convert`
+    #: sets it after ``read_int_layer``): the target may then build its tensors in their memory (GPTQ transposes
+    #: the packed words in place), after which they no longer hold the source's values.
+    reusable: bool = False
 
     def __init__(self, weight: IntWeight, bias: torch.Tensor | None = None, channelwise: bool = False) -> None:
         self._weight: IntWeight | None = weight

@@ -96,3 +96,21 @@ def test_a_broken_layer_midway_leaves_an_existing_destination_whole(int8_checkpo
     assert len(done) == 12  # layer 0, and layer 1 up to its up_proj, were converted and written first
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "int8"]  # no staging directory left behind
+
+
+def test_the_callers_torch_thread_count_is_restored_after_a_conversion_or_a_failure(int8_checkpoint, tmp_path):
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        qplug.convert(int8_checkpoint, tmp_path / "dst", to="int8-weight",
+                      on_layer=lambda name: seen.append(torch.get_num_threads()))
+        assert set(seen) == {1} and torch.get_num_threads() == 2  # one thread while converting
+        tensors = load_file(int8_checkpoint / "model.safetensors")
+        tensors["model.layers.0.mlp.up_proj.weight_scale"] = torch.ones(256, 2)
+        save_file(tensors, int8_checkpoint / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(qplug.CheckpointError, match="up_proj"):
+            qplug.convert(int8_checkpoint, tmp_path / "other", to="int8-weight")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -86,3 +86,42 @@ def test_symmetric_zero_points_and_layouts_without_packed_words():
     assert layer.symmetric and layer.group_size == 16
     three_bit = PlainLayer(IntWeight(_codes(3), scale, torch.full((6, 4), 4, dtype=torch.int16), 3, 16))
     assert three_bit.packed_codes() is None and three_bit.symmetric
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("shape", [(704, 64), (256, 88), (131, 45), (67, 129), (1, 4096), (4096, 1), (8, 8)])
+def test_the_tiled_transpose_is_torchs_transposed_copy_bit_for_bit(isa, shape, monkeypatch):
+    from qplug import native
+
+    if native.isa()[0] is None or native.ISAS[isa] > native.ISAS[native.isa()[0]]:
+        pytest.skip(f"this CPU (or build) does not run the {isa} path")
+    monkeypatch.setenv(native.ISA_ENV_VAR, isa)
+    gen = torch.Generator().manual_seed(sum(shape))
+    words = torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, dtype=torch.int32)
+    for source in (words, words[:, 1:]):  # contiguous rows, and rows further apart than their length
+        got = native.transposed(source)
+        assert got.is_contiguous() and torch.equal(got, source.t().contiguous())
+        # in place: the result takes the source's own memory where the source is contiguous
+        owned = source.clone()
+        got = native.transposed(owned, in_place=True)
+        assert got.is_contiguous() and torch.equal(got, source.t().contiguous())
+        assert got.data_ptr() == owned.data_ptr()
+        if not source.is_contiguous():  # fresh memory, the source untouched
+            want = source.t().contiguous()
+            got = native.transposed(source, in_place=True)
+            assert torch.equal(got, want) and torch.equal(source.t(), want) and got.data_ptr() != source.data_ptr()
+    # any 4-byte dtype moves the same bits (NaN payloads included)
+    floats = words.view(torch.float32)
+    assert torch.equal(native.transposed(floats).view(torch.int32), words.t().contiguous())
+    # an already transposed tensor comes back as the contiguous view, no copy
+    assert native.transposed(words.t()).data_ptr() == words.data_ptr()
+
+
+def test_gptq_words_are_the_transposed_words_of_the_same_codes():
+    q = _codes(4, out_f=40, in_f=256)
+    packed = PackedCodes.pack(q, 4)
+    qweight = packed.transposed_words()  # GPTQ's layout: [in * bits / 32, out]
+    assert qweight.is_contiguous() and torch.equal(qweight, packed.words.t())
+    as_gptq = PackedCodes(qweight.t(), 4)  # how GPTQ hands its words over
+    assert torch.equal(as_gptq.contiguous_words(), packed.words) and as_gptq.contiguous_words().is_contiguous()
+    assert torch.equal(as_gptq.unpack(), q)

@@ -188,7 +188,7 @@ class AwqLinear(KernelLayer, nn.Module):
         else:
             layer.qzeros, layer.scales = pack_gemv_zeros(izeros, scales, in_features, bits)
         if isinstance(iweight, PackedCodes) and layer.version == "gemv" and iweight.bits == bits:
-            layer.qweight = iweight.words.contiguous()
+            layer.qweight = iweight.contiguous_words()
         elif isinstance(iweight, PackedCodes):
             layer.qweight = layer.checkpoint_from_codes(iweight.unpack())["qweight"]
         else:

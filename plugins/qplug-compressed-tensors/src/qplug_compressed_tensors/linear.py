@@ -190,7 +190,7 @@ class CompressedTensorsLinear(KernelLayer, nn.Module):
                     symmetric=zero is None, format=format, g_idx=g_idx is not None, bias=bias is not None,
                     scale_dtype=scale.dtype, device="meta")
         if isinstance(q, PackedCodes) and format == "pack-quantized":  # the same words: no unpacking
-            layer.weight_packed = q.words.contiguous()
+            layer.weight_packed = q.contiguous_words()
         else:
             q = q.unpack() if isinstance(q, PackedCodes) else q.to(torch.uint8)
             for name, tensor in layer.checkpoint_from_codes(q).items():

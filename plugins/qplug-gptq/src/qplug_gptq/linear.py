@@ -155,11 +155,13 @@ class GPTQLinear(KernelLayer, nn.Module):
         sym: bool = True,
         dtype: torch.dtype = torch.float16,
         weight_dtype: torch.dtype | None = None,
+        in_place: bool = False,
     ) -> GPTQLinear:
         """Build from packed codes (:class:`qplug.plain_layers.PackedCodes`, checkpoint column order):
-        ``qweight`` is their words transposed, the same fields packed along ``in``, lowest bits first."""
-        return cls._from_qweight(codes.words.t().contiguous(), codes.in_features, codes.out_features, zeros, scales,
-                                 g_idx, bits=codes.bits, group_size=group_size, bias=bias,
+        ``qweight`` is their words transposed, the same fields packed along ``in``, lowest bits first.
+        ``in_place``: transposed in the words' own memory (they are the caller's to overwrite)."""
+        return cls._from_qweight(codes.transposed_words(in_place=in_place), codes.in_features, codes.out_features,
+                                 zeros, scales, g_idx, bits=codes.bits, group_size=group_size, bias=bias,
                                  checkpoint_format=checkpoint_format, sym=sym, dtype=dtype, weight_dtype=weight_dtype)
 
     @classmethod

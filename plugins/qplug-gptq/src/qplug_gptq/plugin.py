@@ -394,7 +394,8 @@ def write_int_layer(config, name, layer):
               "sym": layer.symmetric, "dtype": layer.scale.dtype}
     codes = layer.packed_codes()
     if codes is not None:
-        module = GPTQLinear.from_packed(codes, layer.zero.t(), layer.scale.t(), g_idx, **common)
+        module = GPTQLinear.from_packed(codes, layer.zero.t(), layer.scale.t(), g_idx, in_place=layer.reusable,
+                                        **common)
     else:
         module = GPTQLinear.from_integers(layer.checkpoint_order()[0].t(), layer.zero.t(), layer.scale.t(), g_idx,
                                           bits=layer.bits, **common)
