@@ -124,6 +124,11 @@ def dequantize(weight: Lut4Weight, first: int, count: int, dtype: torch.dtype,
     return out
 
 
+def _takes_gemv(weight: Lut4Weight, rows: int, isa_name: str) -> bool:
+    """Whether ``rows`` input rows of ``weight`` take the GEMV (decode) rather than the blocked path."""
+    return rows <= GEMV_MAX_ROWS[isa_name] and weight.k % 32 == 0 and weight.blocksize % 32 == 0
+
+
 def decode(weight: Lut4Weight, x: torch.Tensor, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """``x[:, perm] @ W.T + bias`` rounded once to ``out_dtype`` (default ``x``'s) for a contiguous 2-D ``x``, or
@@ -133,8 +138,7 @@ def decode(weight: Lut4Weight, x: torch.Tensor, perm: torch.Tensor | None = None
     layer that is one buffer and one call instead of four buffers, three calls, a cast and an add."""
     name, _ = native.isa()
     rows = x.shape[0]
-    if (name is None or rows > GEMV_MAX_ROWS[name] or weight.k % 32 or weight.blocksize % 32
-            or not native.openmp()):
+    if name is None or not _takes_gemv(weight, rows, name) or not native.openmp():
         return None
     out_dtype = out_dtype or x.dtype
     out = torch.empty(rows, weight.n, dtype=out_dtype)
@@ -224,6 +228,6 @@ def matmul(weight: Lut4Weight, x: torch.Tensor, compute_dtype: torch.dtype | Non
     float32 or the blocked path's matmul dtype (the caller casts to what it returns). ``perm`` (int64, ``[k]``,
     contiguous) is GPTQ act-order's input order; the GEMV gathers it while it converts ``x`` to float32."""
     name, _ = native.isa()
-    if x.shape[0] <= GEMV_MAX_ROWS[name] and weight.k % 32 == 0 and weight.blocksize % 32 == 0:
+    if _takes_gemv(weight, x.shape[0], name):
         return _gemv(weight, x, native.ISAS[name], perm)
     return _blocked(weight, x if perm is None else x.index_select(1, perm), compute_dtype)
