@@ -7,11 +7,12 @@ the variable's name rather than guessed at: a typo in a switch must not flip it 
 
 from __future__ import annotations
 
+import functools
 import os
 
 from qplug.errors import QuantConfigError
 
-__all__ = ["FALSE_WORDS", "TRUE_WORDS", "env_flag"]
+__all__ = ["FALSE_WORDS", "TRUE_WORDS", "env_flag", "env_text"]
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
@@ -35,3 +36,27 @@ def env_flag(name: str, default: bool = False) -> bool:
         value=raw,
         accepted="environment switches take 1/true/yes/on or 0/false/no/off (or are left unset)",
     )
+
+
+# CPython keeps the process environment as a dict of bytes on POSIX; ``os.environ.get`` encodes the key and
+# decodes the value on every call (about 1 us). The kernel switches are read on every forward of every layer,
+# 150-odd times a decoded token, so they look the bytes up directly. ``os.environ[...] = ...`` (and pytest's
+# ``monkeypatch.setenv``) update that dict, so a change is seen on the next read, as with ``os.environ.get``.
+_POSIX_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def env_text(name: str) -> str:
+    """The environment variable ``name`` as text, ``""`` when unset: ``os.environ.get(name, "")``, cheaper."""
+    if not isinstance(_POSIX_ENVIRON, dict):
+        return os.environ.get(name, "")
+    return _decoded(_POSIX_ENVIRON.get(_encoded(name)))
+
+
+@functools.lru_cache(maxsize=32)
+def _encoded(name: str) -> bytes:
+    return os.fsencode(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _decoded(raw: bytes | None) -> str:
+    return "" if raw is None else os.fsdecode(raw)

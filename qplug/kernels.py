@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
@@ -50,6 +49,7 @@ import torch
 from torch import nn
 
 from qplug import memory
+from qplug.environment import env_text
 from qplug.errors import KernelUnavailableError
 
 __all__ = [
@@ -109,7 +109,7 @@ class Kernel:
 
 def requested_kernels() -> tuple[str, ...]:
     """The kernel names ``QPLUG_KERNEL`` asks for, in order (empty when unset)."""
-    return _parse_requested(os.environ.get(KERNEL_ENV_VAR, ""))
+    return _parse_requested(env_text(KERNEL_ENV_VAR))
 
 
 @functools.lru_cache(maxsize=8)  # read on every forward of every layer: parse each value once

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from qplug.environment import env_text
+
 __all__ = [
     "CACHE_ENV_VAR",
     "CPU_KERNELS",
@@ -198,7 +200,7 @@ def isa() -> tuple[str | None, str | None]:
     if lib is None:
         return None, f"qplug's C kernels are unavailable ({CPU_KERNELS.unavailable_reason()})"
     # asked on every forward of every layer: the answer is cached per library and environment
-    return _isa_of(lib, os.environ.get(ISA_ENV_VAR, ""), os.environ.get(_OLD_ISA_ENV_VAR, ""))
+    return _isa_of(lib, env_text(ISA_ENV_VAR), env_text(_OLD_ISA_ENV_VAR))
 
 
 @functools.lru_cache(maxsize=16)

@@ -13,7 +13,7 @@ from helpers import ToyConfig, ToyPlugin
 
 import qplug
 from qplug import progress
-from qplug.environment import env_flag
+from qplug.environment import env_flag, env_text
 from qplug.manager import PluginManager
 from qplug.testing import tiny_llama
 
@@ -113,6 +113,20 @@ def test_environment_flags_read_one_way(monkeypatch):
     monkeypatch.setenv("QPLUG_SOME_SWITCH", "maybe")
     with pytest.raises(qplug.QuantConfigError, match=r"^QPLUG_SOME_SWITCH: 'maybe' given — .*1/true/yes/on"):
         env_flag("QPLUG_SOME_SWITCH")
+
+
+def test_the_per_forward_environment_read_sees_every_change(monkeypatch):
+    # env_text reads CPython's own mapping directly (the kernel switches, read on every forward): it must
+    # agree with os.environ.get through sets, changes, non-ASCII values and removal
+    monkeypatch.delenv("QPLUG_SOME_SWITCH", raising=False)
+    assert env_text("QPLUG_SOME_SWITCH") == "" == os.environ.get("QPLUG_SOME_SWITCH", "")
+    for value in ("avx2", "qplug-int4-cpu,bitsandbytes", "ünïcode", ""):
+        monkeypatch.setenv("QPLUG_SOME_SWITCH", value)
+        assert env_text("QPLUG_SOME_SWITCH") == value == os.environ.get("QPLUG_SOME_SWITCH")
+    os.environ["QPLUG_SOME_SWITCH"] = "set directly"
+    assert env_text("QPLUG_SOME_SWITCH") == "set directly"
+    monkeypatch.delenv("QPLUG_SOME_SWITCH")
+    assert env_text("QPLUG_SOME_SWITCH") == ""
 
 
 @pytest.mark.parametrize(("value", "traced"), [("false", False), ("0", False), ("true", True), ("1", True)])
