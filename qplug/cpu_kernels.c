@@ -1407,6 +1407,46 @@ int qplug_linear_4bit(int isa, int threads, const int64_t *weight, const void *x
     return status;
 }
 
+/* The opt-in W4A8 decode in one call, as qplug_linear_4bit: the input converted (and gathered), rounded to int8
+ * per 64 inputs (qplug_w4a8_input), the integer GEMV (qplug_gemv_w4a8) on `threads` OpenMP threads, the float32
+ * bias and the one rounding to out_dtype. `weight` as qplug_linear_4bit's; the code book must be 0..15 with
+ * plain float32 scales (the caller checks), the group a multiple of 64 dividing K. */
+int qplug_linear_w4a8(int isa, int threads, const int64_t *weight, const void *x, int dtype, int64_t M,
+                      const int64_t *perm, const float *bias, void *out, int out_dtype) {
+    const int64_t N = weight[QPLUG_W4_N], K = weight[QPLUG_W4_K], blocksize = weight[QPLUG_W4_BLOCKSIZE];
+    const uint8_t *packed = (const uint8_t *)(intptr_t)weight[QPLUG_W4_PACKED];
+    const float *scale = (const float *)(intptr_t)weight[QPLUG_W4_ABSMAX];
+    const float *zero = (const float *)(intptr_t)weight[QPLUG_W4_ZEROS];
+    if (out_dtype != QPLUG_FLOAT32 && out_dtype != QPLUG_BFLOAT16 && out_dtype != QPLUG_FLOAT16) return -2;
+    if (blocksize <= 0 || blocksize % QPLUG_W4A8_BLOCK != 0 || K % blocksize != 0) return -1;
+    if (weight[QPLUG_W4_QABSMAX] != 0) return -1; /* double-quantized scales: not an affine layer */
+    if (isa > qplug_cpu_isa()) return -3;
+    const int64_t blocks = K / QPLUG_W4A8_BLOCK;
+    /* one allocation for the float32 input, its int8 rounding and the two per-block float32 arrays */
+    char *scratch = (char *)malloc(sizeof(float) * (size_t)(M * K + 2 * M * blocks) + (size_t)(M * K));
+    float *y = out_dtype == QPLUG_FLOAT32 && bias == NULL ? (float *)out : (float *)malloc(sizeof(float) * (size_t)(M * N));
+    int status = scratch == NULL || y == NULL ? -2 : 0;
+    if (status == 0) {
+        float *xr = (float *)scratch, *sx = xr + M * K, *xs = sx + M * blocks;
+        int8_t *xq = (int8_t *)(xs + M * blocks);
+        status = gemv_input(isa, x, dtype, M, K, perm, xr);
+        if (status == 0) status = qplug_w4a8_input(xr, M, K, xq, sx, xs);
+        if (status == 0) {
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+            for (int t = 0; t < threads; t++) {
+                QPLUG_RANGE(t, threads, N, first, count)
+                if (count > 0) {
+                    status |= qplug_gemv_w4a8(isa, first, count, xq, sx, xs, M, K, packed, blocksize, scale, zero, y, N);
+                    if (y != out) round_rows(y, bias, M, N, first, count, out_dtype, out);
+                }
+            }
+        }
+    }
+    free(scratch);
+    if (y != out) free(y);
+    return status;
+}
+
 /* The int8 GEMVs' input: x [M, K] (gathered by perm when given) as float32 in element order. */
 static void plain_input(int isa, const void *x, int dtype, int64_t M, int64_t K, const int64_t *perm, float *xf) {
     int64_t i = 0;

@@ -468,7 +468,11 @@ def _w4a8_forward(layer, layout, x):
     weight, perm, bias = layout
     if x.shape[0] > lut4.GEMV_MAX_ROWS[native.isa()[0]]:  # prefill: the exact blocked path of qplug-int4-cpu
         return _lut4_forward(layer, layout, x)
-    y = lut4.gemv_int8_activations(weight, x.contiguous(), perm)
+    x = x.contiguous()
+    y = lut4.decode_int8_activations(weight, x, perm, bias)  # one C call (builds with OpenMP)
+    if y is not None:
+        return y
+    y = lut4.gemv_int8_activations(weight, x, perm)
     if bias is not None:
         y = y.add_(bias)
     return y.to(x.dtype)

@@ -27,8 +27,8 @@ import torch
 from qplug import blocked, native
 from qplug.blocked import matmul_dtype
 
-__all__ = ["GEMV_MAX_ROWS", "INT8_ACTIVATION_BLOCK", "Lut4Weight", "decode", "dequantize", "gemv_int8_activations",
-           "int8_activations_refuse", "matmul", "matmul_dtype", "refuses"]
+__all__ = ["GEMV_MAX_ROWS", "INT8_ACTIVATION_BLOCK", "Lut4Weight", "decode", "decode_int8_activations", "dequantize",
+           "gemv_int8_activations", "int8_activations_refuse", "matmul", "matmul_dtype", "refuses"]
 
 #: Inputs of at most this many rows take the GEMV, per path; more rows the blocked dequantize + matmul one.
 #: (Measured on a Zen 4 core: the AVX-512 GEMV costs ~0.25 ms per extra row of a 5632x2048 layer, about
@@ -209,6 +209,28 @@ def gemv_int8_activations(weight: Lut4Weight, x: torch.Tensor, perm: torch.Tenso
                                  inline_first=True)
     if any(status):
         raise RuntimeError(f"qplug_gemv_w4a8 returned {status}")
+    return out
+
+
+def decode_int8_activations(weight: Lut4Weight, x: torch.Tensor, perm: torch.Tensor | None = None,
+                            bias: torch.Tensor | None = None,
+                            out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """:func:`gemv_int8_activations` plus the float32 ``bias`` and one rounding to ``out_dtype`` (default ``x``'s)
+    in one C call, as :func:`decode` is to :func:`matmul`; ``None`` where :func:`decode` would return ``None``.
+    ``weight`` must be one :func:`int8_activations_refuse` accepts."""
+    name, _ = native.isa()
+    rows = x.shape[0]
+    if name is None or not _takes_gemv(weight, rows, name) or not native.openmp():
+        return None
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty(rows, weight.n, dtype=out_dtype)
+    threads = native.threads_for(weight.n, max(1, _GEMV_WEIGHTS_PER_THREAD // weight.k))
+    status = native.CPU_KERNELS.get().qplug_linear_w4a8(
+        native.ISAS[name], threads, weight.slots().data_ptr(), x.data_ptr(), native.DTYPE_CODES[x.dtype], rows,
+        None if perm is None else perm.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+        native.DTYPE_CODES[out_dtype])
+    if status:
+        raise RuntimeError(f"qplug_linear_w4a8 returned {status}")
     return out
 
 

@@ -159,6 +159,8 @@ def _declare_cpu_kernels(lib: ctypes.CDLL) -> None:
     # (isa, threads, weight slots, x, x dtype, M, perm, bias, out, out dtype)
     lib.qplug_linear_4bit.restype = c_int
     lib.qplug_linear_4bit.argtypes = [c_int, c_int, ptr, ptr, c_int, i64, ptr, ptr, ptr, c_int]
+    lib.qplug_linear_w4a8.restype = c_int
+    lib.qplug_linear_w4a8.argtypes = [c_int, c_int, ptr, ptr, c_int, i64, ptr, ptr, ptr, c_int]
     # (isa, threads, CB, scale, N, K, x, x dtype, M, out, out dtype)
     lib.qplug_linear_int8.restype = c_int
     lib.qplug_linear_int8.argtypes = [c_int, c_int, ptr, ptr, i64, i64, ptr, c_int, i64, ptr, c_int]

@@ -562,6 +562,40 @@ def test_the_one_call_decode_path_is_the_stepwise_one_bit_for_bit(n, blocks, blo
     assert torch.equal(fused, stepwise)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    groups=st.integers(1, 3),
+    group=st.sampled_from([64, 128]),
+    rows=st.integers(1, 4),
+    gather=st.booleans(),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    seed=st.integers(0, 2**16),
+    isa=st.sampled_from(["portable", "avx2", "avx512"]),
+)
+def test_the_one_call_w4a8_decode_is_the_stepwise_one_bit_for_bit(n, groups, group, rows, gather, bias, dtype, seed,
+                                                                   isa):
+    """lut4.decode_int8_activations (the opt-in W4A8 kernel's decode in one C call) against its steps one by one:
+    gemv_int8_activations' float32 output, the bias added in float32, torch's cast."""
+    assume(isa in available_isas())
+    g = torch.Generator().manual_seed(seed)
+    k = groups * group
+    weight = lut4.Lut4Weight(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g), n, k, group,
+                             torch.arange(16.0), absmax=torch.rand(n * k // group, generator=g),
+                             zeros=torch.randint(0, 16, (n * k // group,), generator=g).float())
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    perm = torch.randperm(k, generator=g) if gather else None
+    b = torch.randn(n, generator=g) if bias else None
+    with forced_isa(isa):
+        stepwise = lut4.gemv_int8_activations(weight, x, perm)
+        if b is not None:
+            stepwise = stepwise + b
+        fused = lut4.decode_int8_activations(weight, x, perm, b)
+    assert fused is not None and fused.dtype == dtype
+    assert torch.equal(fused, stepwise.to(dtype))
+
+
 @pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
 def test_a_build_without_openmp_splits_rows_on_its_own_threads_with_the_same_results(monkeypatch, tmp_path):
     layer = make_layer(64, 512, 4, 128, act_order=True)
