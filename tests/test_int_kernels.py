@@ -10,7 +10,6 @@ error must also stay under ``1.25 eps`` relative (a bfloat16 matmul's is about `
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import qplug
 from qplug import int_kernels, lut4, native
 from qplug.int_kernels import IntWeight
 from qplug.kernels import KernelLayer
+from qplug.testing.cpu_paths import cpu_paths, forcing_cpu_path
 
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
 CPU_KERNELS = ("tinygemm-int4-cpu", "qplug-int4-cpu", "qplug-int8-cpu", "int8-weight-cpu", "dequant-blocked",
@@ -148,23 +148,9 @@ def compute_dtype(name, dtype):
 )
 def test_every_cpu_kernel_agrees_with_the_reference(bits, out_f, group_size, groups, act_order, sym, bias, dtype,
                                                     batch, seed, isa):
-    assume(isa in available_isas())
-    with forced_isa(isa):
+    assume(isa in cpu_paths())
+    with forcing_cpu_path(isa):
         check_every_cpu_kernel(bits, out_f, group_size, groups, act_order, sym, bias, dtype, batch, seed)
-
-
-@contextlib.contextmanager
-def forced_isa(isa: str):
-    """``QPLUG_ISA=isa`` for the block (hypothesis tests cannot use function-scoped monkeypatch)."""
-    old = os.environ.get(native.ISA_ENV_VAR)
-    os.environ[native.ISA_ENV_VAR] = isa
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[native.ISA_ENV_VAR]
-        else:
-            os.environ[native.ISA_ENV_VAR] = old
 
 
 def check_every_cpu_kernel(bits, out_f, group_size, groups, act_order, sym, bias, dtype, batch, seed):
@@ -223,11 +209,11 @@ def test_the_w4a8_gemv_is_the_exact_product_with_the_int8_rounded_input(out_f, g
                                                                          bias, dtype, batch, seed, isa):
     """Decode-sized batches: the weights are exact and only the input is rounded, so the output is the exact
     product with the rounded input within the float32 GEMV's bound. Prefill-sized ones run the exact path."""
-    assume(isa in available_isas())
+    assume(isa in cpu_paths())
     in_f = groups * (64 if group_size == -1 else group_size)
     layer = make_layer(out_f, in_f, 4, group_size, act_order=act_order, sym=sym, bias=bias, seed=seed)
     x = torch.randn(batch, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    with forced_isa(isa):
+    with forcing_cpu_path(isa):
         out = run_on(layer, "qplug-int4-w4a8-cpu", x)
     if batch <= 4:
         rounded = int8_rounded_input(layer, x)
@@ -266,14 +252,9 @@ def test_the_w4a8_gemv_refuses_groups_it_cannot_scale():
     assert layer.kernel != "qplug-int4-w4a8-cpu"  # opt-in: never chosen by itself
 
 
-def available_isas() -> list[str]:
-    best = native.ISAS[native.isa()[0]] if native.isa()[0] else -1
-    return [name for name, code in native.ISAS.items() if code <= best]
-
-
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 def test_the_tile_dequantizers_give_the_reference_values_on_every_isa(isa, monkeypatch):
-    if isa not in available_isas():
+    if isa not in cpu_paths():
         pytest.skip(f"this CPU has no {isa} path")
     monkeypatch.setenv(native.ISA_ENV_VAR, isa)
     gen = torch.Generator().manual_seed(3)
@@ -543,7 +524,7 @@ def test_the_one_call_decode_path_is_the_stepwise_one_bit_for_bit(n, blocks, blo
                                                                   out_dtype, seed, isa):
     """lut4.decode (input conversion and gather, GEMV, float32 bias, one rounding, in one C call) against the
     same steps taken one by one: the GEMV's float32 output, the bias added in float32, torch's cast."""
-    assume(isa in available_isas())
+    assume(isa in cpu_paths())
     g = torch.Generator().manual_seed(seed)
     k = blocks * blocksize
     weight = lut4.Lut4Weight(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g), n, k, blocksize,
@@ -552,7 +533,7 @@ def test_the_one_call_decode_path_is_the_stepwise_one_bit_for_bit(n, blocks, blo
     x = torch.randn(rows, k, generator=g).to(dtype)
     perm = torch.randperm(k, generator=g) if gather else None
     b = torch.randn(n, generator=g) if bias else None
-    with forced_isa(isa):
+    with forcing_cpu_path(isa):
         stepwise = lut4.matmul(weight, x, perm=perm)
         if b is not None:
             stepwise = stepwise + b
@@ -578,7 +559,7 @@ def test_the_one_call_w4a8_decode_is_the_stepwise_one_bit_for_bit(n, groups, gro
                                                                    isa):
     """lut4.decode_int8_activations (the opt-in W4A8 kernel's decode in one C call) against its steps one by one:
     gemv_int8_activations' float32 output, the bias added in float32, torch's cast."""
-    assume(isa in available_isas())
+    assume(isa in cpu_paths())
     g = torch.Generator().manual_seed(seed)
     k = groups * group
     weight = lut4.Lut4Weight(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g), n, k, group,
@@ -587,7 +568,7 @@ def test_the_one_call_w4a8_decode_is_the_stepwise_one_bit_for_bit(n, groups, gro
     x = torch.randn(rows, k, generator=g).to(dtype)
     perm = torch.randperm(k, generator=g) if gather else None
     b = torch.randn(n, generator=g) if bias else None
-    with forced_isa(isa):
+    with forcing_cpu_path(isa):
         stepwise = lut4.gemv_int8_activations(weight, x, perm)
         if b is not None:
             stepwise = stepwise + b

@@ -12,9 +12,7 @@ float64 from bitsandbytes' own dequantized weight):
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import warnings
 
 import bitsandbytes as bnb
@@ -30,6 +28,7 @@ import qplug
 from qplug import blocked, lut4
 from qplug.errors import KernelUnavailableError
 from qplug.kernels import KernelLayer
+from qplug.testing.cpu_paths import cpu_paths, forcing_cpu_path
 
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the kernels cannot be built here")
 
@@ -39,29 +38,10 @@ QUANT_TYPES = ("nf4", "fp4")
 HALF_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def available_isas() -> list[str]:
-    best = cpu_linear.ISAS[cpu_linear.isa()[0]] if cpu_linear.isa()[0] else -1
-    return [name for name, code in cpu_linear.ISAS.items() if code <= best]
-
-
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for var in (cpu_linear.ISA_ENV_VAR, "QPLUG_KERNEL"):
         monkeypatch.delenv(var, raising=False)
-
-
-@contextlib.contextmanager
-def forced_isa(isa: str):
-    """``QPLUG_BNB_ISA=isa`` for the block (hypothesis tests cannot use function-scoped monkeypatch)."""
-    old = os.environ.get(cpu_linear.ISA_ENV_VAR)
-    os.environ[cpu_linear.ISA_ENV_VAR] = isa
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(cpu_linear.ISA_ENV_VAR, None)
-        else:
-            os.environ[cpu_linear.ISA_ENV_VAR] = old
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -114,7 +94,7 @@ def assert_close_to_reference(layer, x, y, *, bf16_matmul=False):
 @example(n=7, k=45, blocksize=32, quant_type="nf4", double_quant=False, dtype=torch.bfloat16, isa="avx2",
          cut=(3, 5), seed=0)  # odd row length: bytes straddle rows
 def test_dequantize_is_bit_exact(n, k, blocksize, quant_type, double_quant, dtype, isa, cut, seed):
-    if isa not in available_isas():
+    if isa not in cpu_paths():
         return
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) ** 4
@@ -125,7 +105,7 @@ def test_dequantize_is_bit_exact(n, k, blocksize, quant_type, double_quant, dtyp
     layout = cpu_linear.lut4_weight(packed, state)
     first = min(cut[0], n * k - 1)
     count = max(1, n * k - first - cut[1])
-    with forced_isa(isa):
+    with forcing_cpu_path(isa):
         mine = cpu_linear.dequantize_4bit(layout, first, count, dtype)
     assert torch.equal(_bits(mine), _bits(reference[first:first + count]))
 
@@ -169,13 +149,13 @@ def test_reference_dequantization_is_bitsandbytes_own():
          isa="avx2", bias=False)
 def test_4bit_forward_matches_bitsandbytes_dequantize_matmul(n, k, blocksize, quant_type, double_quant, dtype, rows,
                                                              isa, bias):
-    if isa not in available_isas():
+    if isa not in cpu_paths():
         return
     layer = _quantized_linear(n, k, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
                               dtype=dtype, bias=bias)
     x = torch.randn(rows, k).to(dtype)
     qplug.set_kernel(layer, "qplug-4bit-cpu")  # bfloat16 would take bitsandbytes' kernel on AVX512-BF16 CPUs
-    with torch.no_grad(), forced_isa(isa):
+    with torch.no_grad(), forcing_cpu_path(isa):
         y = layer(x)
     assert layer.kernel == "qplug-4bit-cpu"
     assert y.dtype == dtype and y.shape == (rows, n)
@@ -192,13 +172,13 @@ def test_4bit_every_path_agrees_and_is_deterministic(quant_type, dtype, monkeypa
     qplug.set_kernel(layer, "qplug-4bit-cpu")
     outs = []
     with torch.no_grad():
-        for isa in available_isas():
+        for isa in cpu_paths():
             monkeypatch.setenv(cpu_linear.ISA_ENV_VAR, isa)
             y = layer(x)
             assert torch.equal(layer(x), y)  # same path, same bits
             assert_close_to_reference(layer, x, y)
             outs.append(y)
-    assert len(outs) == len(available_isas())
+    assert len(outs) == len(cpu_paths())
 
 
 def test_4bit_leading_dimensions_and_a_compute_dtype_other_than_the_input():
@@ -246,12 +226,12 @@ def _int8_linear(n, k, *, threshold=6.0, dtype=torch.float32, bias=True, seed=0)
     bias=st.booleans(),
 )
 def test_int8_forward_matches_dequantize_matmul(n, k, dtype, rows, isa, threshold, bias):
-    if isa not in available_isas():
+    if isa not in cpu_paths():
         return
     layer = _int8_linear(n, k, threshold=threshold, dtype=dtype, bias=bias)
     x = torch.randn(rows, k).to(dtype)
     x[:, : min(3, k)] *= 20  # outlier columns above the threshold: no effect on float inputs
-    with torch.no_grad(), forced_isa(isa):
+    with torch.no_grad(), forcing_cpu_path(isa):
         y = layer(x)
     assert layer.kernel == "qplug-int8-cpu"
     blocked = rows > lut4.GEMV_MAX_ROWS[isa]
@@ -299,14 +279,14 @@ def test_llm_int8_kernel_is_bitsandbytes_inference_forward(n, k, dtype, rows, is
     the outlier columns (an error of ``eps`` times that partial sum, at most ``eps |x| @ |W|.T``), and its CPU
     backend sums the integers in float32; ours rounds once. So the outputs agree within
     ``2 eps |y| + (eps + 2**-22) |x| @ |W|.T``."""
-    if isa not in available_isas():
+    if isa not in cpu_paths():
         return
     layer = _int8_linear(n, k, threshold=threshold, dtype=dtype, bias=bias, seed=seed % 97)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, k, generator=gen)
     x[:, :outlier_columns] *= 20  # above both thresholds, in some rows only when rows > 1
     x = x.to(dtype)
-    with torch.no_grad(), forced_isa(isa):
+    with torch.no_grad(), forcing_cpu_path(isa):
         qplug.set_kernel(layer, "qplug-llm-int8-cpu")
         ours = layer(x)
         assert layer.kernel == "qplug-llm-int8-cpu"
