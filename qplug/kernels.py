@@ -266,8 +266,12 @@ class KernelLayer:
 
     def _tensor_versions(self) -> tuple:
         # an in-place change (``layer.scales.mul_(2)``) or a reassigned tensor must rebuild the layout
-        tensors = (*self._buffers.values(), *self._parameters.values())  # type: ignore[attr-defined]
-        return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+        tensors = [t for t in (*self._buffers.values(), *self._parameters.values()) if t is not None]  # type: ignore[attr-defined]
+        try:
+            return tuple((t.data_ptr(), t._version) for t in tensors)
+        except RuntimeError:  # inference tensors (made under torch.inference_mode, e.g. by accelerate's offload
+            # hooks inside the forward) keep no version counter; their address alone stands for them
+            return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
 
     def _kernel_key(self, device: torch.device, dtype: torch.dtype) -> tuple:
         return device, dtype, self.kernel_request, requested_kernels(), self._tensor_versions()

@@ -53,6 +53,26 @@ def test_auto_with_a_small_max_memory_offloads_to_disk_with_identical_logits(che
     assert torch.equal(logits(model, tokens), reference)
 
 
+def test_disk_offloaded_layers_run_under_inference_mode(checkpoint, tmp_path):
+    # accelerate's hooks bring the offloaded tensors back inside the forward, so under torch.inference_mode they
+    # are inference tensors, which keep no version counter (the kernel layout's key read it: RuntimeError)
+    directory, reference, tokens = checkpoint
+    layers = layer_names(directory)
+    device_map = {**REST, **{name: "disk" if i % 2 else "cpu" for i, name in enumerate(layers)}}
+    model = qplug.load_quantized(directory, device_map=device_map, offload_folder=tmp_path / "offload")
+    for _ in range(2):
+        with torch.inference_mode():
+            assert torch.equal(model(tokens).logits, reference)
+
+
+def test_a_model_loaded_under_inference_mode_runs_inside_and_outside_it(checkpoint):
+    directory, reference, tokens = checkpoint
+    with torch.inference_mode():
+        model = qplug.load_quantized(directory)
+        assert torch.equal(model(tokens).logits, reference)
+    assert torch.equal(logits(model, tokens), reference)
+
+
 def test_one_device_moves_nothing_and_hooks_nothing(checkpoint):
     directory, reference, tokens = checkpoint
     model = qplug.load_quantized(directory, device_map="cpu")
