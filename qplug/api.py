@@ -391,17 +391,22 @@ def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model
             # on another thread while this one builds the (meta-device) model.
             weights = CheckpointWeights(directory, files)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qplug-load") as background:
-                # in this thread's context, so the progress switch (qplug.progress.enabled) holds there too
-                reading = background.submit(contextvars.copy_context().run, weights.read_all)
+                # in this thread's context, so the progress switch (qplug.progress.enabled) holds there too;
+                # placed elsewhere than the CPU, tensors are read after the plan, one at a time, each to its place
+                reading = (background.submit(contextvars.copy_context().run, weights.read_all)
+                           if placing is None else None)
                 if model is None:
                     model = build_skeleton(model_config)
                 config, names = _prepare(config, model)
                 _replace_modules(config, model, names, calibration=None, prequantized=True,
                                  checkpoint_tensors=weights.tensor_infos())
                 where = plan(model)  # the quantized skeleton: the plan counts the bytes really loaded
-                tensors = reading.result()
-        if where is not None:
-            where.place_tensors(tensors)
+                if reading is not None:
+                    tensors = reading.result()
+                elif where is None or where.single_device == "cpu":
+                    tensors = weights.read_all()
+                else:
+                    tensors = where.read_placed(weights)
         _load_tensors(model, tensors, weights.tied, filled=placement.offloaded_module_names(where))
     else:
         if model is None:

@@ -146,6 +146,10 @@ class KernelLayer:
     _kernel_state: tuple[tuple, Kernel, Any, str] | None = None  # (key, kernel, layout, reason)
     # reentrant: building a layout reads checkpoint tensors, which may have to be restored first
     _kernel_lock: ClassVar[threading.RLock] = threading.RLock()
+    #: ``False`` for a layer whose tensors are brought in for each forward and dropped after it (accelerate's disk
+    #: offload; :mod:`qplug.placement` sets it): its run-time layout is then dropped after each forward too, and
+    #: never stands for checkpoint tensors, or the layer would hold its weight between forwards after all.
+    keeps_layout: bool = True
     #: checkpoint tensors dropped while the current layout can rebuild them, and the buffer order to keep
     _released: tuple[str, ...] = ()
     _buffer_order: tuple[str, ...] = ()
@@ -287,7 +291,8 @@ class KernelLayer:
                     with torch.no_grad():
                         layout = kernel.prepare(self, device, dtype)  # type: ignore[arg-type]
                     self._kernel_state = ((), kernel, layout, reason)
-                    self._release(kernel)
+                    if self.keeps_layout:
+                        self._release(kernel)
                     # the build's temporaries (unpacked codes, int32 copies for torch's packers) were several
                     # times the tensors it read: hand them back now (measured on the 1.1B GPTQ model: 1.10 GiB
                     # resident after the first forward, against 1.20 trimming every 16 MB and 1.68 never)
@@ -324,6 +329,8 @@ class KernelLayer:
             out = _DequantizedBackward.apply(x2, self, run)
         else:
             out = run(x2)
+        if not self.keeps_layout:  # the name and reason stay for reports; the key () matches no forward
+            self._kernel_state = ((), kernel, None, self._kernel_state[3])  # type: ignore[index]
         return out.reshape(*lead, out.shape[-1])
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the layout belongs to the old tensors

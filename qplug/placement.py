@@ -61,26 +61,37 @@ class Placement:
                 return self.device_map[prefix]
         raise PlacementError(f"device_map places no module holding {tensor_name!r}")
 
-    def place_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Move each tensor to its device, in place. Disk ones are written to ``offload_folder`` and replaced
-        by meta tensors of their dtype and shape: accelerate's hooks read them back at each forward and
-        cast to the dtype the module holds, which must be the checkpoint's, not the skeleton's."""
-        import torch
+    def read_placed(self, weights: Any) -> dict[str, torch.Tensor]:
+        """Every tensor of ``weights`` (a :class:`qplug.checkpoint.CheckpointWeights`), each read and placed
+        before the next is read, so that memory holds only what stays in it (plus one tensor): disk ones are
+        written to ``offload_folder`` and replaced by meta tensors of their dtype and shape (accelerate's
+        hooks read them back at each forward and cast to the dtype the module holds, which must be the
+        checkpoint's, not the skeleton's); the others go to their device."""
+        from qplug import progress
 
-        for name in list(tensors):
-            device = self.device_of(name)
-            if device == DISK:
-                from accelerate.utils import offload_weight
-
-                tensor = tensors[name]
-                offload_weight(tensor, name, str(self.offload_folder), index=self.offload_index)
-                tensors[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-            elif device != "cpu":
-                tensors[name] = tensors[name].to(device)
+        names = weights.names()
+        tensors = {name: self._placed(name, weights.get(name))
+                   for name in progress.track(names, f"reading {weights.directory}", total=len(names), unit="tensors")}
         if self.offload_index:
             from accelerate.utils import save_offload_index
 
             save_offload_index(self.offload_index, str(self.offload_folder))
+        return tensors
+
+    def _placed(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        device = self.device_of(name)
+        if device == DISK:
+            from accelerate.utils import offload_weight
+
+            from qplug import memory
+
+            offload_weight(tensor, name, str(self.offload_folder), index=self.offload_index)
+            # freed blocks stay with the allocator unless handed back: the peak would grow by every tensor offloaded
+            memory.note_freed(tensor.nbytes)
+            return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        return tensor if device == "cpu" else tensor.to(device)
 
     def dispatch(self, model: nn.Module) -> nn.Module:
         """Attach accelerate's hooks where the model spans devices (one device: nothing to attach)."""
@@ -89,6 +100,12 @@ class Placement:
             return model.to(single) if single != "cpu" else model
         from accelerate import dispatch_model
 
+        from qplug.kernels import KernelLayer
+
+        for prefix in self.disk_modules:  # their tensors come and go with each forward: so must the kernels' layouts
+            for module in (model.get_submodule(prefix) if prefix else model).modules():
+                if isinstance(module, KernelLayer):
+                    module.keeps_layout = False
         main = next((d for d in self.device_map.values() if d not in ("cpu", DISK)), "cpu")
         # offload_buffers: quantized layers keep their codes and scales in buffers (GPTQ's qweight, ...),
         # which accelerate would otherwise keep resident -- and cannot, as they were never loaded.

@@ -65,6 +65,28 @@ def test_disk_offloaded_layers_run_under_inference_mode(checkpoint, tmp_path):
             assert torch.equal(model(tokens).logits, reference)
 
 
+def test_offloaded_layers_hold_nothing_between_forwards(checkpoint, tmp_path):
+    # a kernel layout kept after the forward would be a resident copy of a layer meant to live on disk
+    from qplug.kernels import KernelLayer
+
+    directory, reference, tokens = checkpoint
+    layers = layer_names(directory)
+    device_map = {**REST, **{name: "disk" if i % 2 else "cpu" for i, name in enumerate(layers)}}
+    model = qplug.load_quantized(directory, device_map=device_map, offload_folder=tmp_path / "offload")
+    for _ in range(2):
+        assert torch.equal(logits(model, tokens), reference)
+        for i, name in enumerate(layers):
+            quantized = [m for m in model.get_submodule(name).modules() if isinstance(m, KernelLayer)]
+            assert quantized
+            for layer in quantized:
+                assert layer.kernel is not None  # still reported
+                held = [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
+                if i % 2:
+                    assert layer._kernel_state[2] is None and all(t.device.type == "meta" for t in held)
+                else:
+                    assert layer._kernel_state[2] is not None
+
+
 def test_a_model_loaded_under_inference_mode_runs_inside_and_outside_it(checkpoint):
     directory, reference, tokens = checkpoint
     with torch.inference_mode():
