@@ -131,6 +131,8 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_core.py")
     session.run("python", "benchmarks/run.py", *session.posargs)  # e.g. `nox -s bench -- --small`
     session.run("python", "benchmarks/decode.py", *session.posargs)  # batch-1 decode of every quantized path
+    # device_map in memory, on the CPU and half on disk: load time, forwards, peak, identical logits
+    session.run("python", "benchmarks/placement.py", *[arg for arg in session.posargs if arg == "--small"])
     for script in ("plugins/qplug-bitsandbytes/benchmarks/bench_bnb.py", "plugins/qplug-gptq/benchmarks/bench_gptq.py",
                    "plugins/qplug-awq/benchmarks/bench_awq.py"):
         session.run("python", script)
