@@ -136,6 +136,13 @@ def decode(weight: Lut4Weight, x: torch.Tensor, perm: torch.Tensor | None = None
     32-element chunks, a build without OpenMP): the GEMV of :func:`matmul` (same float32 sums) with the
     input conversion, the gather, the float32 ``bias`` and the rounding in the same C call. Per token and
     layer that is one buffer and one call instead of four buffers, three calls, a cast and an add."""
+    return _one_call("qplug_linear_4bit", weight, x, perm, bias, out_dtype)
+
+
+def _one_call(function: str, weight: Lut4Weight, x: torch.Tensor, perm: torch.Tensor | None,
+              bias: torch.Tensor | None, out_dtype: torch.dtype | None) -> torch.Tensor | None:
+    """Run the C decode entry point ``function`` (the arguments of ``qplug_linear_4bit``), or ``None`` where
+    the GEMV does not take ``x``."""
     name, _ = native.isa()
     rows = x.shape[0]
     if name is None or not _takes_gemv(weight, rows, name) or not native.openmp():
@@ -143,12 +150,12 @@ def decode(weight: Lut4Weight, x: torch.Tensor, perm: torch.Tensor | None = None
     out_dtype = out_dtype or x.dtype
     out = torch.empty(rows, weight.n, dtype=out_dtype)
     threads = native.threads_for(weight.n, max(1, _GEMV_WEIGHTS_PER_THREAD // weight.k))
-    status = native.CPU_KERNELS.get().qplug_linear_4bit(
+    status = getattr(native.CPU_KERNELS.get(), function)(
         native.ISAS[name], threads, weight.slots().data_ptr(), x.data_ptr(), native.DTYPE_CODES[x.dtype], rows,
         None if perm is None else perm.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
         native.DTYPE_CODES[out_dtype])
     if status:
-        raise RuntimeError(f"qplug_linear_4bit returned {status}")
+        raise RuntimeError(f"{function} returned {status}")
     return out
 
 
@@ -218,20 +225,7 @@ def decode_int8_activations(weight: Lut4Weight, x: torch.Tensor, perm: torch.Ten
     """:func:`gemv_int8_activations` plus the float32 ``bias`` and one rounding to ``out_dtype`` (default ``x``'s)
     in one C call, as :func:`decode` is to :func:`matmul`; ``None`` where :func:`decode` would return ``None``.
     ``weight`` must be one :func:`int8_activations_refuse` accepts."""
-    name, _ = native.isa()
-    rows = x.shape[0]
-    if name is None or not _takes_gemv(weight, rows, name) or not native.openmp():
-        return None
-    out_dtype = out_dtype or x.dtype
-    out = torch.empty(rows, weight.n, dtype=out_dtype)
-    threads = native.threads_for(weight.n, max(1, _GEMV_WEIGHTS_PER_THREAD // weight.k))
-    status = native.CPU_KERNELS.get().qplug_linear_w4a8(
-        native.ISAS[name], threads, weight.slots().data_ptr(), x.data_ptr(), native.DTYPE_CODES[x.dtype], rows,
-        None if perm is None else perm.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-        native.DTYPE_CODES[out_dtype])
-    if status:
-        raise RuntimeError(f"qplug_linear_w4a8 returned {status}")
-    return out
+    return _one_call("qplug_linear_w4a8", weight, x, perm, bias, out_dtype)
 
 
 def _blocked(weight: Lut4Weight, x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:

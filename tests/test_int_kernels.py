@@ -507,6 +507,18 @@ def test_a_forced_isa_the_cpu_lacks_is_a_refusal_that_names_it(monkeypatch):
     assert "QPLUG_ISA='sse9' is not one of" in layer.choose_kernel(torch.device("cpu"), torch.float32)[1]
 
 
+def random_decode_case(g: torch.Generator, n: int, k: int, group: int, rows: int, gather: bool, bias: bool,
+                       dtype: torch.dtype):
+    """A random affine 4-bit weight (codes 0..15, a scale and zero point a group), input rows, an act-order
+    permutation or None, a float32 bias or None."""
+    weight = lut4.Lut4Weight(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g), n, k, group,
+                             torch.arange(16.0), absmax=torch.rand(n * k // group, generator=g),
+                             zeros=torch.randint(0, 16, (n * k // group,), generator=g).float())
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    perm = torch.randperm(k, generator=g) if gather else None
+    return weight, x, perm, torch.randn(n, generator=g) if bias else None
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     n=st.sampled_from([8, 40, 96]),
@@ -527,12 +539,7 @@ def test_the_one_call_decode_path_is_the_stepwise_one_bit_for_bit(n, blocks, blo
     assume(isa in cpu_paths())
     g = torch.Generator().manual_seed(seed)
     k = blocks * blocksize
-    weight = lut4.Lut4Weight(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g), n, k, blocksize,
-                             torch.arange(16.0), absmax=torch.rand(n * k // blocksize, generator=g),
-                             zeros=torch.randint(0, 16, (n * k // blocksize,), generator=g).float())
-    x = torch.randn(rows, k, generator=g).to(dtype)
-    perm = torch.randperm(k, generator=g) if gather else None
-    b = torch.randn(n, generator=g) if bias else None
+    weight, x, perm, b = random_decode_case(g, n, k, blocksize, rows, gather, bias, dtype)
     with forcing_cpu_path(isa):
         stepwise = lut4.matmul(weight, x, perm=perm)
         if b is not None:
@@ -562,12 +569,7 @@ def test_the_one_call_w4a8_decode_is_the_stepwise_one_bit_for_bit(n, groups, gro
     assume(isa in cpu_paths())
     g = torch.Generator().manual_seed(seed)
     k = groups * group
-    weight = lut4.Lut4Weight(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g), n, k, group,
-                             torch.arange(16.0), absmax=torch.rand(n * k // group, generator=g),
-                             zeros=torch.randint(0, 16, (n * k // group,), generator=g).float())
-    x = torch.randn(rows, k, generator=g).to(dtype)
-    perm = torch.randperm(k, generator=g) if gather else None
-    b = torch.randn(n, generator=g) if bias else None
+    weight, x, perm, b = random_decode_case(g, n, k, group, rows, gather, bias, dtype)
     with forcing_cpu_path(isa):
         stepwise = lut4.gemv_int8_activations(weight, x, perm)
         if b is not None:

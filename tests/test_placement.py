@@ -30,10 +30,14 @@ def layer_names(directory):
     return [f"model.layers.{i}" for i in range(layers)]
 
 
+def every_other_layer_on_disk(layers):
+    return {**REST, **{name: "disk" if i % 2 else "cpu" for i, name in enumerate(layers)}}
+
+
 def test_a_dict_map_with_disk_offload_gives_identical_logits_and_keeps_those_layers_off_memory(checkpoint, tmp_path):
     directory, reference, tokens = checkpoint
     layers = layer_names(directory)
-    device_map = {**REST, **{name: "disk" if i % 2 else "cpu" for i, name in enumerate(layers)}}
+    device_map = every_other_layer_on_disk(layers)
     model = qplug.load_quantized(directory, device_map=device_map, offload_folder=tmp_path / "offload")
     assert model.hf_device_map == device_map
     offloaded = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -53,28 +57,19 @@ def test_auto_with_a_small_max_memory_offloads_to_disk_with_identical_logits(che
     assert torch.equal(logits(model, tokens), reference)
 
 
-def test_disk_offloaded_layers_run_under_inference_mode(checkpoint, tmp_path):
-    # accelerate's hooks bring the offloaded tensors back inside the forward, so under torch.inference_mode they
-    # are inference tensors, which keep no version counter (the kernel layout's key read it: RuntimeError)
-    directory, reference, tokens = checkpoint
-    layers = layer_names(directory)
-    device_map = {**REST, **{name: "disk" if i % 2 else "cpu" for i, name in enumerate(layers)}}
-    model = qplug.load_quantized(directory, device_map=device_map, offload_folder=tmp_path / "offload")
-    for _ in range(2):
-        with torch.inference_mode():
-            assert torch.equal(model(tokens).logits, reference)
-
-
-def test_offloaded_layers_hold_nothing_between_forwards(checkpoint, tmp_path):
-    # a kernel layout kept after the forward would be a resident copy of a layer meant to live on disk
+def test_offloaded_layers_hold_nothing_between_forwards_and_run_under_inference_mode(checkpoint, tmp_path):
+    # a kernel layout kept after the forward would be a resident copy of a layer meant to live on disk; and under
+    # torch.inference_mode the tensors accelerate's hooks bring back inside the forward are inference tensors,
+    # which keep no version counter (the layout's key read it: RuntimeError)
     from qplug.kernels import KernelLayer
 
     directory, reference, tokens = checkpoint
     layers = layer_names(directory)
-    device_map = {**REST, **{name: "disk" if i % 2 else "cpu" for i, name in enumerate(layers)}}
-    model = qplug.load_quantized(directory, device_map=device_map, offload_folder=tmp_path / "offload")
-    for _ in range(2):
-        assert torch.equal(logits(model, tokens), reference)
+    model = qplug.load_quantized(directory, device_map=every_other_layer_on_disk(layers),
+                                 offload_folder=tmp_path / "offload")
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode():
+            assert torch.equal(model(tokens).logits, reference)
         for i, name in enumerate(layers):
             quantized = [m for m in model.get_submodule(name).modules() if isinstance(m, KernelLayer)]
             assert quantized
