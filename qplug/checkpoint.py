@@ -76,9 +76,14 @@ def state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     """The model's state dict as contiguous CPU-independent tensors, shared storage written once.
 
     :return: ``(tensors, tied)`` where ``tied`` maps each omitted name to the name kept.
+    Tensors a ``device_map`` offloaded (``qplug.load_quantized(..., device_map=...)``) are read back from
+    where accelerate keeps them.
+
     :raises CheckpointError: a tensor is still on the meta device (never loaded).
     """
     import torch
+
+    from qplug.placement import offloaded_tensor
 
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
@@ -87,7 +92,9 @@ def state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         if not isinstance(value, torch.Tensor):
             continue
         if value.device.type == "meta":
-            raise CheckpointError(f"cannot save {name!r}: it is on the meta device (it was never loaded)")
+            value = offloaded_tensor(model, name)
+            if value is None:
+                raise CheckpointError(f"cannot save {name!r}: it is on the meta device (it was never loaded)")
         key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
                tuple(value.stride()), value.dtype) if value.numel() else None
         if key is not None and key in seen:

@@ -196,6 +196,23 @@ def _check_covers(model: nn.Module, device_map: dict[str, str]) -> None:
         raise PlacementError(f"device_map names modules the model does not have: {', '.join(unknown[:5])}")
 
 
+def offloaded_tensor(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The state-dict tensor ``name`` as accelerate's offload holds it (the offload folder or CPU memory, read
+    through the hook of the module that owns it), or ``None`` where no hook holds it."""
+    module_name, _, tensor_name = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return None
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights is None:
+        return None
+    try:
+        return weights[tensor_name]
+    except KeyError:
+        return None
+
+
 def _check_offloadable(model: nn.Module, device_map: dict[str, str]) -> None:
     for prefix, device in device_map.items():
         if device != DISK:

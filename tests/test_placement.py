@@ -82,6 +82,23 @@ def test_offloaded_layers_hold_nothing_between_forwards_and_run_under_inference_
                     assert layer._kernel_state[2] is not None
 
 
+def test_a_model_with_layers_on_disk_saves_what_it_loaded(checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    directory, reference, tokens = checkpoint
+    model = qplug.load_quantized(directory, device_map=every_other_layer_on_disk(layer_names(directory)),
+                                 offload_folder=tmp_path / "offload")
+    assert torch.equal(logits(model, tokens), reference)
+    qplug.save_quantized(model, tmp_path / "again")
+
+    def tensors(path):
+        return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    before, after = tensors(directory), tensors(tmp_path / "again")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
 def test_a_model_loaded_under_inference_mode_runs_inside_and_outside_it(checkpoint):
     directory, reference, tokens = checkpoint
     with torch.inference_mode():
