@@ -287,6 +287,7 @@ class KernelLayer:
                 state = self._kernel_state
                 if state is None or state[0] != self._kernel_key(device, dtype):
                     self._reattach()  # a new layout is built from the checkpoint tensors themselves
+                    before = state
                     kernel, reason = self.choose_kernel(device, dtype)
                     with torch.no_grad():
                         layout = kernel.prepare(self, device, dtype)  # type: ignore[arg-type]
@@ -299,8 +300,10 @@ class KernelLayer:
                     memory.release_freed_memory()
                     # keyed after the release: the dropped tensors are the layout's now
                     state = self._kernel_state = (self._kernel_key(device, dtype), kernel, layout, reason)
-                    log.info("%s(%s): kernel %s for %s on %s (%s)", type(self).__name__,
-                             self.extra_repr(), kernel.name, dtype, device, reason)  # type: ignore[attr-defined]
+                    # an offloaded layer rebuilds in every forward (its state keyed () in between): logged once
+                    if before is None or before[0] != () or before[1] is not kernel or before[3] != reason:
+                        log.info("%s(%s): kernel %s for %s on %s (%s)", type(self).__name__,
+                                 self.extra_repr(), kernel.name, dtype, device, reason)  # type: ignore[attr-defined]
         return state[1], state[2]
 
     def run_kernel(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_auto_with_a_small_max_memory_offloads_to_disk_with_identical_logits(che
     assert torch.equal(logits(model, tokens), reference)
 
 
-def test_offloaded_layers_hold_nothing_between_forwards_and_run_under_inference_mode(checkpoint, tmp_path):
+def test_offloaded_layers_hold_nothing_between_forwards_and_run_under_inference_mode(checkpoint, tmp_path, caplog):
     # a kernel layout kept after the forward would be a resident copy of a layer meant to live on disk; and under
     # torch.inference_mode the tensors accelerate's hooks bring back inside the forward are inference tensors,
     # which keep no version counter (the layout's key read it: RuntimeError)
@@ -67,6 +68,7 @@ def test_offloaded_layers_hold_nothing_between_forwards_and_run_under_inference_
     layers = layer_names(directory)
     model = qplug.load_quantized(directory, device_map=every_other_layer_on_disk(layers),
                                  offload_folder=tmp_path / "offload")
+    caplog.set_level(logging.INFO, logger="qplug.kernels")
     for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
         with mode():
             assert torch.equal(model(tokens).logits, reference)
@@ -80,6 +82,8 @@ def test_offloaded_layers_hold_nothing_between_forwards_and_run_under_inference_
                     assert layer._kernel_state[2] is None and all(t.device.type == "meta" for t in held)
                 else:
                     assert layer._kernel_state[2] is not None
+    quantized = sum(isinstance(m, KernelLayer) for m in model.modules())
+    assert len([r for r in caplog.records if ": kernel " in r.getMessage()]) == quantized  # once a layer, not a forward
 
 
 def test_a_model_with_layers_on_disk_saves_what_it_loaded(checkpoint, tmp_path):
