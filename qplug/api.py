@@ -422,10 +422,31 @@ def _load_into(directory: str | os.PathLike[str], model: nn.Module | None, model
         config.check_quantizable()
         config, names = _prepare(config, model, skip)
         quantize_one = _module_quantizer(config, model, entry.quantizes_modules)
+        # a map that names its devices is planned on the float skeleton, and each module goes to its place as
+        # soon as it is quantized; a strategy ("auto", ...) needs the quantized sizes, so it is planned after
+        early = None if placing is None or _is_strategy(placing[0]) else plan(model)
+        if early is not None:
+            quantize_one = _placing_each(quantize_one, model, early)
         rest = stream_quantize(model, Path(directory), names, quantize_one, on_module)
-        _load_tensors(model, rest, {}, filled=names)
-        where = plan(model)
+        if early is not None:
+            rest = early.place_rest(rest)
+        _load_tensors(model, rest, {}, filled=[*names, *placement.offloaded_module_names(early)])
+        where = early or plan(model)
     return model if where is None else where.dispatch(model)
+
+
+def _is_strategy(device_map: Any) -> bool:
+    from qplug.placement import STRATEGIES
+
+    return isinstance(device_map, str) and device_map in STRATEGIES
+
+
+def _placing_each(quantize_one: Callable[[str], None], model: nn.Module, where: Any) -> Callable[[str], None]:
+    def quantize_and_place(name: str) -> None:
+        quantize_one(name)
+        where.place_module(model, name)
+
+    return quantize_and_place
 
 
 def _module_quantizer(config: QuantConfig, model: nn.Module, hooked: bool) -> Callable[[str], None]:

@@ -72,11 +72,43 @@ class Placement:
         names = weights.names()
         tensors = {name: self._placed(name, weights.get(name))
                    for name in progress.track(names, f"reading {weights.directory}", total=len(names), unit="tensors")}
+        self._write_index()
+        return tensors
+
+    def place_module(self, model: nn.Module, name: str) -> None:
+        """Send the freshly quantized module ``name`` of ``model`` where the map puts it, now: quantizing while
+        loading then never holds more than the map keeps in memory.
+
+        :raises PlacementError: the map sends it to disk and its class refuses the disk (named, with why).
+        """
+        module = model.get_submodule(name)
+        device = self.device_of(f"{name}.")
+        if device == "cpu":
+            return
+        if device != DISK:
+            module.to(device)
+            return
+        _check_offloadable(model, {name: DISK})
+        for tensor_name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            owner_name, _, leaf = tensor_name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            placed = self._placed(f"{name}.{tensor_name}", tensor.detach())
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = type(owner._parameters[leaf])(placed, requires_grad=False)
+            else:
+                owner._buffers[leaf] = placed
+
+    def place_rest(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` (those of the modules not quantized) each placed, and the offload index written."""
+        placed = {name: self._placed(name, tensor) for name, tensor in tensors.items()}
+        self._write_index()
+        return placed
+
+    def _write_index(self) -> None:
         if self.offload_index:
             from accelerate.utils import save_offload_index
 
             save_offload_index(self.offload_index, str(self.offload_folder))
-        return tensors
 
     def _placed(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         import torch

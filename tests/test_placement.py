@@ -148,10 +148,37 @@ def test_quantize_on_load_then_placed_equals_the_in_memory_model(int8_plugin, tm
     in_memory = qplug.quantize(tiny_llama(seed=0), {"quant_method": "int8-weight"})
     tokens = example_tokens(in_memory)
     layers = [f"model.layers.{i}" for i in range(in_memory.config.num_hidden_layers)]
+    written = {}  # what the offload folder holds when each module is reported quantized
+
+    def on_module(name):
+        written[name] = {p.stem for p in (tmp_path / "offload").glob("*.dat")}
+
     placed = qplug.load_quantized(tmp_path / "float", quantization_config={"quant_method": "int8-weight"},
                                   device_map={**REST, **dict.fromkeys(layers, "disk")},
-                                  offload_folder=tmp_path / "offload")
+                                  offload_folder=tmp_path / "offload", on_module=on_module)
+    # each layer went to the offload folder as soon as it was quantized, not at the end
+    assert written and all(f"{name}.weight" in files for name, files in written.items())
+    held = dict(placed.named_parameters()) | dict(placed.named_buffers())
+    assert all(t.device.type == "meta" for name, t in held.items() if name.startswith("model.layers."))
+    index = json.loads((tmp_path / "offload" / "index.json").read_text())
+    assert {name for name in held if name.startswith("model.layers.")} <= set(index)
     assert torch.equal(logits(placed, tokens), logits(in_memory, tokens))
+    qplug.save_quantized(placed, tmp_path / "placed")
+    qplug.save_quantized(in_memory, tmp_path / "in-memory")
+    assert all((tmp_path / "placed" / f.name).read_bytes() == f.read_bytes()
+               for f in (tmp_path / "in-memory").glob("*.safetensors"))
+
+
+def test_quantize_on_load_refuses_the_disk_for_a_layer_that_cannot_go_there(int8_plugin, tmp_path, monkeypatch):
+    from qplug.kernels import KernelLayer  # the example backend builds its layer class per call: patch the base
+
+    monkeypatch.setattr(KernelLayer, "qplug_disk_offload_refusal", "its state is not all in tensors", raising=False)
+    tiny_llama(seed=0).save_pretrained(tmp_path / "float")
+    layers = [f"model.layers.{i}" for i in range(2)]
+    with pytest.raises(qplug.PlacementError, match=r"model\.layers\.0\.\w+\.\w+ \(Int8Linear\) cannot be offloaded "
+                                                   r"to disk: its state is not all in tensors"):
+        qplug.load_quantized(tmp_path / "float", quantization_config={"quant_method": "int8-weight"},
+                             device_map={**REST, **dict.fromkeys(layers, "disk")}, offload_folder=tmp_path / "offload")
 
 
 @pytest.mark.cuda
