@@ -34,7 +34,7 @@ import attrs
 
 from qplug.errors import CheckpointError, ConversionError, IncompatibleModelError, PluginError, QuantConfigError
 from qplug.plain_layers import PackedCodes, PlainLayer, WrittenLayer, exact_cast, refuse
-from qplug.write_plan import to_meta
+from qplug.write_plan import RELEASE_EVERY_BYTES, to_meta
 
 if TYPE_CHECKING:
     import torch
@@ -45,12 +45,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PackedCodes", "PlainLayer", "WrittenLayer", "convert", "exact_cast", "refuse"]
 
-# Freed memory is handed back after every ~256 MB a conversion drops, not every 64 MB as the disk paths do
-# (qplug.write_plan.RELEASE_EVERY_BYTES): every page handed back is faulted in again by the next reads, and a
-# conversion's reads and writes are most of its time. On the 1.1B model (benchmarks/convert.py --tinyllama)
-# 64 MB batches took 113-130k minor faults and 256 MB batches 88k, where reading and writing alone take 68k;
-# the peak rose by 7 MB (0.5%), and stays flat with depth (layers are converted one at a time).
-_RELEASE_EVERY_BYTES = 256 * 2**20
 
 
 def convert(
@@ -169,7 +163,7 @@ def convert(
                         dropped += tensor.numel() * tensor.element_size()
                         yield key, tensor
                         del tensor
-                    memory.note_freed(dropped, every=_RELEASE_EVERY_BYTES)
+                    memory.note_freed(dropped, every=RELEASE_EVERY_BYTES)  # as the disk paths do
                     if owner is not None:
                         shown.advance()
                         if on_layer is not None:
