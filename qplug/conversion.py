@@ -15,7 +15,8 @@ It streams: SRC's model is built on the meta device only to learn which tensors 
 layer (the source backend's ``replace_modules`` on a skeleton, as :func:`qplug.load_quantized` does);
 then one layer's tensors at a time are read, converted and appended to DST's shards
 (:class:`qplug.shards.ShardWriter`), a reader thread reading and converting the next layer while the
-calling thread writes the last, with torch on one thread (the caller's count is restored at the end).
+calling thread writes the last, with torch on one thread (the caller's count is restored at the end); the
+memory a written layer was read into serves the next reads of the same size.
 Every other tensor (embeddings, norms, the head) is copied as it is. Peak memory is the runtime floor plus about one
 layer, whatever the depth. DST is assembled in a staging directory and swapped in at the end
 (:func:`qplug._io.atomic_directory`): a refusal or a crash leaves an existing DST whole.
