@@ -215,6 +215,7 @@ def convert(
             serialized = hook.serialize(config=final, model=None)
             write_model_config(staging, {**model_config, "quantization_config": serialized})
             hook.add_checkpoint_files(config=final, model=None, directory=staging)
+    recycled.clear()  # freed before the last trim hands them back
     memory.release_freed_memory()
     return Path(dst)
 
@@ -224,7 +225,7 @@ class _RecycledBuffers:
 
     A conversion reads on one thread and frees on another, and glibc hands much of what the writing thread
     frees back to the OS (a thread's arena trims its top, :func:`qplug.memory.note_freed` trims in batches):
-    the 1.1B model's conversion took 113-130k page faults where reading and writing the same bytes take 68k
+    the 1.1B model's conversion took 110-142k page faults where reading and writing the same bytes take 68k
     (the next read faulting in every page again, the kernel zeroing each). Decoder layers repeat their shapes,
     so the buffers of one layer serve the next. Only buffers of :data:`SMALLEST` to :data:`LARGEST` bytes are
     kept (small ones glibc reuses without faults; a one-off embedding would stay held), at most
@@ -253,6 +254,11 @@ class _RecycledBuffers:
                 return None
             self._held -= nbytes
             return kept.pop()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._held = 0
 
     def give(self, buffer: torch.Tensor) -> None:
         """Keep ``buffer`` (contiguous uint8, nothing else using it) for a later read, within :data:`LIMIT`."""
