@@ -348,10 +348,17 @@ class CheckpointWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name``, read into fresh memory or into ``into`` (as ``SafetensorsFile.get_tensor``)."""
         if name not in self.where:
             raise CheckpointError(f"checkpoint lacks tensor {name!r}")
-        return self.where[name].get_tensor(name)
+        return self.where[name].get_tensor(name, into)
+
+    def nbytes(self, name: str) -> int:
+        """The byte count of tensor ``name`` (from the header)."""
+        if name not in self.where:
+            raise CheckpointError(f"checkpoint lacks tensor {name!r}")
+        return self.where[name].nbytes(name)
 
 
 def _parse_tied(path: Path, text: str) -> dict[str, str]:

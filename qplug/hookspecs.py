@@ -344,9 +344,10 @@ def write_int_layer(config: QuantConfig, name: str, layer: PlainLayer) -> Writte
         ``version``, ...); the layer decides bits, group size and symmetry.
     :param name: the layer's dotted name, for messages.
     :param layer: the plain layer (:class:`qplug.conversion.PlainLayer`): ``layer.bits``, ``scale``,
-        ``zero``, ``columns_per_group`` and ``group_index()`` read nothing unpacked;
+        ``symmetric``, ``columns_per_group`` and ``group_index()`` read nothing unpacked;
         ``layer.packed_codes()`` gives the codes packed (as they came, where the source stored them
-        so), ``layer.weight`` unpacked.
+        so), ``layer.weight`` unpacked; ``layer.zero`` the zero points ``[out, groups]``, and
+        ``layer.packed_zeros()`` them packed as GPTQ's ``qzeros`` where the source stored them so.
     :return: a :class:`qplug.conversion.WrittenLayer`: the tensors by their names inside the layer, in
         the order :func:`qplug.save_quantized` writes them, and the config fields this layer needs
         (every layer must need the same; the core writes them into the ``quantization_config``).

@@ -121,7 +121,9 @@ class PlainLayer:
     Built from an :class:`qplug.int_kernels.IntWeight` (``PlainLayer(weight, bias, channelwise=...)``)
     or, by a format whose codes are :class:`PackedCodes`, from its packed words
     (:meth:`from_packed`): then :attr:`weight` unpacks them only when a target asks for it, and a
-    target that stores the same words takes them from :meth:`packed_codes` as they are.
+    target that stores the same words takes them from :meth:`packed_codes` as they are. Zero points
+    packed along the output rows (compressed-tensors' ``weight_zero_point``, GPTQ's ``qzeros``) may be
+    handed over the same way (:meth:`packed_zeros`); :attr:`zero` unpacks them on first use.
 
     :param weight: codes, scales and zero points (:class:`qplug.int_kernels.IntWeight`: ``q`` in run-time
         column order, ``perm`` the act-order permutation or ``None``).
@@ -139,21 +141,25 @@ class PlainLayer:
         self._weight: IntWeight | None = weight
         self._packed: PackedCodes | None = None
         self._symmetric: bool | None = None
+        self._packed_zeros: PackedCodes | None = None
         self.bias = bias
         self.channelwise = channelwise
-        #: scales ``[out, groups]``, zero points ``[out, groups]``, bits, input columns per group, the
-        #: act-order permutation (``None`` without): as in :attr:`weight`, without unpacking its codes
-        self.scale, self.zero, self.bits = weight.scale, weight.zero, weight.bits
+        #: scales ``[out, groups]``, bits, input columns per group, the act-order permutation (``None``
+        #: without): as in :attr:`weight`, without unpacking its codes
+        self.scale, self._zero, self.bits = weight.scale, weight.zero, weight.bits
         self.columns_per_group, self.perm = weight.group_size, weight.perm
 
     @classmethod
-    def from_packed(cls, codes: PackedCodes, scale: torch.Tensor, zero: torch.Tensor, columns_per_group: int, *,
-                    perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    def from_packed(cls, codes: PackedCodes, scale: torch.Tensor, zero: torch.Tensor | PackedCodes,
+                    columns_per_group: int, *, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                     channelwise: bool = False) -> PlainLayer:
         """A layer whose codes stay packed until a target needs them unpacked.
 
         :param codes: the codes in checkpoint column order.
-        :param scale: ``[out, groups]``; ``zero``: integer zero points of the same shape.
+        :param scale: ``[out, groups]``.
+        :param zero: integer zero points ``[out, groups]``; or, packed as they are stored along the output
+            rows, :class:`PackedCodes` of the transposed zero points ``[groups, out]`` (``bits`` as the codes,
+            ``out`` a whole number of words): :attr:`zero` then unpacks them (int16) only when asked.
         :param columns_per_group: input columns per group (``in_features`` for one group per row).
         :param perm: the act-order permutation (run-time column ``j`` is checkpoint column ``perm[j]``).
         """
@@ -161,18 +167,42 @@ class PlainLayer:
 
         out_f, in_f = codes.out_features, codes.in_features
         groups = math.ceil(in_f / columns_per_group)
-        for what, tensor in (("scale", scale), ("zero", zero)):
-            if tuple(tensor.shape) != (out_f, groups):
-                raise ValueError(f"PlainLayer {what} has shape {tuple(tensor.shape)}, expected {(out_f, groups)} "
+        packed_zeros = zero if isinstance(zero, PackedCodes) else None
+        shapes = [("scale", tuple(scale.shape), (out_f, groups))]
+        if packed_zeros is None:
+            shapes.append(("zero", tuple(zero.shape), (out_f, groups)))
+        elif packed_zeros.bits != codes.bits or out_f * codes.bits % 32:  # a partial last word: padding fields
+            raise ValueError(f"PlainLayer zero points packed at {packed_zeros.bits} bits for {out_f} rows of "
+                             f"{codes.bits}-bit codes: they must be {codes.bits}-bit, in whole words")
+        else:
+            shapes.append(("packed zero", tuple(packed_zeros.words.shape), (groups, out_f * codes.bits // 32)))
+        for what, have, want in shapes:
+            if have != want:
+                raise ValueError(f"PlainLayer {what} has shape {have}, expected {want} "
                                  f"for {out_f}x{in_f} codes and {columns_per_group} columns per group")
         if perm is not None and tuple(perm.shape) != (in_f,):
             raise ValueError(f"PlainLayer perm has shape {tuple(perm.shape)}, expected {(in_f,)}")
         layer = cls.__new__(cls)
         layer._weight, layer._packed, layer._symmetric = None, codes, None
         layer.bias, layer.channelwise = bias, channelwise
-        layer.scale, layer.zero, layer.bits = scale, zero, codes.bits
+        layer.scale, layer.bits = scale, codes.bits
+        layer._zero, layer._packed_zeros = (None, packed_zeros) if packed_zeros is not None else (zero, None)
         layer.columns_per_group, layer.perm = columns_per_group, perm
         return layer
+
+    @property
+    def zero(self) -> torch.Tensor:
+        """Integer zero points ``[out, groups]`` (zero points given packed are unpacked on first use, as int16)."""
+        if self._zero is None:
+            import torch
+
+            self._zero = self._packed_zeros.unpack().t().to(torch.int16).contiguous()
+        return self._zero
+
+    def packed_zeros(self) -> PackedCodes | None:
+        """The zero points as the source packed them (:class:`PackedCodes` of ``zero`` transposed, ``[groups,
+        out]``: GPTQ's ``qzeros`` layout), or ``None`` where the source gave them unpacked."""
+        return self._packed_zeros
 
     @property
     def weight(self) -> IntWeight:
@@ -206,7 +236,11 @@ class PlainLayer:
     def symmetric(self) -> bool:
         """Whether every zero point is ``2**(bits-1)``, the one symmetric schemes imply without storing it."""
         if self._symmetric is None:  # a pass over the zero points, which writers ask about more than once
-            self._symmetric = bool((self.zero == 1 << (self.bits - 1)).all())
+            if self._zero is None:  # packed: every word holds 2**(bits-1) in each field
+                self._symmetric = bool((self._packed_zeros.words == _repeated_field(1 << (self.bits - 1),
+                                                                                     self.bits)).all())
+            else:
+                self._symmetric = bool((self.zero == 1 << (self.bits - 1)).all())
         return self._symmetric
 
     @property
@@ -224,7 +258,7 @@ class PlainLayer:
         would wrap around."""
         import torch
 
-        if not self.zero.numel():
+        if self._zero is None or not self.zero.numel():  # packed zero points: `bits`-wide fields always fit
             return
         low, high = (int(v) for v in torch.aminmax(self.zero))
         top = (1 << self.bits) - 1
@@ -256,6 +290,14 @@ class PlainLayer:
         q = torch.empty_like(w.q)
         q[:, w.perm] = w.q
         return q, self.group_index()
+
+
+def _repeated_field(value: int, bits: int) -> int:
+    """An int32 word (signed, as torch compares it) holding ``value`` in each of its ``bits``-wide fields."""
+    word = 0
+    for k in range(32 // bits):
+        word |= value << (bits * k)
+    return word - (1 << 32) if word >= 1 << 31 else word
 
 
 @attrs.frozen

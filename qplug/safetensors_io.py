@@ -187,13 +187,23 @@ class SafetensorsFile:
         _, _, start, end = self._entry(name)
         return end - start
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        """Read tensor ``name`` into fresh memory (of exactly its validated byte count)."""
+    def get_tensor(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor ``name`` into fresh memory (of exactly its validated byte count).
+
+        :param into: memory to read it into instead, a contiguous uint8 CPU tensor of exactly
+            :meth:`nbytes` bytes (a reader recycling its buffers): the result is a view of it.
+        """
         import torch
 
         dtype_name, shape, start, end = self._entry(name)
         try:
-            out = _allocate(shape, _torch_dtype(dtype_name), end - start)
+            if into is None:
+                out = _allocate(shape, _torch_dtype(dtype_name), end - start)
+            else:
+                if into.dtype != torch.uint8 or into.numel() != end - start or not into.is_contiguous():
+                    raise ValueError(f"a buffer for {name!r} must be {end - start} contiguous uint8 bytes, got "
+                                     f"{into.numel()} {into.dtype}")
+                out = into.view(_torch_dtype(dtype_name)).view(shape)
         except RuntimeError as exc:  # e.g. an empty tensor whose shape torch cannot represent
             raise self._fail(f"torch cannot build shape {list(shape)}: {exc}", name) from None
         if end > start:

@@ -89,6 +89,39 @@ def test_symmetric_zero_points_and_layouts_without_packed_words():
     assert three_bit.packed_codes() is None and three_bit.symmetric
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_zero_points_handed_over_packed_read_as_the_unpacked_ones(bits):
+    """Packed along the output rows ([groups, out] words, GPTQ's qzeros layout): the same zero points, the
+    same symmetry, unpacked only when asked."""
+    per_word = 32 // bits
+    out_f = 2 * per_word
+    q = torch.randint(0, 1 << bits, (out_f, 64), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    scale, zero = _layer_parts(bits, out_f=out_f)
+    middle = torch.full_like(zero, 1 << (bits - 1))
+    for zeros, symmetric in ((zero, False), (middle, True)):
+        words = PackedCodes.pack(zeros.t().to(torch.uint8), bits)
+        layer = PlainLayer.from_packed(PackedCodes.pack(q, bits), scale, words, 16)
+        assert layer.packed_zeros() is words and layer.symmetric is symmetric
+        layer.check_zeros_fit("layer", "gptq")
+        assert torch.equal(layer.zero, zeros) and layer.zero.dtype == torch.int16
+        assert torch.equal(layer.weight.zero, zeros)
+    unpacked = PlainLayer.from_packed(PackedCodes.pack(q, bits), scale, zero, 16)
+    assert unpacked.packed_zeros() is None
+
+
+def test_packed_zero_points_of_the_wrong_shape_or_width_are_refused():
+    q = _codes(4)
+    scale, zero = _layer_parts(4, out_f=8)
+    codes = PackedCodes.pack(torch.cat([q, q[:2]]), 4)
+    with pytest.raises(ValueError, match="packed zero has shape"):
+        PlainLayer.from_packed(codes, scale, PackedCodes.pack(zero.t()[:2].to(torch.uint8), 4), 16)
+    with pytest.raises(ValueError, match="packed at 8 bits for 8 rows of 4-bit codes"):
+        PlainLayer.from_packed(codes, scale, PackedCodes.pack(zero.t().to(torch.uint8), 8), 16)
+    with pytest.raises(ValueError, match="whole words"):  # 6 rows fill no whole 4-bit word: padding fields
+        PlainLayer.from_packed(PackedCodes.pack(q, 4), scale[:6], PackedCodes(torch.zeros(4, 1, dtype=torch.int32), 4),
+                               16)
+
+
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 @pytest.mark.parametrize("shape", [(704, 64), (256, 88), (131, 45), (67, 129), (1, 4096), (4096, 1), (8, 8)])
 def test_the_tiled_transpose_is_torchs_transposed_copy_bit_for_bit(isa, shape, monkeypatch):

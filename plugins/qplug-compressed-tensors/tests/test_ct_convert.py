@@ -231,3 +231,20 @@ def test_shards_and_the_command_line(formats, tmp_path, capsys):
     assert main(["convert", str(int8), str(tmp_path / "no"), "--to", "gptq", "--format-option", "bitz=8"]) == 1
     assert "--format-option bitz: GPTQConfig has no field 'bitz' (did you mean 'bits'?)" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+def test_layers_large_enough_to_reuse_read_buffers_convert_bit_for_bit(tmp_path):
+    """Wider layers than the tiny Llama's: a conversion reads each layer into the memory of an earlier one it
+    has written (64 KiB and up, here 64-256 KiB: the embeddings' and every decoder layer's words), and GPTQ's
+    words are transposed in that memory. Through GPTQ v1 and v2 and back, every byte is compressed-tensors'
+    own, and the weights are the same in between."""
+    config = CompressedTensorsConfig(config_groups={"group_0": scheme_dict(4, symmetric=False, group_size=128)})
+    model = tiny_llama(seed=1, dtype=torch.float16, hidden_size=512, intermediate_size=1024, num_hidden_layers=3)
+    base = tmp_path / "ct"
+    qplug.save_quantized(qplug.quantize(model, config), base)
+    reference, _ = _weights(base)
+    for options in ({}, {"checkpoint_format": "gptq_v2"}):
+        gptq = convert(base, tmp_path / "gptq", to="gptq", **options)
+        weights, _ = _weights(gptq)
+        assert all(torch.equal(weights[n], reference[n]) for n in reference) and len(reference) == 21
+        _same_tensors(base, convert(gptq, tmp_path / "back", to="ct"))

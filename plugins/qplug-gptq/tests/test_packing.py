@@ -60,6 +60,24 @@ def test_zero_points_round_trip_including_zero(bits, fmt):
     assert torch.equal(packing.unpack_qzeros(stored, bits, fmt).long(), zeros)
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_zero_points_given_packed_give_the_same_qzeros(bits, fmt):
+    """Another format's packed zero points (PackedCodes of [groups, out], here a transposed view as
+    compressed-tensors' weight_zero_point is) become the qzeros the unpacked ones give, bit for bit."""
+    from qplug.plain_layers import PackedCodes
+
+    zeros = torch.randint(0, 2**bits, (3, 64), generator=torch.Generator().manual_seed(bits))
+    zeros[0] = torch.arange(64) % 2**bits  # 0, which v1 wraps around
+    zeros[1, 0] = 2**bits - 1
+    stored_by_rows = PackedCodes.pack(zeros.to(torch.uint8), bits).words.t().contiguous()  # [out words, groups]
+    packed = PackedCodes(stored_by_rows.t(), bits)
+    qzeros = packing.pack_qzeros(packed, bits, fmt)
+    assert qzeros.is_contiguous() and qzeros.data_ptr() != stored_by_rows.data_ptr()
+    assert torch.equal(qzeros, packing.pack_qzeros(zeros, bits, fmt))
+    assert torch.equal(stored_by_rows, PackedCodes.pack(zeros.to(torch.uint8), bits).words.t())  # left as it was
+
+
 def test_v1_stores_zero_minus_one_v2_the_zero():
     zeros = torch.full((1, 8), 8)
     assert int(packing.pack_qzeros(zeros, 4, "gptq")) == 0x77777777

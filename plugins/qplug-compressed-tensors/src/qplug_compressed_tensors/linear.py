@@ -324,14 +324,25 @@ class CompressedTensorsLinear(KernelLayer, nn.Module):
         q = q.contiguous() if perm is None else q.index_select(1, perm).contiguous()
         return int_kernels.IntWeight(q, scale, zero, self.bits, group, perm)
 
-    def int_weight_parts(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
-        """:meth:`int_weight` but its codes: ``(scale [out, groups], zero [out, groups], columns per group, perm)``."""
+    def int_weight_parts(self, *, zeros: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, int,
+                                                               torch.Tensor | None]:
+        """:meth:`int_weight` but its codes: ``(scale [out, groups], zero [out, groups], columns per group, perm)``;
+        ``zero`` is ``None`` when ``zeros`` is false (a caller taking them packed)."""
         perm = None
         g = getattr(self, "weight_g_idx", None)
         if g is not None:
             perm = int_kernels.plain_from_g_idx(g, self.group_size)
         group = self.in_features if self.group_size == -1 else self.group_size
-        return self.scales().contiguous(), self.zeros().contiguous(), group, perm
+        return self.scales().contiguous(), self.zeros().contiguous() if zeros else None, group, perm
+
+    def packed_zero_points(self) -> PackedCodes | None:
+        """``weight_zero_point`` as :class:`qplug.plain_layers.PackedCodes` of the zero points transposed
+        (``[groups, out]``, the same words seen transposed): for asymmetric ``pack-quantized`` group and channel
+        layers whose rows fill whole words, else ``None``."""
+        if (self.symmetric or self.format != "pack-quantized" or self.strategy == "tensor"
+                or self.out_features % (32 // self.bits)):
+            return None
+        return PackedCodes(self.weight_zero_point.t(), self.bits)
 
     def packed_codes(self) -> PackedCodes | None:
         """``weight_packed`` as :class:`qplug.plain_layers.PackedCodes` (the same words), ``None`` for the unpacked

@@ -188,7 +188,12 @@ def read_int_layer(config: CompressedTensorsConfig, name: str, module: Any):
     codes = module.packed_codes()
     if codes is None:
         return PlainLayer(module.int_weight(), module.bias, channelwise=channelwise)
-    scale, zero, group, perm = module.int_weight_parts()
+    packed_zeros = module.packed_zero_points()  # handed over packed: a target storing them so copies the words
+    if packed_zeros is None:
+        scale, zero, group, perm = module.int_weight_parts()
+    else:
+        scale, zero, group, perm = module.int_weight_parts(zeros=False)
+        zero = packed_zeros
     return PlainLayer.from_packed(codes, scale, zero, group, perm=perm, bias=module.bias, channelwise=channelwise)
 
 

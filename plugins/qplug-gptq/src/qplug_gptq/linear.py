@@ -145,7 +145,7 @@ class GPTQLinear(KernelLayer, nn.Module):
     def from_packed(
         cls,
         codes: PackedCodes,
-        zeros: torch.Tensor,
+        zeros: torch.Tensor | PackedCodes,
         scales: torch.Tensor,
         g_idx: torch.Tensor,
         *,
@@ -159,6 +159,8 @@ class GPTQLinear(KernelLayer, nn.Module):
     ) -> GPTQLinear:
         """Build from packed codes (:class:`qplug.plain_layers.PackedCodes`, checkpoint column order):
         ``qweight`` is their words transposed, the same fields packed along ``in``, lowest bits first.
+        ``zeros``: ``[groups, out]``, or packed as ``qzeros`` packs them (:class:`~qplug.plain_layers.PackedCodes`
+        of ``[groups, out]``, the stored convention applied to their words by :func:`packing.pack_qzeros`).
         ``in_place``: transposed in the words' own memory (they are the caller's to overwrite)."""
         return cls._from_qweight(codes.transposed_words(in_place=in_place), codes.in_features, codes.out_features,
                                  zeros, scales, g_idx, bits=codes.bits, group_size=group_size, bias=bias,

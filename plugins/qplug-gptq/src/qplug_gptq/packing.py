@@ -28,9 +28,14 @@ and no reader can recover it (the well-known reason ``gptq_v2`` exists).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from qplug.errors import IncompatibleModelError
+
+if TYPE_CHECKING:
+    from qplug.plain_layers import PackedCodes
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
@@ -160,10 +165,16 @@ def zeros_from_stored(stored: torch.Tensor, bits: int, checkpoint_format: str = 
     return (stored + 1) % (2**bits) if checkpoint_format == "gptq" else stored
 
 
-def pack_qzeros(zeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
-    """``[groups, out]`` integer zero points -> ``qzeros`` int32 ``[groups, out*bits/32]``."""
+def pack_qzeros(zeros: torch.Tensor | PackedCodes, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
+    """``[groups, out]`` integer zero points -> ``qzeros`` int32 ``[groups, out*bits/32]``.
+
+    ``zeros`` may come packed already (:class:`qplug.plain_layers.PackedCodes` of ``[groups, out]``, another
+    format's stored words): then only the checkpoint format's convention is applied, field by field.
+    """
     from qplug.plain_layers import PackedCodes
 
+    if isinstance(zeros, PackedCodes):
+        return _qzeros_from_words(zeros, bits, checkpoint_format)
     if bits not in PackedCodes.BITS or zeros.dtype.is_floating_point or zeros.shape[-1] % (32 // bits):
         return pack(zeros_to_stored(zeros, bits, checkpoint_format), bits, dim=1)
     # 2, 4 and 8 bits: whole fields per byte, packed from bytes (the same words as the bit stream, a few
@@ -179,6 +190,27 @@ def pack_qzeros(zeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq")
     else:
         raise ValueError(f"checkpoint_format={checkpoint_format!r}; accepted values: {list(FORMATS)}")
     return PackedCodes.pack(stored.to(torch.uint8), bits).words
+
+
+def _qzeros_from_words(zeros: PackedCodes, bits: int, checkpoint_format: str) -> torch.Tensor:
+    """:func:`pack_qzeros` of packed zero points: the same words (``gptq_v2``), or each field minus one modulo
+    ``2**bits`` (``gptq``), computed byte by byte (fields of 2, 4 and 8 bits never straddle a byte)."""
+    if zeros.bits != bits:
+        raise ValueError(f"{zeros.bits}-bit packed zero points for {bits}-bit qzeros")
+    if checkpoint_format not in FORMATS:
+        raise ValueError(f"checkpoint_format={checkpoint_format!r}; accepted values: {list(FORMATS)}")
+    words = zeros.contiguous_words()
+    if checkpoint_format == "gptq_v2":
+        return words.clone() if words is zeros.words else words  # never the source's own tensor
+    data = words.reshape(-1).view(torch.uint8)
+    if bits == 8:
+        stored = data - 1  # uint8 wraps: modulo 256
+    else:
+        mask = 2**bits - 1
+        stored = torch.zeros_like(data)
+        for k in range(8 // bits):
+            stored |= ((((data >> (bits * k)) & mask) + mask) & mask) << (bits * k)  # + (2**bits - 1): minus one
+    return stored.view(torch.int32).view(words.shape)
 
 
 def unpack_qzeros(qzeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:

@@ -394,8 +394,9 @@ def write_int_layer(config, name, layer):
               "sym": layer.symmetric, "dtype": layer.scale.dtype}
     codes = layer.packed_codes()
     if codes is not None:
-        module = GPTQLinear.from_packed(codes, layer.zero.t(), layer.scale.t(), g_idx, in_place=layer.reusable,
-                                        **common)
+        zeros = layer.packed_zeros()  # qzeros' own layout where the source stored them so: repacked as words
+        module = GPTQLinear.from_packed(codes, layer.zero.t() if zeros is None else zeros, layer.scale.t(), g_idx,
+                                        in_place=layer.reusable, **common)
     else:
         module = GPTQLinear.from_integers(layer.checkpoint_order()[0].t(), layer.zero.t(), layer.scale.t(), g_idx,
                                           bits=layer.bits, **common)
