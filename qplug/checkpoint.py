@@ -142,6 +142,9 @@ def write_checkpoint(
             with ShardWriter(staging, max_shard_size=max_shard_size, metadata=meta) as writer:
                 for name, tensor in items:
                     writer.add(name, tensor)
+                    # dropped before the next is asked for: a generator may take long producing it
+                    # (a block quantized from disk), with this one held for nothing in the meantime
+                    del tensor
                 writer.finish()
             saving.advance()
             write_model_config(staging, config() if callable(config) else config)

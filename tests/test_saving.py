@@ -146,3 +146,28 @@ def test_saved_checkpoints_get_ordinary_modes(int8_plugin, tmp_path):
         assert stat.S_IMODE((tmp_path / "q.json").stat().st_mode) == 0o640
     finally:
         os.umask(old_umask)
+
+
+def test_a_streamed_tensor_is_dropped_before_the_next_is_asked_for(tmp_path):
+    # quantize_checkpoint hands write_checkpoint a generator that quantizes a whole block to produce
+    # the next tensor: the previous one (the embeddings, 0.13 GB at TinyLlama's size) must not be held
+    # through that
+    import weakref
+
+    from safetensors.torch import load_file
+
+    from qplug.checkpoint import write_checkpoint
+
+    handed: list[weakref.ref] = []
+
+    def produce():
+        for index in range(3):
+            assert all(ref() is None for ref in handed), "write_checkpoint still holds an earlier tensor"
+            tensor = torch.full((4, 4), float(index))
+            handed.append(weakref.ref(tensor))
+            yield f"t{index}", tensor
+            del tensor
+
+    write_checkpoint(tmp_path / "out", produce(), {"model_type": "llama"})
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert [float(written[f"t{i}"][0, 0]) for i in range(3)] == [0.0, 1.0, 2.0]

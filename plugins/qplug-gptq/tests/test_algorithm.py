@@ -47,7 +47,7 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output(bits, desc_act):
 def test_result_is_self_consistent():
     w, x = _layer_and_inputs()
     res = _quantized(w, x, bits=4, group_size=32, desc_act=True, sym=False)
-    assert res.intweight.shape == (128, 64) and res.intweight.dtype == torch.int32
+    assert res.intweight.shape == (128, 64) and res.intweight.dtype == torch.uint8
     assert res.scales.shape == (4, 64) and res.zeros.shape == (4, 64)
     assert 0 <= int(res.intweight.min()) and int(res.intweight.max()) <= 15
     g = res.g_idx.long()
@@ -91,3 +91,62 @@ def test_errors_name_the_layer():
         layer.add_batch(torch.randn(1, 3, 7))
 
 
+
+
+def _reference_gptq(w, x, *, bits, group_size, desc_act, static_groups, damp=0.1, blocksize=128):
+    """GPTQ written out plainly, as the reference implementation does it, whole float32 matrices
+    throughout: what :meth:`LayerGPTQ.quantize` must match exactly however it saves memory."""
+    layer = LayerGPTQ(w, "ref")
+    for chunk in x.split(64):
+        layer.add_batch(chunk.unsqueeze(0))
+    H, maxq, cols = layer.H.clone(), 2**bits - 1, w.shape[1]
+    W = w.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static = [find_params(W[:, c : c + group_size], bits, True) for c in range(0, cols, group_size)]
+    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H[range(cols), range(cols)] += damp * torch.mean(torch.diag(H))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q, Qint = torch.zeros_like(W), torch.zeros_like(W)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
+        grid = []
+        for c in range(i1, i2):  # a group's grid from W as the earlier blocks left it
+            if static_groups:
+                params = static[int(perm[c]) // group_size]
+            elif c % group_size == 0:
+                params = find_params(W[:, c : c + group_size], bits, True)
+            grid.append(params)
+        for i in range(i2 - i1):
+            scale, zero = grid[i]
+            qi = quantize_column(W1[:, i], scale, zero, maxq)
+            q = scale * (qi - zero)
+            err = (W1[:, i] - q) / Hinv[i1 + i, i1 + i]
+            W1[:, i + 1 :] -= err[:, None] * Hinv[i1 + i, i1 + i + 1 : i2][None, :]
+            Q[:, i1 + i], Qint[:, i1 + i], Err1[:, i] = q, qi, err
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    inv = torch.argsort(perm)
+    return Qint[:, inv].t(), Q[:, inv]
+
+
+@pytest.mark.parametrize(("bits", "desc_act", "static_groups"),
+                         [(4, False, False), (3, True, False), (4, True, True), (8, False, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_match_the_plain_algorithm_exactly(bits, desc_act, static_groups, dtype):
+    # 320 columns: three column blocks, the last one short; 160 rows: groups of 64 straddle blocks
+    w, x = _layer_and_inputs(inf=320, outf=160, n=512)
+    w = w.to(dtype)
+    x[:, 7] = 0  # a dead input channel
+    codes, dequantized = _reference_gptq(w, x, bits=bits, group_size=64, desc_act=desc_act,
+                                         static_groups=static_groups)
+    layer = LayerGPTQ(w, "layer")
+    for chunk in x.split(64):
+        layer.add_batch(chunk.unsqueeze(0))
+    res = layer.quantize(bits=bits, group_size=64, desc_act=desc_act, static_groups=static_groups,
+                         weight_dtype=dtype)
+    assert res.intweight.dtype == torch.uint8 and torch.equal(res.intweight.long(), codes.long())
+    # the dequantized weight in the layer's dtype: the float32 result rounded once, element by element
+    assert res.weight.dtype == dtype and torch.equal(res.weight, dequantized.to(dtype))

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from qplug.blocks import BlockCall, capture_first_block, find_blocks
+from qplug.memory import release_freed_memory
 from qplug.progress import track
 
 
@@ -100,11 +101,13 @@ class GPTQSettings:
 class QuantizedWeight:
     """Result for one layer, in the orientation of the checkpoint tensors."""
 
-    intweight: torch.Tensor  # int32 [in, out]
+    intweight: torch.Tensor  # uint8 [in, out]: the transposed view of codes stored [out, in]
     zeros: torch.Tensor  # int32 [groups, out]
     scales: torch.Tensor  # float32 [groups, out]
     g_idx: torch.Tensor  # int32 [in]
-    weight: torch.Tensor  # float32 [out, in], dequantized (computed with float32 scales)
+    # [out, in], dequantized (computed with float32 scales) in the ``weight_dtype`` asked for; None
+    # once :func:`quantize_block` has put it into its layer (the results then hold the codes alone)
+    weight: torch.Tensor | None
     loss: float  # sum of the per-column losses / n_samples
 
 
@@ -146,11 +149,18 @@ class LayerGPTQ:
         static_groups: bool = False,
         sym: bool = True,
         blocksize: int = 128,
+        weight_dtype: torch.dtype = torch.float32,
     ) -> QuantizedWeight:
+        """GPTQ on the accumulated Hessian; the dequantized weight comes back in ``weight_dtype``.
+
+        Memory: besides the float32 working copy of the weight, only what the result needs is
+        kept whole (the codes as uint8, the dequantized weight already in ``weight_dtype``), and
+        the Hessian, its Cholesky factor and the inverse each go as soon as the next is made (for a
+        5632-wide input, 127 MB each): at most two of them are alive at once."""
         if self.nsamples == 0:
             raise RuntimeError(f"{self.name}: no calibration data reached this layer; cannot run GPTQ")
         maxq = 2**bits - 1
-        W = self.weight.detach().clone().float()
+        W = self.weight.detach().to(torch.float32, copy=True)
         H = self.H
         self.H = None  # free early; a LayerGPTQ quantizes once
         dead = torch.diag(H) == 0
@@ -179,11 +189,16 @@ class LayerGPTQ:
                 f"{self.name}: the damped Hessian is not positive definite; raise damp_percent "
                 f"(now {damp_percent}) or use more calibration data"
             ) from exc
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        del H  # each of H, L, H^-1 and its factor is dropped once the next is made
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        Hinv = torch.linalg.cholesky(Hinv, upper=True)
 
-        Q = torch.zeros_like(W)
-        Qint = torch.zeros_like(W)
-        losses = torch.zeros_like(W)
+        # Only what the result keeps: the dequantized weight in the layer's dtype (the same bytes as
+        # rounding a float32 matrix at the end), and the codes, integers in [0, maxq], as uint8.
+        Q = torch.empty(W.shape, dtype=weight_dtype, device=W.device)
+        Qint = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
+        loss = torch.zeros((), dtype=torch.float64, device=W.device)
         scales: list[torch.Tensor] = []
         zeros: list[torch.Tensor] = []
         params: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -231,7 +246,7 @@ class LayerGPTQ:
                     # the error onto the block's later columns; the column itself is done with
                     W1[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * err)
             # the losses (w - q)**2 / d**2 at once; the same per-element steps as one column at a time
-            losses[:, i1:i2] = (Diff1**2 / (diag**2)[:, None]).t()
+            loss += (Diff1**2 / (diag**2)[:, None]).sum(dtype=torch.float64)
             Q[:, i1:i2] = Q1.t()
             Qint[:, i1:i2] = Qint1.t()
             W[:, i2:] -= Err1.t().contiguous().matmul(Hinv[i1:i2, i2:])
@@ -249,12 +264,12 @@ class LayerGPTQ:
             Qint = Qint[:, invperm]
             g_idx = g_idx[invperm]
         return QuantizedWeight(
-            intweight=Qint.t().to(torch.int32).contiguous(),
+            intweight=Qint.t(),
             zeros=torch.stack(zeros, dim=0).to(torch.int32),
             scales=torch.stack(scales, dim=0).float(),
             g_idx=g_idx.contiguous(),
             weight=Q,
-            loss=float(losses.sum() / 2 / self.nsamples),
+            loss=float(loss / 2 / self.nsamples),
         )
 
 
@@ -338,6 +353,10 @@ def _quantize_group(
 
     hooks = [layers[n].register_forward_pre_hook(lambda m, args, _n=n: feed(m, args, _n)) for n in names]
     hooks.append(owner.register_forward_pre_hook(lambda *_: fed.clear()))  # a new call: no layer fed yet
+    # The forward passes and each layer's step free many blocks of up to 32 MiB, which glibc keeps
+    # resident (0.16 GiB of them before a TinyLlama-shaped down_proj); handed back before each
+    # step, they do not add up to the peak, which these steps make.
+    release_freed_memory()
     try:
         run()
     finally:
@@ -345,9 +364,13 @@ def _quantize_group(
             h.remove()
     results = {}
     for n in names:
-        res = states[n].quantize(**settings.for_layer((per_module or {}).get(n)))
         lin = layers[n]
-        lin.weight.data = res.weight.to(lin.weight.dtype)
+        release_freed_memory()
+        # a layer's result goes into the block as soon as it is made, in the layer's own dtype, so that
+        # the results of a block's finished layers hold their uint8 codes alone (not a float copy)
+        res = states.pop(n).quantize(**settings.for_layer((per_module or {}).get(n)), weight_dtype=lin.weight.dtype)
+        lin.weight.data = res.weight
+        res.weight = None
         results[n] = res
     return results
 
