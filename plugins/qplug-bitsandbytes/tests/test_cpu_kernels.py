@@ -263,7 +263,10 @@ EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 70),
-    k=st.integers(1, 300),
+    # from 2: with one input feature and several outputs, bitsandbytes 0.50.2's own CPU forward returns garbage
+    # (1100 for a product of -0.0115, a different value each call; measured on an AVX-512 Zen 4) while ours gives
+    # the product
+    k=st.integers(2, 300),
     dtype=st.sampled_from(DTYPES),
     rows=st.integers(1, 4),
     isa=st.sampled_from(["portable", "avx2", "avx512"]),
