@@ -158,6 +158,25 @@ QPLUG_INLINE void store_scalar(float v, int dtype, void *out, int64_t o) {
 }
 
 #if QPLUG_X86
+/* 16 floats to bfloat16, rounded as torch's .to(bfloat16) does (nearest even, NaN kept quiet). Built for a CPU
+ * with AVX512-BF16 (-march=native), the conversion instruction does it in one step for every value but NaN and
+ * denormals (it flushes those to zero): they are checked for and rare, and take the integer rounding. The
+ * tiles of a bfloat16 prefill are dequantized through here; the integer rounding took half the time. */
+QPLUG_AVX512 QPLUG_INLINE void store16_bf16_avx512(__m512 f, uint16_t *out) {
+#ifdef __AVX512BF16__
+    if (!_mm512_fpclass_ps_mask(f, 0xa1)) { /* 0x01 quiet NaN, 0x20 denormal, 0x80 signalling NaN */
+        _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(f));
+        return;
+    }
+#endif
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(r));
+}
+
 /* 32 elements (16 bytes of codes) from element e (a multiple of 32), AVX-512. */
 QPLUG_AVX512 QPLUG_INLINE void dequant32_avx512(const uint8_t *p, __m512 lut, int dtype, void *out, int64_t o) {
     const __m128i bytes = _mm_loadu_si128((const __m128i *)p);
@@ -170,12 +189,7 @@ QPLUG_AVX512 QPLUG_INLINE void dequant32_avx512(const uint8_t *p, __m512 lut, in
         if (dtype == QPLUG_FLOAT32) {
             _mm512_storeu_ps((float *)out + o + 16 * h, f[h]);
         } else if (dtype == QPLUG_BFLOAT16) {
-            const __m512i u = _mm512_castps_si512(f[h]);
-            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-            __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-            const __mmask16 nan = _mm512_cmp_ps_mask(f[h], f[h], _CMP_UNORD_Q);
-            r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-            _mm256_storeu_si256((__m256i *)((uint16_t *)out + o + 16 * h), _mm512_cvtepi32_epi16(r));
+            store16_bf16_avx512(f[h], (uint16_t *)out + o + 16 * h);
         } else {
             _mm256_storeu_si256((__m256i *)((uint16_t *)out + o + 16 * h),
                                 _mm512_cvtps_ph(f[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -868,12 +882,7 @@ QPLUG_AVX512 QPLUG_INLINE void store16_avx512(__m512 f, int dtype, void *out, in
     if (dtype == QPLUG_FLOAT32) {
         _mm512_storeu_ps((float *)out + o, f);
     } else if (dtype == QPLUG_BFLOAT16) {
-        const __m512i u = _mm512_castps_si512(f);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-        const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
-        r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + o), _mm512_cvtepi32_epi16(r));
+        store16_bf16_avx512(f, (uint16_t *)out + o);
     } else {
         _mm256_storeu_si256((__m256i *)((uint16_t *)out + o),
                             _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

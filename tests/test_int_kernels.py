@@ -268,6 +268,17 @@ def test_the_tile_dequantizers_give_the_reference_values_on_every_isa(isa, monke
             out = torch.empty(40 * k, dtype=dtype)
             int_kernels.dequantize_int8_rows(codes, gs, s, z, 17, 40, out)  # rows 17..56
             assert torch.equal(out.view(40, k), want[17:57].to(dtype))
+    # the values a one-step bfloat16 conversion would get wrong (denormals flushed, NaN): rounded as torch rounds
+    # them, bit for bit, beside ordinary ones (a NaN stays NaN; torch's own paths differ in its payload)
+    special = scale.clone()
+    special[17:57:3] = torch.tensor([1e-40, float("nan"), -3e-39, float("inf")]).repeat(4)[: len(range(17, 57, 3))][:, None]
+    want = codes.float().view(n, -1, group).sub(zero[:, :, None]).mul(special[:, :, None]).view(n, k)
+    out = torch.empty(40 * k, dtype=torch.bfloat16)
+    int_kernels.dequantize_int8_rows(codes, group, special, zero, 17, 40, out)
+    got, want = out.view(40, k), want[17:57].bfloat16()
+    nan = want.isnan()
+    assert 0 < int(nan.sum()) < nan.numel() and torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
     # torch's CPU int4 packing, transposed tiles: (q - 8) * scale + zero with torch's bfloat16 scales and zeros
     q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
     w = IntWeight(q=q.byte(), scale=torch.rand(n, k // group, generator=gen),
