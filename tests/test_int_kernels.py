@@ -271,7 +271,8 @@ def test_the_tile_dequantizers_give_the_reference_values_on_every_isa(isa, monke
     # the values a one-step bfloat16 conversion would get wrong (denormals flushed, NaN): rounded as torch rounds
     # them, bit for bit, beside ordinary ones (a NaN stays NaN; torch's own paths differ in its payload)
     special = scale.clone()
-    special[17:57:3] = torch.tensor([1e-40, float("nan"), -3e-39, float("inf")]).repeat(4)[: len(range(17, 57, 3))][:, None]
+    odd_values = torch.tensor([1e-40, float("nan"), -3e-39, float("inf")])
+    special[17:57:3] = odd_values.repeat(4)[: len(range(17, 57, 3))][:, None]
     want = codes.float().view(n, -1, group).sub(zero[:, :, None]).mul(special[:, :, None]).view(n, k)
     out = torch.empty(40 * k, dtype=torch.bfloat16)
     int_kernels.dequantize_int8_rows(codes, group, special, zero, 17, 40, out)
