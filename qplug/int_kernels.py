@@ -236,8 +236,24 @@ def _tinygemm_cpu_refuses(layer, device: torch.device, dtype: torch.dtype) -> st
 def _tinygemm_cpu_prepare(layer, device, dtype):
     w = layer.int_weight()
     tiny = _tinygemm_group(layer)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 8)
+    packed = _int4pack_cpu(w.q)
     return packed, tiny, _tinygemm_scales_and_zeros(w, tiny), w.perm, _bias(layer, torch.bfloat16)
+
+
+def _int4pack_cpu(q: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4 packing (``_convert_weight_to_int4pack_for_cpu``, 8 inner k-tiles) of uint8 codes
+    ``[n, k]``, bit for bit.
+
+    Where :func:`_int4pack_cpu_tiles` knows the layout (whole blocks, low nibbles the first half of a block's
+    rows), the bytes are put together here: one OR of the two halves and one transposing copy, against torch's
+    packer, which also wants the codes as int32 (4 bytes each). The 1.1B GPTQ model's layouts took 4.0 s to
+    build at its first forward, 1.2 s of it torch's packer and most of 0.8 s the int32 copies (Zen 4)."""
+    n, k = q.shape
+    block = _int4pack_cpu_tiles(n)
+    if not block or k % 2:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
+    halves = q.contiguous().view(n // block, 2, block // 2, k)
+    return (halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
 
 
 # Above this many input rows the tiles of qplug.blocked beat torch's op (measured on a 5632x2048 layer, Zen 5,

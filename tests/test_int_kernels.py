@@ -298,6 +298,14 @@ def test_the_tile_dequantizers_give_the_reference_values_on_every_isa(isa, monke
     torch.testing.assert_close(out.view(k, rows).t(), want[block:3 * block], rtol=2**-23, atol=2**-20)
 
 
+@pytest.mark.parametrize("n", [16, 48, 64, 96, 128, 320])  # whole blocks of 32 or 64 rows, and not
+def test_the_int4_packing_qplug_builds_is_torchs_byte_for_byte(n):
+    q = torch.randint(0, 16, (n, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
+    ours = int_kernels._int4pack_cpu(q)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("batch", [17, 40, 128])  # from 17 rows: tiles dequantized from torch's packing
 def test_tinygemm_cpu_prefill_takes_tiles_of_its_own_packing(batch):
     layer = make_layer(128, 256, 4, 64, act_order=True, sym=False, seed=batch)
