@@ -1,7 +1,8 @@
 """C kernels built on the user's machine: compiled once, cached on disk, loaded with :mod:`ctypes`.
 
 A :class:`NativeLibrary` is one C source file shipped inside a package. At first use it is compiled
-by the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; well under a second) into
+by the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; about 2 s for ``cpu_kernels.c`` at -O3 on a
+2-vCPU Zen 4, measured) into
 ``$QPLUG_CACHE_DIR`` (default ``$XDG_CACHE_HOME/qplug`` or ``~/.cache/qplug``), keyed by the
 source, the compiler, its flags and the CPU, and written atomically; later processes load the
 cached library in milliseconds. Without a compiler, or when the build or the load fails,
