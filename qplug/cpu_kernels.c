@@ -1323,6 +1323,38 @@ int qplug_transpose32(int isa, const uint32_t *src, int64_t rows, int64_t cols, 
     return 0;
 }
 
+/* ---- Nibbles to bytes: dst[2i] = src[i] & 15, dst[2i + 1] = src[i] >> 4 (low nibble first, the order GPTQ,
+ * compressed-tensors and torch's codes use). Unpacking a 4-bit layer's codes for its kernel layout with torch
+ * (two masks and an interleaving stack) took most of a GPTQ layout's build. */
+#if QPLUG_X86
+QPLUG_AVX2 static int64_t unpack_nibbles_avx2(const uint8_t *src, int64_t n, uint8_t *dst) {
+    const __m256i mask = _mm256_set1_epi8(15);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(src + i));
+        const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        /* per 128-bit lane: bytes 0-7 (unpacklo) and 8-15 (unpackhi) with their nibbles interleaved */
+        const __m256i a = _mm256_unpacklo_epi8(lo, hi), c = _mm256_unpackhi_epi8(lo, hi);
+        _mm256_storeu_si256((__m256i *)(dst + 2 * i), _mm256_permute2x128_si256(a, c, 0x20));
+        _mm256_storeu_si256((__m256i *)(dst + 2 * i + 32), _mm256_permute2x128_si256(a, c, 0x31));
+    }
+    return i;
+}
+#endif
+
+int qplug_unpack_nibbles(int isa, const uint8_t *src, int64_t n, uint8_t *dst) {
+    if (n < 0) return 1;
+    int64_t i = 0;
+#if QPLUG_X86
+    if (isa >= QPLUG_ISA_AVX2) i = unpack_nibbles_avx2(src, n, dst);
+#endif
+    for (; i < n; i++) {
+        dst[2 * i] = src[i] & 15;
+        dst[2 * i + 1] = src[i] >> 4;
+    }
+    return 0;
+}
+
 /* ---- Parallel entry points: the same kernels over `threads` contiguous ranges of output rows (or
  * elements), on the process's OpenMP pool. Built with -fopenmp, this library resolves libgomp to the
  * copy torch has already loaded, so the ranges run on torch's own worker threads, which are still

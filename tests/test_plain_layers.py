@@ -151,6 +151,22 @@ def test_the_tiled_transpose_is_torchs_transposed_copy_bit_for_bit(isa, shape, m
     assert native.transposed(words.t()).data_ptr() == words.data_ptr()
 
 
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("shape", [(5, 77), (3, 32), (1, 1), (64, 256)])
+def test_nibbles_unpack_low_first_on_every_path(isa, shape, monkeypatch):
+    from qplug import native
+
+    if isa not in cpu_paths():
+        pytest.skip(f"this CPU (or build) does not run the {isa} path")
+    monkeypatch.setenv(native.ISA_ENV_VAR, isa)
+    packed = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(shape[1]))
+    want = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(shape[0], -1)
+    assert torch.equal(native.unpacked_nibbles(packed), want)
+    assert torch.equal(native.unpacked_nibbles(packed[:, 1:]), want[:, 2:])  # strided: torch's own path
+    with pytest.raises(TypeError, match="uint8"):
+        native.unpacked_nibbles(packed.to(torch.int16))
+
+
 def test_gptq_words_are_the_transposed_words_of_the_same_codes():
     q = _codes(4, out_f=40, in_f=256)
     packed = PackedCodes.pack(q, 4)

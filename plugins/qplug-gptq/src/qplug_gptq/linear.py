@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from qplug import int_kernels
+from qplug import int_kernels, native
 from qplug.errors import CheckpointError, IncompatibleModelError
 from qplug.kernels import KernelLayer
 from qplug.plain_layers import PackedCodes
@@ -37,6 +37,11 @@ def _codes_out_in(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     rows, out_f = qweight.shape
     if bits not in (4, 8) or not qweight.is_contiguous():
         return packing.unpack_qweight(qweight, bits).to(torch.uint8).t()
+    if bits == 4 and qweight.device.type == "cpu":
+        # the words transposed by tiles, then each byte's nibbles in C: 3x faster than torch's strided ops,
+        # most of a 4-bit layout's build at load
+        words = native.transposed(qweight).reshape(-1).view(out_f, rows)  # plain strides, also for one row
+        return native.unpacked_nibbles(words.view(torch.uint8))
     # little-endian words: byte k of word (r, o) holds input rows r*per + k*(8/bits) ... (low nibble first)
     b = qweight.view(torch.uint8).view(rows, out_f, 4).permute(1, 0, 2)  # [out, rows, 4]
     if bits == 8:
