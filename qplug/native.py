@@ -173,6 +173,8 @@ def _declare_cpu_kernels(lib: ctypes.CDLL) -> None:
     lib.qplug_transpose32.argtypes = [c_int, ptr, i64, i64, i64, ptr]
     lib.qplug_unpack_nibbles.restype = c_int
     lib.qplug_unpack_nibbles.argtypes = [c_int, ptr, i64, ptr]
+    lib.qplug_unpack_nibbles_permuted.restype = c_int
+    lib.qplug_unpack_nibbles_permuted.argtypes = [ptr, i64, i64, ptr, i64, ptr]
     # the same kernels over `threads` ranges on the OpenMP pool: (isa, threads, <the rest>)
     for name in ("qplug_gemv_4bit", "qplug_gemv_int8", "qplug_gemv_int8_grouped", "qplug_gemv_w4a8",
                  "qplug_gemv_llm_int8"):
@@ -290,8 +292,9 @@ def transposed(tensor: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
     return tensor.view(cols, rows)
 
 
-def unpacked_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[..., n]`` -> uint8 ``[..., 2 n]``: each byte's low nibble, then its high one.
+def unpacked_nibbles(packed: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 ``[..., n]`` -> uint8 ``[..., 2 n]``: each byte's low nibble, then its high one; with ``perm``
+    (int64 ``[k]``), each row's codes in that order instead (``[..., k]``: ``unpacked[..., perm]``).
 
     In :data:`CPU_KERNELS` for a contiguous CPU tensor (SIMD where the CPU has it; a 5632x2048 layer's codes
     in about a millisecond), else with torch's operations.
@@ -301,10 +304,20 @@ def unpacked_nibbles(packed: torch.Tensor) -> torch.Tensor:
     lib = CPU_KERNELS.get()
     path = isa()[0] if lib is not None else None
     if path is None or packed.device.type != "cpu" or not packed.is_contiguous():
-        return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
-    out = torch.empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=torch.uint8)
-    if lib.qplug_unpack_nibbles(ISAS[path], packed.data_ptr(), packed.numel(), out.data_ptr()):
-        raise RuntimeError(f"qplug_unpack_nibbles refused {packed.numel()} bytes")
+        codes = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+        return codes if perm is None else codes.index_select(-1, perm.to(codes.device))
+    if perm is None:
+        out = torch.empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=torch.uint8)
+        status = lib.qplug_unpack_nibbles(ISAS[path], packed.data_ptr(), packed.numel(), out.data_ptr())
+    else:
+        order = perm.to(torch.int64).contiguous()
+        out = torch.empty(*packed.shape[:-1], order.numel(), dtype=torch.uint8)
+        row_bytes = packed.shape[-1]
+        status = lib.qplug_unpack_nibbles_permuted(packed.data_ptr(), packed.numel() // max(row_bytes, 1), row_bytes,
+                                                   order.data_ptr(), order.numel(), out.data_ptr())
+    if status:
+        raise ValueError(f"qplug_unpack_nibbles refused {tuple(packed.shape)} bytes"
+                         + ("" if perm is None else f" with an order of {perm.numel()} codes outside its rows"))
     return out
 
 

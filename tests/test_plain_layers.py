@@ -163,6 +163,13 @@ def test_nibbles_unpack_low_first_on_every_path(isa, shape, monkeypatch):
     want = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(shape[0], -1)
     assert torch.equal(native.unpacked_nibbles(packed), want)
     assert torch.equal(native.unpacked_nibbles(packed[:, 1:]), want[:, 2:])  # strided: torch's own path
+    # in a given order (act-order's run-time columns), repeats and all, from both paths
+    order = torch.randint(0, want.shape[1], (want.shape[1] + 3,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(native.unpacked_nibbles(packed, order), want[:, order])
+    assert torch.equal(native.unpacked_nibbles(packed[:, 1:], order[order < want.shape[1] - 2]),
+                       want[:, 2:][:, order[order < want.shape[1] - 2]])
+    with pytest.raises(ValueError, match="outside its rows"):
+        native.unpacked_nibbles(packed, torch.tensor([2 * shape[1]]))
     with pytest.raises(TypeError, match="uint8"):
         native.unpacked_nibbles(packed.to(torch.int16))
 

@@ -32,21 +32,22 @@ from qplug.plain_layers import PackedCodes
 from . import packing
 
 
-def _codes_out_in(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """``qweight`` -> uint8 codes ``[out, in]``: for 4 and 8 bits straight from its bytes (a few times faster)."""
+def _codes_out_in(qweight: torch.Tensor, bits: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``qweight`` -> uint8 codes ``[out, in]`` (their columns in ``perm``'s order when given): for 4 and 8 bits
+    straight from its bytes (a few times faster)."""
     rows, out_f = qweight.shape
-    if bits not in (4, 8) or not qweight.is_contiguous():
-        return packing.unpack_qweight(qweight, bits).to(torch.uint8).t()
-    if bits == 4 and qweight.device.type == "cpu":
-        # the words transposed by tiles, then each byte's nibbles in C: 3x faster than torch's strided ops,
-        # most of a 4-bit layout's build at load
+    if bits == 4 and qweight.is_contiguous() and qweight.device.type == "cpu":
+        # the words transposed by tiles, then each byte's nibbles in C (in perm's order, in the same pass): 3x
+        # faster than torch's strided ops, and act-order's index_select of single bytes was slower still
         words = native.transposed(qweight).reshape(-1).view(out_f, rows)  # plain strides, also for one row
-        return native.unpacked_nibbles(words.view(torch.uint8))
-    # little-endian words: byte k of word (r, o) holds input rows r*per + k*(8/bits) ... (low nibble first)
-    b = qweight.view(torch.uint8).view(rows, out_f, 4).permute(1, 0, 2)  # [out, rows, 4]
-    if bits == 8:
-        return b.reshape(out_f, rows * 4)
-    return torch.stack((b & 15, b >> 4), dim=-1).reshape(out_f, rows * 8)
+        return native.unpacked_nibbles(words.view(torch.uint8), perm)
+    if bits not in (4, 8) or not qweight.is_contiguous():
+        q = packing.unpack_qweight(qweight, bits).to(torch.uint8).t()
+    else:
+        # little-endian words: byte k of word (r, o) holds input rows r*per + k*(8/bits) ... (low nibble first)
+        b = qweight.view(torch.uint8).view(rows, out_f, 4).permute(1, 0, 2)  # [out, rows, 4]
+        q = b.reshape(out_f, rows * 4) if bits == 8 else torch.stack((b & 15, b >> 4), dim=-1).reshape(out_f, rows * 8)
+    return q if perm is None else q.index_select(1, perm)
 
 
 def _qweight_from_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -305,9 +306,8 @@ class GPTQLinear(KernelLayer, nn.Module):
 
     def int_weight(self) -> int_kernels.IntWeight:
         """The plain integer form the kernels build their layouts from (new tensors, same device)."""
-        q = _codes_out_in(self.qweight, self.bits)  # [out, in] uint8
         scale, zero, group, perm = self.int_weight_parts()
-        q = q.contiguous() if perm is None else q.index_select(1, perm).contiguous()
+        q = _codes_out_in(self.qweight, self.bits, perm).contiguous()  # [out, in] uint8, run-time column order
         return int_kernels.IntWeight(q, scale, zero, self.bits, group, perm)
 
     def int_weight_parts(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
