@@ -36,10 +36,14 @@ def _codes_out_in(qweight: torch.Tensor, bits: int, perm: torch.Tensor | None = 
     """``qweight`` -> uint8 codes ``[out, in]`` (their columns in ``perm``'s order when given): for 4 and 8 bits
     straight from its bytes (a few times faster)."""
     rows, out_f = qweight.shape
-    if bits == 4 and qweight.is_contiguous() and qweight.device.type == "cpu":
-        # the words transposed by tiles, then each byte's nibbles in C (in perm's order, in the same pass): 3x
-        # faster than torch's strided ops, and act-order's index_select of single bytes was slower still
+    if bits in (4, 8) and qweight.is_contiguous() and qweight.device.type == "cpu":
+        # the words transposed by tiles (8 bits: those bytes are the codes), 4 bits then each byte's nibbles in
+        # C (in perm's order, in the same pass): 3x faster than torch's strided ops, and act-order's
+        # index_select of single bytes was slower still
         words = native.transposed(qweight).reshape(-1).view(out_f, rows)  # plain strides, also for one row
+        if bits == 8:
+            codes = words.view(torch.uint8)
+            return codes if perm is None else codes.index_select(1, perm)
         return native.unpacked_nibbles(words.view(torch.uint8), perm)
     if bits not in (4, 8) or not qweight.is_contiguous():
         q = packing.unpack_qweight(qweight, bits).to(torch.uint8).t()
