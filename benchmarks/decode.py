@@ -8,7 +8,10 @@ variant, a quick check). Every path runs in its own process (``decode_path.py``)
 reversed on every other repeat, and measures after one warm-up: a 128-token prefill (seconds),
 32 greedy decode steps with the KV cache (ms/token), RSS after decoding, peak RSS, the bytes of
 quantized and non-quantized tensors in its state dict, and the kernel each quantized layer ran
-(``qplug.kernel_report``; "n/a" for layers that do not go through ``qplug.kernels``).
+(``qplug.kernel_report``; "n/a" for layers that do not go through ``qplug.kernels``). Before the
+warm-up it times two one-token forwards: the first's extra time is the one-off cost of choosing
+kernels and building every layer's run-time layout (or bitsandbytes' own repack), printed per GB
+of quantized tensors.
 
 Paths:
 
@@ -171,7 +174,7 @@ def summarize(runs: list[dict]) -> dict:
         return {"na": bad.get("na") or bad.get("error", "no run")}
     out: dict = {}
     keys = ("decode_ms", "decode_step_ms_median", "decode_cpu_ms", "prefill_s", "rss", "max_rss", "quantized",
-            "non_quantized", "load_s")
+            "non_quantized", "load_s", "layouts_s")
     for key in keys:
         values = [s[key] for s in good if key in s]
         if values:
@@ -272,6 +275,16 @@ def main() -> None:
                          f"{fmt(st['rss'], GIB, 2)} | {fmt(st['max_rss'], GIB, 2)} | "
                          f"{st['quantized']['median'] / GIB:.3f} | {st['non_quantized']['median'] / GIB:.3f} | "
                          f"{kernels_text(st['kernels'])} |")
+
+    lines += ["", "One-off cost of the first forward (a one-token forward less the next: kernel choice and run-time "
+              "layouts, or bitsandbytes' own repack), per GB of quantized tensors:", "",
+              "| path | load s | first forward's extra s | s per GB quantized |", "|---|---|---|---|"]
+    for path in paths:
+        st = stats[path]
+        if path != "floor" and "na" not in st and st.get("quantized", {}).get("median") and "layouts_s" in st:
+            per_gb = st["layouts_s"]["median"] / (st["quantized"]["median"] / 1e9)
+            lines.append(f"| {path} | {fmt(st.get('load_s'), digits=2)} | {fmt(st['layouts_s'], digits=2)} | "
+                         f"{per_gb:.2f} |")
 
     lines += ["", "Ratios (median of per-repeat ratios; faster float = the faster of bf16 and fp32 in that repeat):",
               "", "| path | decode vs bf16 | decode vs faster float | prefill vs bf16 | prefill vs faster float | "

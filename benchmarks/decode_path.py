@@ -3,7 +3,8 @@
     python benchmarks/decode_path.py run PATH MODEL_DIR [--prompt N] [--tokens N]
     python benchmarks/decode_path.py build PATH FLOAT_DIR OUT_DIR
 
-``run`` loads the model the path names, warms up once, then times a 128-token prefill and 32
+``run`` loads the model the path names, times two one-token forwards (the first builds the run-time
+layouts), warms up once, then times a 128-token prefill and 32
 greedy decode steps with the KV cache (batch 1), and prints one JSON line: the timings, RSS after
 decoding and peak RSS, the bytes of quantized and non-quantized tensors in the state dict, and the
 kernel each quantized layer ran. A path that cannot run here (a kernel not available yet) prints
@@ -414,8 +415,16 @@ def run(path: str, model_dir: Path, prompt_len: int, tokens: int) -> dict:
     sizes = tensor_bytes(model)  # before any forward: bitsandbytes repacks some layouts on the first one
     vocab = model.config.vocab_size
     prompt = torch.randint(vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    # the one-off cost of the first forward (kernel choice and every layer's run-time layout; bitsandbytes'
+    # own repack), as one one-token forward against the next
+    one_token = []
+    for _ in range(2):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(prompt[:, :1])
+        one_token.append(time.perf_counter() - start)
     start = time.perf_counter()
-    generate(model, prompt, min(tokens, 4))  # warm-up: kernel choice, run-time layouts, oneDNN primitives
+    generate(model, prompt, min(tokens, 4))  # warm-up: oneDNN primitives, the prompt's shapes
     warmup_s = time.perf_counter() - start
     prefill, steps, ids, cpu = generate(model, prompt, tokens)
     kernels, reasons = kernels_used(model)
@@ -423,6 +432,8 @@ def run(path: str, model_dir: Path, prompt_len: int, tokens: int) -> dict:
         **info,
         "load_s": load_s,
         "warmup_s": warmup_s,
+        "first_forward_s": one_token[0],
+        "layouts_s": one_token[0] - one_token[1],
         "prefill_s": prefill,
         "decode_ms": 1000 * sum(steps) / len(steps),
         "decode_step_ms_median": 1000 * sorted(steps)[len(steps) // 2],
