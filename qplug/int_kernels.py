@@ -742,7 +742,7 @@ def _blocked_codes(layout) -> tuple[torch.Tensor, torch.Tensor | None]:
     if halves is not None:
         return torch.cat((codes & 15, codes >> 4), dim=1), perm
     if packed:
-        return torch.stack((codes & 15, codes >> 4), dim=-1).flatten(1)[:, :in_f].contiguous(), perm
+        return native.unpacked_nibbles(codes)[:, :in_f].contiguous(), perm
     return codes.clone(), perm
 
 
@@ -762,7 +762,7 @@ def _blocked_forward(layer, layout, x):
             hi = dequantize(IntWeight(c >> 4, s[:, hi_cols], z[:, hi_cols], bits, half_gs), x.dtype)
             w = torch.cat((lo, hi), dim=1)  # one matmul, bias included: the result is rounded once
         else:
-            q = torch.stack((c & 15, c >> 4), dim=-1).flatten(1)[:, :in_f] if packed else c
+            q = native.unpacked_nibbles(c)[:, :in_f] if packed else c
             w = dequantize(IntWeight(q, scale[block], zero[block], bits, gs), x.dtype)
         out[:, block] = F.linear(xp, w, None if bias is None else bias[block])
     return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qplug import int_kernels
+from qplug import int_kernels, native
 from qplug.errors import IncompatibleModelError
 from qplug.kernels import KernelLayer
 from qplug.plain_layers import PackedCodes
@@ -256,7 +256,7 @@ class AwqLinear(KernelLayer, nn.Module):
             q = torch.stack((b0 & 15, b2 & 15, b0 >> 4, b2 >> 4, b1 & 15, b3 & 15, b1 >> 4, b3 >> 4), dim=1)
             q = q.view(self.out_features, self.in_features)
         else:  # [out, in / 8] words, in order
-            q = torch.stack((b & 15, b >> 4), dim=-1).view(self.out_features, self.in_features)
+            q = native.unpacked_nibbles(b).view(self.out_features, self.in_features)
         scales, izeros = self.int_weight_parts()
         return int_kernels.IntWeight(q.contiguous(), scales, izeros, self.bits, self.group_size)
 
